@@ -1,0 +1,382 @@
+"""AdaBound, AMSBound, AdaBoundW and AMSBoundW as ``torch.optim.Optimizer`` subclasses.
+
+The classes validate hyperparameters, keep param groups and state, and dispatch to
+:func:`dynabound.functional.adabound`; they hold no math.
+
+``base_lr`` (the lr at which ``final_lr`` is meant) lives in each param group, so it
+survives ``state_dict``/``load_state_dict``, ``deepcopy``, pickle and ``add_param_group``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+
+from .bounds import BoundsSpec, validate_bounds
+from .functional import adabound
+
+__all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW"]
+
+_CUSTOM_BOUNDS = "custom"
+
+# Keys added after the authors' release; __setstate__ backfills them on old checkpoints.
+_BACKFILL: dict[str, Any] = {
+    "amsbound": False,
+    "decoupled_weight_decay": False,
+    "unscaled_decay": False,
+    "bounds": "reference",
+    "box": None,
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
+
+def _as_float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _validate_group(group: dict[str, Any], name: str) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{name}: Tensor lr must have exactly one element")
+    checks = [
+        (_as_float(lr) >= 0, f"Invalid learning rate: {lr} (must be >= 0)"),
+        (
+            group["base_lr"] > 0,
+            f"Invalid base_lr: {group['base_lr']} (must be > 0; it is the lr at which "
+            "final_lr applies: pass base_lr explicitly when lr starts at 0)",
+        ),
+        (group["final_lr"] >= 0, f"Invalid final learning rate: {group['final_lr']}"),
+        (group["gamma"] > 0, f"Invalid gamma (convergence speed): {group['gamma']} (must be > 0)"),
+        (group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}"),
+        (group["weight_decay"] >= 0, f"Invalid weight_decay value: {group['weight_decay']}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{name}: {message}")
+    for index, beta in enumerate(group["betas"]):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name}: Invalid beta parameter at index {index}: {beta}")
+    validate_bounds(group["bounds"])
+    box = group["box"]
+    if box is not None and not (len(box) == 2 and box[0] < box[1]):
+        raise ValueError(f"{name}: box must be a pair (low, high) with low < high, got {box}")
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group["fused"] and group["differentiable"]:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    for p in group["params"]:
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(
+                f"{name} can only optimize floating-point or complex parameters, got {p.dtype}"
+            )
+
+
+class AdaBound(Optimizer):
+    """AdaBound / AMSBound (Luo et al., ICLR 2019): Adam with per-element rates clipped to
+    ``[lower(t), upper(t)]``, two bounds that converge to ``final_lr``.
+
+    With the defaults the update matches the authors' AdaBound 0.0.5:
+
+    .. code-block:: text
+
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2 ;  u = max(u, v) if amsbound else v
+        rate = clamp(lr*sqrt(1-b2^t)/(1-b1^t) / (sqrt(u)+eps), lower, upper)
+        lower = final*(1 - 1/(gamma*t+1)),  upper = final*(1 + 1/(gamma*t)),
+        final = final_lr * lr / base_lr ;   p -= rate * m
+
+    When ``gamma*t`` is large the bounds meet and the step becomes momentum SGD,
+    ``torch.optim.SGD(lr=final*(1-b1), momentum=b1)``; with ``gamma=1e-3`` the band is within
+    2x of ``final`` after about 1000 steps (steps, not epochs, set the pace).
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: Adam-phase learning rate (float or 1-element Tensor). A scheduler scaling it
+            scales the bounds too. ``lr == 0`` (warm-up) means no update.
+        betas: coefficients of the running averages of the gradient and its square.
+        final_lr: the SGD learning rate both bounds converge to, meant at ``lr == base_lr``.
+        gamma: convergence speed of the bounds (> 0).
+        eps: term added to the denominator.
+        weight_decay: L2 penalty added to the gradient (decoupled with
+            ``decoupled_weight_decay``).
+        amsbound: use the running maximum of the second moment (AMSBound).
+        decoupled_weight_decay: decay the parameter before the update instead of adding
+            an L2 term to the gradient: ``p *= 1 - lr*weight_decay`` (AdamW-style).
+        unscaled_decay: with decoupled decay, use the authors' unreleased AdaBoundW
+            convention ``p -= weight_decay * p`` (not scaled by lr).
+        bounds: ``"reference"`` (the authors' code), ``"paper"`` (Algorithm 2 of the paper:
+            no bias correction, no eps, bounds ``final -/+ final/((1-b2)t (+1))``, rate
+            divided by ``sqrt(t)``), or a callable ``f(step) -> (lower, upper)`` giving the
+            rate bounds at ``lr == base_lr``.
+        box: optional ``(low, high)``: project parameters onto this box after each step.
+        base_lr: the lr that ``final_lr`` refers to; defaults to each group's lr when the
+            group is added. Kept in the param group and saved with ``state_dict``.
+        foreach, fused, maximize, capturable, differentiable: as in ``torch.optim.Adam``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        final_lr: float = 0.1,
+        gamma: float = 1e-3,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsbound: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        unscaled_decay: bool = False,
+        bounds: BoundsSpec = "reference",
+        box: tuple[float, float] | None = None,
+        base_lr: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            final_lr=final_lr,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsbound=amsbound,
+            decoupled_weight_decay=decoupled_weight_decay,
+            unscaled_decay=unscaled_decay,
+            bounds=bounds,
+            box=tuple(box) if box is not None else None,
+            base_lr=base_lr,
+            foreach=foreach,
+            fused=fused,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        super().__init__(params, defaults)
+        if fused:
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["base_lr"] is None:
+            group["base_lr"] = _as_float(group["lr"])
+        if group["box"] is not None:
+            group["box"] = tuple(group["box"])
+        _validate_group(group, type(self).__name__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _BACKFILL.items():
+                group.setdefault(key, value)
+            if group.get("base_lr") is None:
+                group["base_lr"] = _as_float(group.get("initial_lr", group["lr"]))
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    on_device = group["capturable"] or group["fused"]
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]),
+                        dtype=torch.float32,
+                        device=p.device if on_device else "cpu",
+                    )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        # A bound function is code, not data: save a marker so torch.load(weights_only=True)
+        # works; load_state_dict takes the function from the receiving optimizer.
+        for group in state["param_groups"]:
+            if callable(group.get("bounds")):
+                group["bounds"] = _CUSTOM_BOUNDS
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved_groups = [dict(g) for g in state_dict["param_groups"]]
+        guessed = False
+        for saved, current in zip(saved_groups, self.param_groups, strict=False):
+            if saved.get("bounds") == _CUSTOM_BOUNDS:
+                if not callable(current["bounds"]):
+                    raise ValueError(
+                        "this state_dict was saved with a bound function; build the "
+                        "receiving optimizer with the same bounds=callable before loading"
+                    )
+                saved["bounds"] = current["bounds"]
+            if saved.get("base_lr") is None:
+                # The authors' package kept base_lr off the state dict. A scheduler's
+                # initial_lr is the lr at construction, which is what it used.
+                if "initial_lr" in saved:
+                    saved["base_lr"] = _as_float(saved["initial_lr"])
+                else:
+                    saved["base_lr"] = current["base_lr"]
+                    guessed = True
+        if guessed:
+            warnings.warn(
+                "loading a state_dict without base_lr (saved by the authors' adabound "
+                "package?): using the receiving optimizer's base_lr. If that optimizer was "
+                "built with a decayed lr, pass base_lr= explicitly.",
+                UserWarning,
+                stacklevel=2,
+            )
+        state_dict["param_groups"] = saved_groups
+        super().load_state_dict(state_dict)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; "
+                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                on_device = group["capturable"] or group["fused"]
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device if on_device else "cpu"
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsbound"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsbound"]:
+                if "max_exp_avg_sq" not in state:  # amsbound switched on after training began
+                    state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check", None
+        )
+        if health_check is not None:
+            health_check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+            )
+            if not params:
+                continue
+            foreach, fused = _choose_implementation(group, params)
+            beta1, beta2 = group["betas"]
+            adabound(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                state_steps,
+                foreach=foreach,
+                fused=fused,
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                has_complex=has_complex,
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                amsbound=group["amsbound"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                final_lr=group["final_lr"],
+                base_lr=group["base_lr"],
+                gamma=group["gamma"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                unscaled_decay=group["unscaled_decay"],
+                bounds=group["bounds"],
+                box=group["box"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
+    """(foreach, fused) for this step: explicit choices win; None picks the fastest safe path."""
+    fused, foreach = group["fused"], group["foreach"]
+    if fused:
+        return False, True
+    if foreach is not None:
+        return bool(foreach), False
+    if group["differentiable"] or torch.jit.is_scripting():
+        return False, False
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return foreach, False
+
+
+class AMSBound(AdaBound):
+    """AMSBound: :class:`AdaBound` with ``amsbound=True`` (running max of the second moment)."""
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, **kwargs: Any):
+        kwargs.setdefault("amsbound", True)
+        super().__init__(params, lr, *args, **kwargs)
+
+
+class AdaBoundW(AdaBound):
+    """AdaBound with decoupled weight decay: ``p *= 1 - lr*weight_decay`` before the update.
+
+    ``unscaled_decay=True`` gives the authors' unreleased convention ``p -= weight_decay*p``.
+    """
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, **kwargs: Any):
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr, *args, **kwargs)
+
+
+class AMSBoundW(AdaBoundW):
+    """AMSBound with decoupled weight decay (see :class:`AdaBoundW`)."""
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, *args: Any, **kwargs: Any):
+        kwargs.setdefault("amsbound", True)
+        super().__init__(params, lr, *args, **kwargs)
