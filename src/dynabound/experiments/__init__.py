@@ -1,0 +1,1 @@
+"""Reproduction harness for the AdaBound paper's experiments (the ``dynabound`` command)."""
