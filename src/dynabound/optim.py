@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+from torch.utils._foreach_utils import _has_foreach_support
 
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound
@@ -341,7 +342,11 @@ class AdaBound(Optimizer):
 
 
 def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
-    """(foreach, fused) for this step: explicit choices win; None picks the fastest safe path."""
+    """(foreach, fused) for this step: explicit choices win; None picks the fastest safe path.
+
+    Unlike torch.optim, foreach is also the default on CPU: there it runs about 3x faster
+    than the single-tensor loop (benchmarks/step_time.py).
+    """
     fused, foreach = group["fused"], group["foreach"]
     if fused:
         return False, True
@@ -349,10 +354,7 @@ def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple
         return bool(foreach), False
     if group["differentiable"] or torch.jit.is_scripting():
         return False, False
-    from torch.optim.optimizer import _default_to_fused_or_foreach
-
-    _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    return foreach, False
+    return all(_has_foreach_support([p], p.device) for p in params), False
 
 
 class AMSBound(AdaBound):
