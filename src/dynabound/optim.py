@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
-from torch.utils._foreach_utils import _has_foreach_support
 
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound
@@ -354,7 +354,9 @@ def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple
         return bool(foreach), False
     if group["differentiable"] or torch.jit.is_scripting():
         return False, False
-    return all(_has_foreach_support([p], p.device) for p in params), False
+    # torch.optim's list, which torch.distributed extends with DTensor.
+    supported = _torch_optimizer._foreach_supported_types
+    return all(type(p) in supported for p in params), False
 
 
 class AMSBound(AdaBound):
