@@ -112,6 +112,14 @@ def _coefficients(step, *, bounds, final_lr, base_lr, gamma, beta1, beta2, **_):
     )
 
 
+def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:
+    # Capturable (and compiled) steps keep every scalar a tensor, so no host sync happens;
+    # eager steps read the CPU step counter once and do the scalar math in Python.
+    if capturable or torch.compiler.is_compiling():
+        return step_t
+    return step_t.item()
+
+
 def _single_tensor_adabound(
     params,
     grads,
@@ -138,8 +146,7 @@ def _single_tensor_adabound(
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
 
         step_t += 1
-        # Capturable keeps every scalar on the device so the step holds no host sync.
-        step = step_t if capturable else step_t.item()
+        step = _step_value(step_t, capturable)
 
         if wd != 0:
             if not hyper["decoupled_weight_decay"]:
@@ -223,7 +230,7 @@ def _multi_tensor_adabound(
             torch._foreach_add_(d_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
         else:
             torch._foreach_add_(d_steps, 1)
-        coeffs = [_coefficients(s if capturable else s.item(), **hyper) for s in d_steps]
+        coeffs = [_coefficients(_step_value(s, capturable), **hyper) for s in d_steps]
 
         for part in _chunks([p.numel() for p in d_params]):
             _multi_tensor_chunk(
