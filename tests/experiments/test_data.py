@@ -89,6 +89,9 @@ def test_download_http_verifies_and_skips_existing(server, tmp_path):
     assert md5sum(dest) == _md5(payload)
     download(base + "blob.bin", dest, _md5(payload), progress=False)
     assert handler.requests == ["/blob.bin"]  # the verified file was not fetched again
+    dest.write_bytes(payload[:1000])  # a damaged copy is replaced
+    download(base + "blob.bin", dest, _md5(payload), progress=False)
+    assert dest.read_bytes() == payload and len(handler.requests) == 2
 
 
 def test_download_md5_mismatch_leaves_nothing(server, tmp_path):
@@ -231,6 +234,20 @@ def test_cifar10_channel_layout(tmp_path):
     img = load_cifar10(tmp_path).test_images[0]
     assert img[..., 0].eq(10).all() and img[..., 1].eq(20).all()
     assert img[0, 1, 2] == 1 and img[1, 0, 2] == 32  # row-major H, W within a channel
+
+
+def test_cifar10_reads_python2_era_pickles(tmp_path):
+    # The distributed batches were written by Python 2 with numpy.core module paths.
+    _, written = write_cifar10_archive(tmp_path / "src", per_batch=2, n_test=2)
+    src = load_cifar10(tmp_path / "src")
+    folder = tmp_path / "py2" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for p in (tmp_path / "src" / "cifar-10-batches-py").iterdir():
+        raw = p.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / p.name).write_bytes(raw)
+    assert b"numpy.core.multiarray" in (folder / "test_batch").read_bytes()
+    loaded = load_cifar10(folder.parent)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, src, strict=True))
 
 
 def test_cifar10_extraction_is_confined(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -16,14 +17,8 @@ class Digits(NamedTuple):
     test_y: torch.Tensor
 
 
-def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Digits:
-    """Stratified train/test split of scikit-learn's digits, the same for the same seed.
-
-    Each class contributes ``round(test_fraction * class_size)`` test images, chosen by a
-    seeded torch permutation (so the split does not depend on scikit-learn's version).
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
@@ -33,7 +28,18 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Digits:
     bunch = load_digits()
     # Pixels are counts of set bits in 4x4 blocks, 0..16.
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return x, torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Digits:
+    """Stratified train/test split of scikit-learn's digits, the same for the same seed.
+
+    Each class contributes ``round(test_fraction * class_size)`` test images, chosen by a
+    seeded torch permutation (so the split does not depend on scikit-learn's version).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    x, y = _digits()
     gen = torch.Generator().manual_seed(seed)
     test_idx = []
     for c in torch.unique(y).tolist():
