@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -67,14 +68,14 @@ def read_idx(path: str | os.PathLike[str], magic: int) -> torch.Tensor:
     if len(raw) < header:
         raise DataFormatError(f"{path}: truncated IDX header")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    payload = 1
-    for d in dims:
-        payload *= d
+    payload = math.prod(dims)
     if len(raw) - header != payload:
         raise DataFormatError(
             f"{path}: header declares shape {dims} ({payload} bytes) but the file holds "
             f"{len(raw) - header} bytes of data; the file is truncated or corrupt"
         )
+    if payload == 0:  # torch.frombuffer rejects empty views
+        return torch.empty(dims, dtype=torch.uint8)
     data = torch.frombuffer(raw, dtype=torch.uint8, offset=header, count=payload)
     return data.clone().reshape(dims)
 
