@@ -236,3 +236,33 @@ def test_zero_lr_is_a_no_op(
             assert torch.equal(p.detach(), b), hyper
         else:
             torch.testing.assert_close(p.detach(), b * shrink)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@SETTINGS
+@given(
+    lr=st.floats(1e-4, 1e-2),
+    amsbound=st.booleans(),
+    bounds=st.sampled_from(["reference", "paper"]),
+    foreach=st.booleans(),
+    grads=st.lists(
+        arrays(np.float32, (6,), elements=st.floats(-100, 100, width=16)), min_size=1, max_size=4
+    ),
+)
+def test_half_precision_stays_finite_with_default_bounds(
+    dtype: torch.dtype,
+    lr: float,
+    amsbound: bool,
+    bounds: str,
+    foreach: bool,
+    grads: list[np.ndarray],
+) -> None:
+    # With the defaults the early upper bound relative to lr, final_lr/base_lr*(1 + 1/gamma),
+    # is about 1e5: above the float16 maximum, so it must not be cast to the parameter dtype.
+    p = torch.linspace(-1, 1, 6, dtype=dtype).requires_grad_()
+    opt = AdaBound([p], lr=lr, amsbound=amsbound, bounds=bounds, foreach=foreach)
+    for g in grads:
+        p.grad = torch.from_numpy(g).to(dtype)
+        opt.step()
+        for t in [p, *state_tensors(opt)]:
+            assert torch.isfinite(t).all(), t
