@@ -100,8 +100,8 @@ def adabound(
         )
 
 
-def _coefficients(step, *, bounds, final_lr, base_lr, gamma, beta1, beta2, **_):
-    return step_coefficients(
+def _coefficients(step, dtype, *, bounds, final_lr, base_lr, gamma, beta1, beta2, **_):
+    c = step_coefficients(
         step,
         bounds=bounds,
         final_lr=final_lr,
@@ -110,6 +110,13 @@ def _coefficients(step, *, bounds, final_lr, base_lr, gamma, beta1, beta2, **_):
         beta1=beta1,
         beta2=beta2,
     )
+    if isinstance(c.upper, Tensor):
+        return c
+    # Early upper bounds (final_lr/base_lr * (1 + 1/(gamma*t)), ~1e5 at t = 1 by default)
+    # exceed float16's range; clamping to an out-of-range scalar raises, and inf would turn
+    # the 0 * inf of a zero moment into NaN. Capping changes nothing representable.
+    largest = torch.finfo(dtype).max
+    return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))
 
 
 def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:
@@ -167,7 +174,7 @@ def _single_tensor_adabound(
         else:
             second_moment = exp_avg_sq
 
-        c = _coefficients(step, **hyper)
+        c = _coefficients(step, param.dtype, **hyper)
         denom = second_moment.sqrt()
         if c.eps_used:
             denom = denom + eps
@@ -230,7 +237,8 @@ def _multi_tensor_adabound(
             torch._foreach_add_(d_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
         else:
             torch._foreach_add_(d_steps, 1)
-        coeffs = [_coefficients(_step_value(s, capturable), **hyper) for s in d_steps]
+        dtype = d_params[0].dtype
+        coeffs = [_coefficients(_step_value(s, capturable), dtype, **hyper) for s in d_steps]
 
         for part in _chunks([p.numel() for p in d_params]):
             _multi_tensor_chunk(
