@@ -213,13 +213,15 @@ def test_add_param_group_trains_the_new_group() -> None:
 
 def test_state_dict_round_trip() -> None:
     params = make_params()
-    opt = AdaBound(params, lr=0.01, amsbound=True, box=(-3.0, 3.0), weight_decay=0.1)
+    # gamma=0.5 makes the bounds bind from the first steps, so base_lr matters.
+    opt = AdaBound(params, lr=0.01, gamma=0.5, amsbound=True, box=(-3.0, 3.0), weight_decay=0.1)
     train(opt, params, 6, skip=True)
     saved = save_and_load(opt.state_dict())
 
     params2 = [p.detach().clone().requires_grad_() for p in params]
     opt2 = AdaBound(params2, lr=0.5)
     opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["base_lr"] == 0.01 and opt2.param_groups[0]["lr"] == 0.01
     again = opt2.state_dict()
     assert again["param_groups"] == opt.state_dict()["param_groups"]
     assert again["state"].keys() == saved["state"].keys()
