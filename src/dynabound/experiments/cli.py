@@ -1,0 +1,535 @@
+"""The ``dynabound`` command: demo, run, compare, sweep, plot, probe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .optimizers import OPTIMIZERS
+from .tasks import TASKS, get_task
+
+__all__ = ["build_parser", "main"]
+
+EPILOG = """\
+examples:
+  dynabound demo                                  # offline, CPU, a few minutes
+  dynabound run mnist --optim adabound --data-dir data --download
+  dynabound run mnist --optim adabound --resume   # continue after Ctrl-C
+  dynabound compare cifar10 --model resnet34 --data-dir data
+  torchrun --nproc-per-node 4 -m dynabound.experiments run cifar10 --optim adabound
+  dynabound sweep cifar10 --final-lr 0.01 0.03 0.1 0.3 --gamma 1e-4 1e-3 1e-2
+  dynabound plot runs/mnist-compare/*
+  dynabound probe runs/cifar10-resnet34-adam
+"""
+
+_HPARAMS = (
+    ("lr", float, "learning rate (Adam-phase lr for the bounded methods)"),
+    ("momentum", float, "SGDM momentum"),
+    ("beta1", float, "first-moment coefficient"),
+    ("beta2", float, "second-moment coefficient"),
+    ("final_lr", float, "AdaBound/AMSBound: the SGD rate both bounds converge to"),
+    ("gamma", float, "AdaBound/AMSBound: convergence speed of the bounds"),
+    ("eps", float, "denominator term"),
+    ("weight_decay", float, "weight decay (L2; decoupled for AdamW/AdaBoundW)"),
+)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output and hardware")
+    g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
+
+
+def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
+    if mode == "run":
+        p.add_argument("--optim", choices=OPTIMIZERS, default=None, help="optimizer (required)")
+    elif mode == "compare":
+        p.add_argument(
+            "--optims",
+            nargs="+",
+            choices=OPTIMIZERS,
+            default=None,
+            help=f"optimizers to compare (default: {' '.join(task.optimizers)})",
+        )
+    else:
+        p.add_argument(
+            "--optim",
+            choices=("adabound", "amsbound", "adaboundw", "amsboundw"),
+            default="adabound",
+            help="bounded optimizer to sweep (default adabound)",
+        )
+    h = p.add_argument_group(
+        "hyperparameters", "default: the paper's presets for this task (see presets.py)"
+    )
+    for key, typ, text in _HPARAMS:
+        if mode == "sweep" and key in ("final_lr", "gamma"):
+            h.add_argument(
+                _flag(key),
+                type=typ,
+                nargs="+",
+                required=True,
+                dest=key,
+                help=f"values to sweep: {text}",
+            )
+        else:
+            h.add_argument(_flag(key), type=typ, default=None, dest=key, help=text)
+    h.add_argument(
+        "--bounds",
+        choices=("reference", "paper"),
+        default=None,
+        help="bounded methods: the authors' code (reference) or Algorithm 2 (paper)",
+    )
+    t = p.add_argument_group("training")
+    d = task.defaults
+    t.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"global batch size, split between processes (default {d['batch_size']})",
+    )
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help=f"epochs after which lr is multiplied by --lr-decay (default {d['milestones']})",
+    )
+    t.add_argument("--lr-decay", type=float, default=None, help="default 0.1")
+    t.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA)",
+    )
+    t.add_argument(
+        "--no-bounds-record",
+        action="store_true",
+        help="do not record bound activity in metrics.jsonl",
+    )
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data-dir", default=None, help="where the data set lives (default ./data)")
+    io.add_argument("--download", action="store_true", help="download missing data files")
+    io.add_argument(
+        "--out",
+        default=None,
+        help="run directory" if mode == "run" else "parent directory of the runs",
+    )
+    if mode == "run":
+        io.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its last finished epoch",
+        )
+    task.add_arguments(p.add_argument_group(f"{task.name} options"))
+    _add_common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynabound",
+        description="Reproduce the AdaBound paper's experiments (Luo et al., ICLR 2019): "
+        "train with progress bars, resumable checkpoints and metrics files, and draw the "
+        "paper's figures.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo: convex counterexample + six optimizers on digits (CPU, minutes)",
+        description="Runs offline on CPU: (1) the online convex counterexample where Adam "
+        "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
+        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training "
+        "an MLP on scikit-learn's handwritten digits. Writes DIR/report.md with a results "
+        "table and PNG figures.",
+    )
+    demo.add_argument(
+        "--out", default="dynabound-demo", help="output directory (default ./dynabound-demo)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a few seconds: tiny budgets (for tests)"
+    )
+    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: fastest for these small models)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
+
+    for mode, text in (
+        ("run", "train one optimizer on one task"),
+        ("compare", "train every optimizer with the paper's presets, then draw the comparison"),
+        ("sweep", "sensitivity of AdaBound/AMSBound to final_lr and gamma (paper's appendix)"),
+    ):
+        p = sub.add_parser(mode, help=text, description=text + ". Choose a task for its options.")
+        tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+        for name, task in TASKS.items():
+            tp = tasks.add_parser(name, help=task.description, description=task.description)
+            _add_training(tp, task, mode)
+
+    plot = sub.add_parser(
+        "plot",
+        help="paper-style curves (and transition plots) from run directories",
+        description="Draw train/test accuracy (or perplexity) against epochs, one line per "
+        "run, and for runs of dynabound optimizers the transition plot of their recorded "
+        "bound activity (transition-<optimizer>.png next to the figure).",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument(
+        "--out",
+        default=None,
+        help="figure path (default RUN_DIR/curves.png for one run, else ./curves.png)",
+    )
+    plot.add_argument("--title", default=None)
+    plot.add_argument("--no-transition", action="store_true", help="skip the transition plots")
+
+    probe = sub.add_parser(
+        "probe",
+        help="the paper's Figure 1 heatmap of per-element learning rates from a checkpoint",
+        description="Load RUN_DIR/checkpoint.pt, rebuild the model and optimizer, and draw "
+        "the per-element effective learning rates of nine 3x3 kernels (or weight blocks) and "
+        "the last layer's biases on a log colour scale, as in the paper's Figure 1.",
+    )
+    probe.add_argument("run", metavar="RUN_DIR")
+    probe.add_argument("--out", default=None, help="figure path (default RUN_DIR/figure1.png)")
+    probe.add_argument(
+        "--kernel",
+        choices=("sample", "mean"),
+        default="sample",
+        help="one sampled kernel per layer (paper) or the mean over channels",
+    )
+    probe.add_argument("--device", default="cpu")
+    return parser
+
+
+# --- run / compare / sweep ----------------------------------------------------------------------
+
+
+def _hparam_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    keys = [k for k, _, _ in _HPARAMS] + ["bounds"]
+    return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
+
+
+def _config_kwargs(ns: argparse.Namespace, task: type) -> dict[str, Any]:
+    return {
+        "task_args": task.task_args(ns),
+        "epochs": ns.epochs,
+        "batch_size": ns.batch_size,
+        "seed": 0 if ns.seed is None else ns.seed,
+        "milestones": ns.milestones,
+        "lr_decay": ns.lr_decay,
+        "data_dir": ns.data_dir,
+        "download": ns.download,
+        "device": ns.device or "auto",
+        "amp": ns.amp,
+        "record_bounds": not ns.no_bounds_record,
+    }
+
+
+def _default_out(task: type, config: dict[str, Any], suffix: str | None = None) -> Path:
+    name = task.run_name(config)
+    if suffix:
+        name = name.rsplit("-", 1)[0] + f"-{suffix}"
+    return Path("runs") / name
+
+
+def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line, as config entries, for a resume check."""
+    given: dict[str, Any] = {"device": ns.device or saved.get("device", "auto")}
+    for key, value in (
+        ("epochs", ns.epochs),
+        ("batch_size", ns.batch_size),
+        ("seed", ns.seed),
+        ("milestones", ns.milestones),
+        ("lr_decay", ns.lr_decay),
+        ("amp", ns.amp),
+        ("optim", ns.optim),
+    ):
+        if value is not None:
+            given[key] = value
+    overrides = _hparam_overrides(ns)
+    if overrides:
+        given["hparams"] = {**saved["hparams"], **overrides}
+    args = {k: v for k, v in task.task_args(ns).items() if v is not None}
+    if args:
+        given["task_args"] = {**saved["task_args"], **args}
+    if ns.data_dir is not None:
+        given["data_dir"] = ns.data_dir
+    return given
+
+
+def _train_one(config: dict[str, Any], out: Path, resume: bool, ns: argparse.Namespace):
+    from .runner import train
+
+    return train(config, out, resume=resume, quiet=ns.quiet)
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from .runner import CONFIG, build_config
+
+    task = get_task(ns.task)
+    if ns.resume and ns.out and (Path(ns.out) / CONFIG).is_file():
+        saved = json.loads((Path(ns.out) / CONFIG).read_text())
+        result = _train_one(_resume_given(ns, task, saved), Path(ns.out), True, ns)
+        return 130 if result.interrupted else 0
+    if ns.optim is None:
+        raise ValueError("--optim is required (or --resume with the --out of a saved run)")
+    config = build_config(
+        ns.task, ns.optim, hparams=_hparam_overrides(ns), **_config_kwargs(ns, task)
+    )
+    out = Path(ns.out) if ns.out else _default_out(task, config)
+    if ns.resume:
+        saved = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else None
+        if saved is None:
+            raise ValueError(f"nothing to resume in {out}")
+        config = _resume_given(ns, task, saved)
+    result = _train_one(config, out, ns.resume, ns)
+    return 130 if result.interrupted else 0
+
+
+def _final(metrics: list[dict[str, Any]], metric: str) -> tuple[float, float]:
+    """(final, best) test metric of a run."""
+    if metric == "regret":
+        values = [m["avg_regret"] for m in metrics]
+        return values[-1], min(values)
+    key = "test_ppl" if metric == "perplexity" else "test_acc"
+    values = [m[key] for m in metrics]
+    best = min(values) if metric == "perplexity" else max(values)
+    return values[-1], best
+
+
+def _accepts(optim: str, key: str) -> bool:
+    from .optimizers import ALLOWED
+
+    return key in ALLOWED[optim]
+
+
+def _run_collection(
+    ns: argparse.Namespace, task: type, jobs: list[tuple[str, dict[str, Any], Path]]
+) -> tuple[list[Path], bool]:
+    """Train each (optim, overrides, run_dir), resuming runs already started there."""
+    from .runner import CHECKPOINT, build_config
+
+    done = []
+    for optim, overrides, run_dir in jobs:
+        config = build_config(task.name, optim, hparams=overrides, **_config_kwargs(ns, task))
+        resume = (run_dir / CHECKPOINT).is_file()
+        result = _train_one(config, run_dir, resume, ns)
+        if result.interrupted:
+            return done, True
+        done.append(run_dir)
+    return done, False
+
+
+def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
+    from .plots import run_label
+    from .runner import load_run
+
+    runs = [load_run(d) for d in run_dirs]
+    configs = [c for c, _ in runs]
+    metric = task.metric
+    name = {
+        "accuracy": "test accuracy (%)",
+        "perplexity": "test perplexity",
+        "regret": "average regret",
+    }[metric]
+    lines = [
+        f"| optimizer | final {name} | best {name} | epochs | time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for (config, metrics), d in zip(runs, run_dirs, strict=True):
+        if not metrics:
+            continue
+        final, best = _final(metrics, metric)
+        label = run_label(config, configs)
+        rows.append(
+            {
+                "optimizer": label,
+                "run": str(d),
+                "final": final,
+                "best": best,
+                "epochs": metrics[-1]["epoch"],
+                "time": metrics[-1]["time"],
+                "hparams": config["hparams"],
+            }
+        )
+        lines.append(
+            f"| {label} | {final:.4g} | {best:.4g} | {metrics[-1]['epoch']} | "
+            f"{metrics[-1]['time']:.0f} |"
+        )
+    return "\n".join(lines) + "\n", rows
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .plots import plot_runs
+    from .runner import build_config
+
+    task = get_task(ns.task)
+    optims = ns.optims or list(task.optimizers)
+    overrides = _hparam_overrides(ns)
+    probe_config = build_config(task.name, optims[0], **_config_kwargs(ns, task))
+    out = Path(ns.out) if ns.out else _default_out(task, probe_config, "compare")
+    jobs = [(o, {k: v for k, v in overrides.items() if _accepts(o, k)}, out / o) for o in optims]
+    done, interrupted = _run_collection(ns, task, jobs)
+    if interrupted:
+        return 130
+    if _is_main():
+        figure = plot_runs(done, out / "compare.png")
+        table, rows = _results_table(task, done)
+        (out / "results.md").write_text(table)
+        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(table + f"\nfigure: {figure}\ntable: {out / 'results.md'}")
+    return 0
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> int:
+    from .plots import plot_sweep
+    from .runner import build_config, load_run
+
+    task = get_task(ns.task)
+    overrides = _hparam_overrides(ns)
+    probe_config = build_config(task.name, ns.optim, **_config_kwargs(ns, task))
+    out = Path(ns.out) if ns.out else _default_out(task, probe_config, f"sweep-{ns.optim}")
+    jobs = []
+    for gamma in ns.gamma:
+        for final_lr in ns.final_lr:
+            values = {**overrides, "final_lr": final_lr, "gamma": gamma}
+            jobs.append((ns.optim, values, out / f"final_lr={final_lr:g},gamma={gamma:g}"))
+    done, interrupted = _run_collection(ns, task, jobs)
+    if interrupted:
+        return 130
+    if not _is_main():
+        return 0
+    key = {"accuracy": "test_acc", "perplexity": "test_ppl", "regret": "avg_regret"}[task.metric]
+    results = []
+    for d in done:
+        config, metrics = load_run(d)
+        results.append(
+            {
+                "final_lr": config["hparams"]["final_lr"],
+                "gamma": config["hparams"]["gamma"],
+                "value": metrics[-1][key],
+                "curve": [m[key] for m in metrics],
+            }
+        )
+    figure = plot_sweep(
+        results,
+        out / "sweep.png",
+        metric=task.metric,
+        title=f"{task.name}: {ns.optim} sensitivity to final_lr and gamma",
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"| gamma | final_lr | final {key} |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['gamma']:g} | {r['final_lr']:g} | {r['value']:.4g} |")
+    print(f"figure: {figure}")
+    return 0
+
+
+# --- plot / probe / demo ------------------------------------------------------------------------
+
+
+def _cmd_plot(ns: argparse.Namespace) -> int:
+    from .plots import plot_run_transition, plot_runs
+    from .runner import load_run
+
+    runs = [Path(r) for r in ns.runs]
+    default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
+    out = Path(ns.out) if ns.out else default
+    paths = [plot_runs(runs, out, title=ns.title)]
+    if not ns.no_transition:
+        for r in runs:
+            config, metrics = load_run(r)
+            if any("bounds" in m for m in metrics):
+                name = "transition.png" if len(runs) == 1 else f"transition-{r.name}.png"
+                paths.append(plot_run_transition(r, out.parent / name))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_probe(ns: argparse.Namespace) -> int:
+    from .plots import probe_run
+
+    path = probe_run(ns.run, ns.out, kernel=ns.kernel, device=ns.device)
+    print(path)
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(ns.out, quick=ns.quick, quiet=ns.quiet, device=ns.device)
+    return 130 if report is None else 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _interrupt_on_sigterm() -> None:
+    # `kill` (SIGTERM) then leaves the same resumable state as Ctrl-C.
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from .data import DataFormatError, DataUnavailableError, DownloadError
+
+    commands = {
+        "demo": _cmd_demo,
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "sweep": _cmd_sweep,
+        "plot": _cmd_plot,
+        "probe": _cmd_probe,
+    }
+    threads = getattr(ns, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _interrupt_on_sigterm()
+    try:
+        return commands[ns.command](ns)
+    except (DataUnavailableError, DataFormatError, DownloadError, ValueError, OSError) as exc:
+        print(f"dynabound {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        from .runner import shutdown_distributed
+
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Paper-style figures from run directories (config.json + metrics.jsonl).
+
+Every function writes a PNG and returns its path; matplotlib's object API is used with the
+Agg canvas, so nothing here needs a display or touches pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .optimizers import DISPLAY_NAMES
+from .runner import load_run
+
+__all__ = [
+    "COLOURS",
+    "plot_convex",
+    "plot_run_transition",
+    "plot_runs",
+    "plot_sweep",
+    "run_label",
+]
+
+PathLike = str | os.PathLike[str]
+
+# One colour per optimizer in every figure; the bounded methods get the warm colours.
+COLOURS = {
+    "sgdm": "#1f77b4",
+    "adagrad": "#9467bd",
+    "adam": "#2ca02c",
+    "amsgrad": "#17becf",
+    "adamw": "#8c564b",
+    "adabound": "#d62728",
+    "amsbound": "#ff7f0e",
+    "adaboundw": "#e377c2",
+    "amsboundw": "#bcbd22",
+}
+_PANELS = {
+    "accuracy": [("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)")],
+    "perplexity": [("train_ppl", "train perplexity"), ("test_ppl", "test perplexity")],
+}
+
+
+def _figure(rows: int, cols: int, width: float = 11.0, height: float = 4.2) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+def run_label(config: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> str:
+    """The optimizer's paper name, plus the hyperparameters that tell it apart from
+    ``others`` with the same optimizer (as in a sweep)."""
+    label = DISPLAY_NAMES.get(config["optim"], config["optim"])
+    same = [o for o in others if o["optim"] == config["optim"] and o is not config]
+    if same:
+        keys = sorted(
+            k
+            for k in config["hparams"]
+            if any(o["hparams"].get(k) != config["hparams"][k] for o in same)
+        )
+        if keys:
+            label += " (" + ", ".join(f"{k}={config['hparams'][k]:g}" for k in keys) + ")"
+        elif any(o.get("seed") != config.get("seed") for o in same):
+            label += f" (seed {config['seed']})"
+    return label
+
+
+def _load(run_dirs: Sequence[PathLike]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise ValueError("no run directories given")
+    return runs
+
+
+def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = None) -> Path:
+    """Train and test accuracy (or perplexity) against epochs, one line per run."""
+    from matplotlib.ticker import MaxNLocator
+
+    runs = _load(run_dirs)
+    tasks = {c["task"] for c, _ in runs}
+    if len(tasks) > 1:
+        raise ValueError(f"runs of different tasks cannot share a figure: {sorted(tasks)}")
+    if tasks == {"convex"}:
+        return plot_convex(run_dirs, path, title=title)
+    metric = "perplexity" if tasks == {"ptb"} else "accuracy"
+    panels = _PANELS[metric]
+    fig, axes = _figure(1, len(panels))
+    configs = [c for c, _ in runs]
+    for config, metrics in runs:
+        epochs = [m["epoch"] for m in metrics]
+        for ax, (key, _) in zip(axes[0], panels, strict=True):
+            ax.plot(
+                epochs,
+                [m.get(key, math.nan) for m in metrics],
+                color=COLOURS.get(config["optim"]),
+                label=run_label(config, configs),
+                linewidth=1.4,
+            )
+    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        else:
+            _zoom_accuracy(ax, [[m.get(key) for m in ms] for _, ms in runs])
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title or _default_title(configs))
+    return _save(fig, path)
+
+
+def _zoom_accuracy(ax: Any, curves: list[list[float]]) -> None:
+    # Accuracy curves crowd near the top: show the range the runs reach once past their
+    # first tenth of epochs (all of it for short runs).
+    tail = [
+        v
+        for curve in curves
+        for v in curve[len(curve) // 10 :]
+        if v is not None and math.isfinite(v)
+    ]
+    if tail:
+        low, high = min(tail), max(tail)
+        pad = 0.08 * (high - low) + 0.2
+        ax.set_ylim(max(0.0, low - pad), min(100.5, high + pad))
+
+
+def _default_title(configs: Sequence[dict[str, Any]]) -> str:
+    c = configs[0]
+    extra = ""
+    if c["task"] == "cifar10":
+        extra = f" {c['task_args'].get('model') or 'resnet34'}"
+    elif c["task"] == "ptb":
+        extra = f" {c['task_args'].get('layers') or 1}-layer LSTM"
+    return f"{c['task']}{extra}"
+
+
+def plot_convex(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = None) -> Path:
+    """x_t and the average regret R_t / t against t for convex-counterexample runs."""
+    runs = _load(run_dirs)
+    fig, axes = _figure(1, 2)
+    configs = [c for c, _ in runs]
+    for config, metrics in runs:
+        ts = [t for m in metrics for t in m["trace_t"]]
+        xs = [x for m in metrics for x in m["trace_x"]]
+        regret = [r for m in metrics for r in m["trace_avg_regret"]]
+        style = {"color": COLOURS.get(config["optim"]), "label": run_label(config, configs)}
+        axes[0][0].plot(ts, xs, linewidth=1.3, **style)
+        axes[0][1].plot(ts, regret, linewidth=1.3, **style)
+    axes[0][0].axhline(-1.0, color="black", linewidth=0.8, linestyle="--")
+    axes[0][0].set_ylim(-1.1, 1.1)
+    axes[0][0].set_ylabel("x_t  (optimum: x = -1)")
+    axes[0][1].set_ylabel("average regret R_t / t")
+    axes[0][1].set_yscale("log")
+    for ax in axes[0]:
+        ax.set_xlabel("step t")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    args = configs[0]["task_args"]
+    fig.suptitle(title or f"online convex counterexample ({args.get('problem') or 'theorem'})")
+    return _save(fig, path)
+
+
+def plot_run_transition(run_dir: PathLike, path: PathLike) -> Path:
+    """The bound-activity (transition) plot of one run, from its per-epoch records."""
+    from dynabound.diagnostics import plot_transition
+
+    config, metrics = load_run(run_dir)
+    records = [{"epoch": m["epoch"], **m["bounds"]} for m in metrics if "bounds" in m]
+    if not records:
+        raise ValueError(f"{run_dir} has no bound activity (not a dynabound optimizer?)")
+    title = f"{_default_title([config])}: {run_label(config)} bound activity per epoch"
+    return plot_transition(records, path, x="epoch", title=title)
+
+
+def plot_sweep(
+    results: Sequence[dict[str, Any]], path: PathLike, *, metric: str, title: str = ""
+) -> Path:
+    """Final test metric against final_lr, one line per gamma (the paper's appendix study).
+
+    ``results`` rows hold ``final_lr``, ``gamma``, ``value`` and optionally ``curve``
+    (the per-epoch test metric), drawn in a second panel.
+    """
+    if not results:
+        raise ValueError("no sweep results")
+    curves = all("curve" in r for r in results)
+    fig, axes = _figure(1, 2 if curves else 1)
+    gammas = sorted({r["gamma"] for r in results})
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    ylabel = "test perplexity" if metric == "perplexity" else "test accuracy (%)"
+    for i, gamma in enumerate(gammas):
+        rows = sorted((r for r in results if r["gamma"] == gamma), key=lambda r: r["final_lr"])
+        colour = cmap(i / max(1, len(gammas) - 1))
+        axes[0][0].plot(
+            [r["final_lr"] for r in rows],
+            [r["value"] for r in rows],
+            marker="o",
+            color=colour,
+            label=f"gamma={gamma:g}",
+        )
+        if curves:
+            for j, r in enumerate(rows):
+                axes[0][1].plot(
+                    range(1, len(r["curve"]) + 1),
+                    r["curve"],
+                    color=colour,
+                    alpha=0.4 + 0.6 * (j + 1) / len(rows),
+                    linewidth=1.0,
+                    label=f"final_lr={r['final_lr']:g}, gamma={gamma:g}",
+                )
+    axes[0][0].set_xscale("log")
+    axes[0][0].set_xlabel("final_lr")
+    axes[0][0].set_ylabel(f"final {ylabel}")
+    axes[0][0].legend(fontsize=8)
+    axes[0][0].grid(alpha=0.3)
+    if curves:
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_ylabel(ylabel)
+        axes[0][1].legend(fontsize=6)
+        axes[0][1].grid(alpha=0.3)
+        if metric == "perplexity":
+            axes[0][1].set_yscale("log")
+    fig.suptitle(title or "sensitivity to final_lr and gamma")
+    return _save(fig, path)
+
+
+def probe_run(
+    run_dir: PathLike,
+    path: PathLike | None = None,
+    *,
+    kernel: str = "sample",
+    device: str = "cpu",
+) -> Path:
+    """The paper's Figure 1 for a run: per-element effective learning rates of its final
+    checkpoint (nine 3x3 kernels or weight blocks and the last biases, log colour scale)."""
+    from dynabound.diagnostics import (
+        bound_activity,
+        effective_lr,
+        plot_rate_heatmap,
+        select_figure1_params,
+    )
+
+    from .optimizers import is_dynabound
+    from .runner import restore
+
+    task, model, optimizer, ckpt = restore(run_dir, device=device)
+    rates = effective_lr(optimizer)
+    if not rates:
+        raise ValueError(f"{run_dir}: the checkpoint's optimizer has not taken a step yet")
+    blocks = select_figure1_params(model, rates, kernel=kernel)
+    bounds = None
+    if is_dynabound(optimizer):
+        activity = bound_activity(optimizer)
+        bounds = (activity.lower_bound, activity.upper_bound)
+    config = ckpt["config"]
+    title = (
+        f"{_default_title([config])}: {run_label(config)} per-element learning rates "
+        f"after epoch {ckpt['epoch']} (step {ckpt['global_step']})"
+    )
+    out = Path(path) if path is not None else Path(run_dir) / "figure1.png"
+    return plot_rate_heatmap(blocks, out, title=title, bounds=bounds)
