@@ -1,0 +1,155 @@
+"""Two gloo processes on this machine, and the small problem they train.
+
+``spawn_two(fn, *args)`` starts two fresh interpreters (the ``spawn`` start method, as
+torchrun would give), joins them in a gloo process group over TCP on a free localhost port,
+runs ``fn(rank, *args)`` in each and raises if either fails or the pair outlives the timeout.
+Workers write what is to be checked with ``torch.save``; the test process reads it and
+compares with a single-process run over the same global batches.
+
+The model is float64, so "equal to float rounding" can be checked tightly, and its layer
+widths are odd so that FSDP2 shards unevenly (the last bias has a single row: one rank holds
+an empty shard).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 8
+IN_FEATURES = 6
+# Over the first ten steps of this problem these bounds (quick to close: large gamma) clip
+# about a fifth of the rates from below and a quarter from above; weight decay is on.
+HYPER: dict[str, Any] = dict(lr=1e-2, final_lr=0.3, gamma=0.2, weight_decay=1e-3)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s: float) -> None:
+    # Two ranks share the test machine's cores; more threads each only oversubscribe.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_two(fn: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> None:
+    """Run ``fn(rank, *args)`` on ranks 0 and 1; ``fn`` must be importable (module level)."""
+    context = mp.start_processes(
+        _entry,
+        args=(fn, free_port(), args, timeout_s / 2),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        # join raises ProcessRaisedException (with the worker's traceback) on a failure.
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers still running after {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(IN_FEATURES, 7),
+        nn.Tanh(),
+        nn.Linear(7, 5),
+        nn.Tanh(),
+        nn.Linear(5, 1),
+    ).double()
+
+
+def global_batches(steps: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(GLOBAL_BATCH, IN_FEATURES, generator=generator, dtype=torch.float64)
+        y = torch.randn(GLOBAL_BATCH, 1, generator=generator, dtype=torch.float64)
+        out.append((x, y))
+    return out
+
+
+def local_part(batch: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """This rank's half of a global batch (DDP and FSDP average the halves' gradients)."""
+    per_rank = GLOBAL_BATCH // WORLD_SIZE
+    return tuple(t[rank * per_rank : (rank + 1) * per_rank] for t in batch)  # type: ignore[return-value]
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[Tensor, Tensor]],
+    rank: int | None = None,
+) -> None:
+    """Mean squared error steps; ``rank=None`` is the single process seeing whole batches."""
+    for batch in batches:
+        x, y = batch if rank is None else local_part(batch, rank)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def require_fully_shard() -> None:
+    import pytest
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any) -> None:
+    """FSDP2 as usually applied: each Linear its own unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_params(model: nn.Module) -> dict[str, Tensor]:
+    """Unsharded copies of the parameters by name (DTensors gathered, DDP prefix removed)."""
+    out = {}
+    for name, p in model.named_parameters():
+        tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.removeprefix("module.")] = tensor.detach().clone()
+    return out
+
+
+def tensors_in(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from tensors_in(value)
