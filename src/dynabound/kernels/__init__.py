@@ -1,0 +1,103 @@
+"""Fused AdaBound kernels: Triton on CUDA, a compiled C++ kernel on CPU.
+
+Both backends implement only the element-wise update; the per-step scalars come from
+:func:`dynabound.bounds.step_coefficients`. Nothing is compiled or imported at package
+import: the CPU kernel is built on first use, Triton is imported on first CUDA use.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_adabound", "is_available", "unavailable_reason"]
+
+
+def dense_layout(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory densely (row-major or channels-last), so an
+    element-wise kernel may walk it as a flat array."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    return torch.device(device if device is not None else "cpu").type
+
+
+def is_available(device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``fused=True`` works for tensors on ``device``.
+
+    On CPU this builds the kernel on the first call (a few seconds once; later processes
+    load it from the torch extension cache). On CUDA it checks that Triton imports.
+    """
+    kind = _device_type(device)
+    if kind == "cpu":
+        from . import cpu
+
+        return cpu.is_available()
+    if kind == "cuda":
+        from . import triton_kernel
+
+        return triton_kernel.is_available()
+    return False
+
+
+def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
+    """Why :func:`is_available` is False for ``device`` (None when it is True)."""
+    if is_available(device):
+        return None
+    kind = _device_type(device)
+    if kind == "cpu":
+        from . import cpu
+
+        return cpu.unavailable_reason()
+    if kind == "cuda":
+        from . import triton_kernel
+
+        return triton_kernel.unavailable_reason()
+    return f"no fused AdaBound kernel for device type {kind!r} (CPU and CUDA only)"
+
+
+def fused_adabound(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    **kwargs,
+) -> None:
+    """The fused step; same arguments as :func:`dynabound.functional.adabound` minus
+    ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place."""
+    if not params:
+        return
+    amsbound = kwargs["amsbound"]
+    device = params[0].device
+    if all(p.device == device for p in params):
+        _run_on(device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kwargs)
+        return
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        by_device[p.device].append(i)
+    for device, indices in by_device.items():
+        lists = [[t[i] for i in indices] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
+        steps = [state_steps[i] for i in indices]
+        _run_on(device, *lists, vmax, steps, kwargs)
+
+
+def _run_on(device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kwargs):
+    if device.type == "cpu":
+        from .cpu import fused_adabound_cpu as run
+    elif device.type == "cuda":
+        from .triton_kernel import fused_adabound_triton as run
+    else:
+        raise RuntimeError(f"fused AdaBound supports CPU and CUDA tensors, got one on {device}")
+    run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
