@@ -1,0 +1,366 @@
+"""The fused kernels against the single-tensor reference path.
+
+The CPU kernel is built once per session (cached by torch's extension cache afterwards).
+The Triton kernel runs through Triton's CPU interpreter in a subprocess, since
+``TRITON_INTERPRET`` must be set before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dynabound import AdaBound, kernels
+from dynabound.kernels import cpu
+
+SHAPES = [(37,), (5, 3, 2), (), (0,), (2, 0, 3), (70001,), (64, 3, 3, 3)]
+STEPS = 5
+USER_BOUNDS = lambda t: (0.05 * (1 - 1 / (0.01 * t + 1)), 0.05 * (1 + 3 / (0.01 * t)))  # noqa: E731
+
+CONFIGS = {
+    "default": {},
+    "amsbound": dict(amsbound=True),
+    "coupled_wd": dict(weight_decay=0.1),
+    "adamw_decay": dict(weight_decay=0.1, decoupled_weight_decay=True),
+    "unscaled_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, unscaled_decay=True),
+    "maximize": dict(maximize=True),
+    "paper": dict(bounds="paper"),
+    "callable_bounds": dict(bounds=USER_BOUNDS),
+    "box": dict(box=(-0.3, 0.25)),
+    "everything": dict(amsbound=True, weight_decay=0.05, maximize=True, box=(-1.0, 1.0)),
+    "lr_zero": dict(lr=0.0, base_lr=1e-2),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernel():
+    if not kernels.is_available("cpu"):
+        pytest.skip(f"CPU kernel unavailable: {kernels.unavailable_reason('cpu')}")
+
+
+def make_params(dtype=torch.float32, shapes=SHAPES, seed=0, complex_=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if complex_:
+            p = torch.complex(p, torch.randn(shape, generator=gen, dtype=torch.float64))
+            dtype = torch.complex64
+        out.append(torch.nn.Parameter(p.to(dtype)))
+    return out
+
+
+def set_grads(params, step, skip=()):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if p.is_complex():
+            g = torch.complex(g, torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        p.grad = None if (i, step) in skip else g.to(p.dtype)
+
+
+def train(params, steps=STEPS, skip=(), lr=1e-2, **options):
+    opt = AdaBound(params, lr=lr, final_lr=0.1, **options)
+    for step in range(steps):
+        set_grads(params, step, skip)
+        opt.step()
+    return opt
+
+
+def assert_same(fused_opt, ref_opt, **tol):
+    for group_f, group_r in zip(fused_opt.param_groups, ref_opt.param_groups, strict=True):
+        for pf, pr in zip(group_f["params"], group_r["params"], strict=True):
+            torch.testing.assert_close(pf.detach().to(pr.dtype), pr.detach(), **tol)
+            sf, sr = fused_opt.state[pf], ref_opt.state[pr]
+            assert sf.keys() == sr.keys()
+            for key in sr:
+                torch.testing.assert_close(sf[key].to(sr[key].dtype), sr[key], **tol)
+
+
+TIGHT = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-13, atol=1e-13)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_matches_single_tensor(name, dtype):
+    options = dict(CONFIGS[name])
+    lr = options.pop("lr", 1e-2)
+    fused = train(make_params(dtype), lr=lr, fused=True, **options)
+    ref = train(make_params(dtype), lr=lr, foreach=False, **options)
+    assert_same(fused, ref, **TIGHT[dtype])
+    assert all(s["step"].item() == STEPS for s in fused.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["default", "everything", "adamw_decay"])
+def test_low_precision_computes_in_float32(name, dtype):
+    """bf16/fp16 storage, fp32 math: matches the fp32 reference run on upcast copies."""
+    options = dict(CONFIGS[name])
+    fused_params = make_params(dtype)
+    ref_params = [torch.nn.Parameter(p.detach().float()) for p in fused_params]
+    fused = AdaBound(fused_params, lr=1e-2, fused=True, **options)
+    ref = AdaBound(ref_params, lr=1e-2, foreach=False, **options)
+    # One rounding of each stored value (the fp32 reference keeps full precision).
+    tol = dict(rtol=1.6e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-5)
+    for step in range(3):
+        set_grads(fused_params, step)
+        for pf, pr in zip(fused_params, ref_params, strict=True):
+            pr.grad = pf.grad.float()
+        fused.step()
+        ref.step()
+        # The reference continues from the rounded values the fused step stored.
+        with torch.no_grad():
+            for pf, pr in zip(fused_params, ref_params, strict=True):
+                for key, value in ref.state[pr].items():
+                    if key != "step":
+                        torch.testing.assert_close(fused.state[pf][key].float(), value, **tol)
+                        value.copy_(fused.state[pf][key])
+                torch.testing.assert_close(pf.float(), pr, **tol)
+                pr.copy_(pf)
+
+
+def test_tensor_lr_and_per_parameter_steps():
+    """Parameters that skip gradients fall behind: each tensor uses its own step."""
+    skip = {(0, 1), (0, 2), (3, 0), (5, 3), (1, 0), (1, 4)}
+    lr = torch.tensor(2e-2)
+    fused = train(make_params(), skip=skip, lr=lr, fused=True, base_lr=1e-2, amsbound=True)
+    ref = train(make_params(), skip=skip, lr=lr.clone(), foreach=False, base_lr=1e-2, amsbound=True)
+    assert_same(fused, ref, **TIGHT[torch.float32])
+    steps = sorted({s["step"].item() for s in fused.state.values()})
+    assert steps == [3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("name", ["default", "everything"])
+def test_complex_parameters(name):
+    shapes = [(9,), (4, 3), ()]
+    fused = train(make_params(shapes=shapes, complex_=True), fused=True, **CONFIGS[name])
+    ref = train(make_params(shapes=shapes, complex_=True), foreach=False, **CONFIGS[name])
+    assert_same(fused, ref, **TIGHT[torch.float32])
+
+
+def test_mixed_dtypes_and_layouts():
+    """One group with fp32, fp64 and channels-last parameters, and a gradient whose layout
+    differs from its parameter's (the kernel reads a copy)."""
+
+    def build():
+        params = make_params(torch.float32, [(8, 4, 3, 3), (33,)]) + make_params(
+            torch.float64, [(5, 7)]
+        )
+        params[0].data = params[0].data.to(memory_format=torch.channels_last)
+        return params
+
+    def train_odd(params, **options):
+        opt = AdaBound(params, lr=1e-2, **options)
+        for step in range(3):
+            set_grads(params, step)
+            params[2].grad = params[2].grad.t().contiguous().t()  # column-major gradient
+            opt.step()
+        return opt
+
+    fused_params = build()
+    fused = train_odd(fused_params, fused=True, amsbound=True)
+    ref = train_odd(build(), foreach=False, amsbound=True)
+    assert fused.state[fused_params[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for pf, pr in zip(fused.param_groups[0]["params"], ref.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(pf, pr, **TIGHT[pf.dtype])
+
+
+def test_thread_count_does_not_change_results():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = train(make_params(), fused=True, amsbound=True)
+        torch.set_num_threads(2)
+        two = train(make_params(), fused=True, amsbound=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one.param_groups[0]["params"], two.param_groups[0]["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_unscales_and_skips_inf_steps():
+    """GradScaler hands grad_scale/found_inf to the fused step (like torch's fused Adam):
+    gradients are unscaled in place, and an inf step changes nothing, not even `step`."""
+    torch.manual_seed(0)
+    model_f = torch.nn.Linear(6, 3)
+    model_r = torch.nn.Linear(6, 3)
+    model_r.load_state_dict(model_f.state_dict())
+    opt_f = AdaBound(model_f.parameters(), lr=1e-2, fused=True, weight_decay=0.01)
+    opt_r = AdaBound(model_r.parameters(), lr=1e-2, foreach=False, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    x = torch.randn(16, 6)
+    for step in range(4):
+        opt_f.zero_grad()
+        opt_r.zero_grad()
+        scaler.scale(model_f(x).square().mean()).backward()
+        model_r(x).square().mean().backward()
+        if step == 2:
+            model_f.weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model_f.parameters()]
+        scaler.step(opt_f)
+        scaler.update()
+        if step == 2:
+            assert scaler.get_scale() == 512.0
+            for p, b in zip(model_f.parameters(), before, strict=True):
+                assert torch.equal(p, b)
+            assert all(s["step"].item() == 2 for s in opt_f.state.values())
+            continue
+        opt_r.step()
+        torch.testing.assert_close(model_f.weight.grad, model_r.weight.grad)
+    assert all(s["step"].item() == 3 for s in opt_f.state.values())
+    for pf, pr in zip(model_f.parameters(), model_r.parameters(), strict=True):
+        torch.testing.assert_close(pf, pr, rtol=1e-6, atol=1e-6)
+
+
+class _NewStorage(TorchDispatchMode):
+    """Largest tensor storage created by any torch op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t)}
+        for t in tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("options", [{}, dict(amsbound=True, weight_decay=0.1, maximize=True)])
+def test_fused_step_allocates_nothing_proportional_to_parameters(options):
+    params = make_params(shapes=[(300, 300), (1000,), ()])
+    opt = train(params, steps=1, fused=True, **options)  # the first step allocates the state
+    set_grads(params, 1)
+    with _NewStorage() as probe:
+        opt.step()
+    assert probe.largest < 1024, probe.largest
+    ref = train(make_params(shapes=[(300, 300), (1000,), ()]), steps=1, foreach=False, **options)
+    set_grads(ref.param_groups[0]["params"], 1)
+    with _NewStorage() as probe:
+        ref.step()
+    assert probe.largest >= 300 * 300 * 4  # the probe does see the reference's temporaries
+
+
+def test_version_counters_are_bumped():
+    params = make_params(shapes=[(4,)])
+    opt = train(params, steps=1, fused=True)
+    before = params[0]._version
+    set_grads(params, 1)
+    opt.step()
+    assert params[0]._version > before
+
+
+def test_rejects_parameters_it_cannot_walk_as_flat_arrays():
+    p = torch.nn.Parameter(torch.randn(6, 8)[:, ::2])
+    opt = AdaBound([p], fused=True)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="dense memory layout"):
+        opt.step()
+
+
+def test_unavailable_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", "RuntimeError: no C++ compiler")
+    assert not kernels.is_available("cpu")
+    assert "no C++ compiler" in kernels.unavailable_reason("cpu")
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="fused CPU kernel is unavailable.*no C\\+\\+ compiler"):
+        AdaBound([p], fused=True).step()
+    assert torch.equal(p, torch.ones(3))
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from dynabound.functional import adabound
+    from dynabound.kernels import triton_kernel
+    from dynabound.kernels.triton_kernel import fused_adabound_triton
+
+    # Small chunks keep the interpreter quick while tensors still span several blocks.
+    triton_kernel.CHUNK = 2 * triton_kernel.BLOCK
+
+    def tensors(dtype, amsbound, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [(3000,), (33, 7), (), (0,), (2500,)]
+        p = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        m = [torch.zeros_like(x) for x in p]
+        v = [torch.zeros_like(x) for x in p]
+        vmax = [torch.zeros_like(x) for x in p] if amsbound else []
+        return p, m, v, vmax, [torch.zeros(()) for _ in p]
+
+    def grads(params, step):
+        gen = torch.Generator().manual_seed(100 + step)
+        return [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+                for x in params]
+
+    base = dict(amsbound=False, beta1=0.9, beta2=0.999, lr=1e-2, final_lr=0.1, base_lr=1e-2,
+                gamma=1e-3, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                unscaled_decay=False, bounds="reference", box=None, maximize=False)
+    cases = [
+        (torch.float32, {}),
+        (torch.float32, dict(amsbound=True, weight_decay=0.1, maximize=True)),
+        (torch.float32, dict(weight_decay=0.1, decoupled_weight_decay=True, box=(-0.5, 0.5),
+                             bounds="paper", lr=torch.tensor(2e-2))),
+        (torch.float64, dict(amsbound=True, weight_decay=0.1, decoupled_weight_decay=True,
+                             unscaled_decay=True)),
+    ]
+    for dtype, options in cases:
+        hyper = dict(base, **options)
+        p, m, v, vmax, steps = tensors(dtype, hyper["amsbound"])
+        rp, rm, rv, rvmax, rsteps = tensors(dtype, hyper["amsbound"])
+        for step in range(2):
+            g = grads(p, step)
+            fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+                                  grad_scale=None, found_inf=None, **hyper)
+            adabound(rp, grads(p, step), rm, rv, rvmax, rsteps, foreach=False, **hyper)
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+        for a, b in zip(p + m + v + vmax, rp + rm + rv + rvmax):
+            torch.testing.assert_close(a, b, **tol)
+        assert all(s.item() == 2 for s in steps)
+
+    # grad_scale / found_inf: unscale in place; an inf step changes nothing, steps included.
+    hyper = dict(base, amsbound=True)
+    p, m, v, vmax, steps = tensors(torch.float32, True)
+    rp, rm, rv, rvmax, rsteps = tensors(torch.float32, True)
+    scale, found = torch.tensor(8.0), torch.tensor(0.0)
+    g = [x * 8 for x in grads(p, 0)]
+    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=True, has_complex=False,
+                          grad_scale=scale, found_inf=found, **hyper)
+    adabound(rp, grads(p, 0), rm, rv, rvmax, rsteps, foreach=False, **hyper)
+    for a, b in zip(g, grads(p, 0)):
+        torch.testing.assert_close(a, b)
+    found.fill_(1.0)
+    before = [x.clone() for x in p + m + v + vmax]
+    fused_adabound_triton(p, [x * 8 for x in grads(p, 1)], m, v, vmax, steps, capturable=True,
+                          has_complex=False, grad_scale=scale, found_inf=found, **hyper)
+    assert all(torch.equal(a, b) for a, b in zip(p + m + v + vmax, before))
+    assert all(s.item() == 1 for s in steps)
+    for a, b in zip(p, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    print("triton-interpreter-ok")
+    """
+)
+
+
+def test_triton_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "triton-interpreter-ok" in done.stdout
