@@ -208,10 +208,6 @@ def test_tensor_lr_matches_float_lr(foreach: bool, capturable: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 1-element lr of shape (1,) broadcasts a 0-dim param's update to shape (1,)",
-)
 def test_one_element_tensor_lr_with_zero_dim_param() -> None:
     p = torch.tensor(1.0, requires_grad=True)
     p.grad = torch.tensor(0.5)
@@ -386,14 +382,7 @@ DIFFERENTIABLE = {
     "l2_maximize": dict(lr=0.9, weight_decay=0.1, maximize=True),
     "adamw_tight_bounds": dict(lr=0.9, decoupled_weight_decay=True, weight_decay=0.1, gamma=0.5),
     "paper_box": dict(lr=0.9, bounds="paper", box=(-5.0, 5.0)),
-    "amsbound": pytest.param(
-        dict(lr=0.9, amsbound=True),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="max_exp_avg_sq.copy_(maximum(max_exp_avg_sq, ...)) overwrites a tensor "
-            "that maximum saved for backward",
-        ),
-    ),
+    "amsbound": dict(lr=0.9, amsbound=True),
 }
 
 

@@ -61,11 +61,6 @@ def test_messages_name_the_class(cls) -> None:
         cls([param()], gamma=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="add_param_group converts lr to a float for base_lr before validating it, so "
-    "a 2-element lr raises torch's 'cannot be converted to Scalar' RuntimeError",
-)
 def test_tensor_lr_with_more_than_one_element() -> None:
     with pytest.raises(ValueError, match="Tensor lr must have exactly one element"):
         AdaBound([param()], lr=torch.tensor([1e-3, 1e-3]))
@@ -136,11 +131,6 @@ def test_add_param_group_rejects_a_bad_group(case) -> None:
         opt.add_param_group({"params": [param()], **overrides})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AdaBound.add_param_group validates after torch's add_param_group has appended "
-    "the group, so the rejected group stays in param_groups and is stepped",
-)
 def test_a_rejected_group_is_not_added() -> None:
     opt = AdaBound([param()])
     with pytest.raises(ValueError):

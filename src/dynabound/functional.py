@@ -61,6 +61,8 @@ def adabound(
     """
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())  # a shape-(1,) lr must not broadcast 0-dim params to (1,)
     hyper = dict(
         amsbound=amsbound,
         beta1=beta1,
@@ -119,6 +121,12 @@ def _coefficients(step, dtype, *, bounds, final_lr, base_lr, gamma, beta1, beta2
     return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))
 
 
+def _unscaled_decay_factor(lr: float | Tensor, wd: float) -> float | Tensor:
+    # The authors' convention ignores lr, but lr == 0 must stay a no-op step: warm-up and
+    # distributed checkpoint loading step once with lr = 0 and expect nothing to move.
+    return 1 - wd * (lr != 0)
+
+
 def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:
     # Capturable (and compiled) steps keep every scalar a tensor, so no host sync happens;
     # eager steps read the CPU step counter once and do the scalar math in Python.
@@ -159,7 +167,7 @@ def _single_tensor_adabound(
             if not hyper["decoupled_weight_decay"]:
                 grad = grad.add(param, alpha=wd)
             elif hyper["unscaled_decay"]:
-                param.mul_(1 - wd)
+                param.mul_(_unscaled_decay_factor(lr, wd))
             else:
                 param.mul_(1 - lr * wd)
 
@@ -167,10 +175,13 @@ def _single_tensor_adabound(
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if amsbound:
             if differentiable:
-                max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))
+                # maximum saves its inputs for backward: compare against a copy, not the
+                # state tensor that is overwritten next.
+                second_moment = torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq)
+                max_exp_avg_sq.copy_(second_moment)
             else:
                 torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            second_moment = max_exp_avg_sq
+                second_moment = max_exp_avg_sq
         else:
             second_moment = exp_avg_sq
 
@@ -275,7 +286,7 @@ def _multi_tensor_chunk(
             else:
                 torch._foreach_add_(grads, params, alpha=wd)
         elif unscaled_decay:
-            torch._foreach_mul_(params, 1 - wd)
+            torch._foreach_mul_(params, _unscaled_decay_factor(lr, wd))
         else:
             torch._foreach_mul_(params, 1 - lr * wd)
 
@@ -292,7 +303,8 @@ def _multi_tensor_chunk(
         rates = torch._foreach_sqrt(second_moments)
     else:
         rates = scratch
-        torch._foreach_copy_(rates, second_moments)
+        torch._foreach_zero_(rates)  # DTensor (FSDP2) has no sharding rule for _foreach_copy_
+        torch._foreach_add_(rates, second_moments)
         torch._foreach_sqrt_(rates)
     if coeffs[0].eps_used:
         torch._foreach_add_(rates, eps)

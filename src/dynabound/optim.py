@@ -44,10 +44,15 @@ def _as_float(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-def _validate_group(group: dict[str, Any], name: str) -> None:
+def _prepare_group(group: dict[str, Any], name: str) -> None:
+    """Fill in the group's base_lr and box, then validate every hyperparameter."""
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"{name}: Tensor lr must have exactly one element")
+    if group["base_lr"] is None:
+        group["base_lr"] = _as_float(lr)
+    if group["box"] is not None:
+        group["box"] = tuple(group["box"])
     checks = [
         (_as_float(lr) >= 0, f"Invalid learning rate: {lr} (must be >= 0)"),
         (
@@ -170,12 +175,11 @@ class AdaBound(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["base_lr"] is None:
-            group["base_lr"] = _as_float(group["lr"])
-        if group["box"] is not None:
-            group["box"] = tuple(group["box"])
-        _validate_group(group, type(self).__name__)
+        try:
+            _prepare_group(self.param_groups[-1], type(self).__name__)
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()  # a rejected group must not stay installed
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
