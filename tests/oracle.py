@@ -125,7 +125,11 @@ class AdaBoundOracle:
         if self.maximize:
             g = -g
         if self.decoupled:
-            st.p = st.p - wd * st.p if self.unscaled else st.p * (1 - lr * wd)
+            if self.unscaled:
+                # lr == 0 is a no-op step in dynabound, the authors' unscaled decay included.
+                st.p = st.p - wd * st.p if lr != 0 else st.p
+            else:
+                st.p = st.p * (1 - lr * wd)
         else:
             g = g + wd * st.p
         st.m = b1 * st.m + (1 - b1) * g

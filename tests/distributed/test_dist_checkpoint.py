@@ -15,8 +15,8 @@ together, the initialisation step runs on the fresh weights) and ``separate`` (t
 loaded first, then ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``: the
 initialisation step runs on the loaded weights, so any change it makes survives).
 
-The optimizer uses the single-tensor path: the foreach path on DTensors is covered, with its
-known failure, in test_dist_fsdp2.py.
+The optimizer uses the single-tensor path; the foreach path on DTensors is covered in
+test_dist_fsdp2.py.
 """
 
 from __future__ import annotations
@@ -48,15 +48,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Coupled L2: the zero gradient of the initialisation step still feeds wd*p into m and v.
     "adabound": {},
     "amsbound": {"amsbound": True},
-    # The authors' AdaBoundW decay p -= wd*p is not scaled by lr, so lr = 0 does not stop it.
+    # The authors' AdaBoundW decay p -= wd*p: lr = 0 must stop it too (DCP's init step).
     "adaboundw_unscaled": {"decoupled_weight_decay": True, "unscaled_decay": True},
 }
 FLOWS = ("joint", "separate")
-UNSCALED_DECAY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="unscaled_decay decays p by (1 - wd) even at lr = 0, so the checkpoint API's "
-    "lr = 0 initialisation step changes the parameters",
-)
 
 
 def _local(t: Any) -> Any:
@@ -190,15 +185,10 @@ def _outcomes(ranks: list[dict[Any, Any]], name: str, flow: str) -> list[dict[st
     return outcomes
 
 
-def _cases(xfail_for: set[tuple[str, str]]) -> list[Any]:
-    return [
-        pytest.param(name, flow, marks=[UNSCALED_DECAY_XFAIL] if (name, flow) in xfail_for else [])
-        for name in CONFIGS
-        for flow in FLOWS
-    ]
+CASES = [(name, flow) for name in CONFIGS for flow in FLOWS]
 
 
-@pytest.mark.parametrize(("name", "flow"), _cases({("adaboundw_unscaled", "separate")}))
+@pytest.mark.parametrize(("name", "flow"), CASES)
 def test_dcp_resume_is_bit_identical(ranks, name, flow):
     for rank, outcome in enumerate(_outcomes(ranks, name, flow)):
         assert outcome["params_restored"], f"rank {rank}: loaded parameters differ from saved"
@@ -207,9 +197,7 @@ def test_dcp_resume_is_bit_identical(ranks, name, flow):
             assert torch.equal(outcome["resumed"][key], value), f"rank {rank}: {key} differs"
 
 
-@pytest.mark.parametrize(
-    ("name", "flow"), _cases({("adaboundw_unscaled", "joint"), ("adaboundw_unscaled", "separate")})
-)
+@pytest.mark.parametrize(("name", "flow"), CASES)
 def test_dcp_initialisation_step_changes_nothing(ranks, name, flow):
     for rank, outcome in enumerate(_outcomes(ranks, name, flow)):
         assert outcome["init_state_created"], f"rank {rank}: the lr = 0 step created no state"
@@ -217,7 +205,7 @@ def test_dcp_initialisation_step_changes_nothing(ranks, name, flow):
         assert outcome["init_change"] == 0, f"rank {rank}: params moved {outcome['init_change']}"
 
 
-@pytest.mark.parametrize(("name", "flow"), _cases(set()))
+@pytest.mark.parametrize(("name", "flow"), CASES)
 def test_dcp_param_groups_survive(ranks, name, flow):
     for outcome in _outcomes(ranks, name, flow):
         assert outcome["loaded_groups"] == outcome["saved_groups"]

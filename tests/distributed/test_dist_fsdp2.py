@@ -42,14 +42,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 HAS_FUSED = importlib.util.find_spec("dynabound.kernels") is not None
 
-# Coupled weight decay (and maximize) make the foreach path reuse the modified-gradient list
-# as scratch for the denominator via torch._foreach_copy_, which DTensor has no sharding rule
-# for: "NotImplementedError: Operator aten._foreach_copy_.default does not have a sharding
-# strategy registered."
-FOREACH_COPY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="foreach path calls torch._foreach_copy_, unsupported on DTensor (torch 2.13)",
-)
 # The fused CPU kernel is handed DTensor.data_ptr() (0: a DTensor owns no storage) and the
 # global numel, so the worker dies with SIGSEGV; it runs in its own pair of processes.
 FUSED_XFAIL = pytest.mark.xfail(
@@ -142,7 +134,7 @@ def _check(ranks: list[dict[Any, Any]], impl: str, name: str) -> None:
     [
         ("single", "adabound"),
         ("single", "amsboundw"),
-        pytest.param("foreach", "adabound", marks=FOREACH_COPY_XFAIL),
+        ("foreach", "adabound"),
         ("foreach", "amsboundw"),
     ],
 )
