@@ -65,7 +65,7 @@ def ptb_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ptb")
     write_corpus(
-        root, train=[" " + " ".join(PTB_VOCAB) + " "] + lines(40), valid=lines(6), test=lines(6)
+        root, train=[" " + " ".join(PTB_VOCAB) + " "] + lines(20), valid=lines(6), test=lines(6)
     )
     return root
 

@@ -474,7 +474,7 @@ def train(
                 flush=True,
             )
         return RunResult(run_dir, metrics, True, done)
-    if figures and dist.is_main and metrics:
+    if figures and dist.is_main and metrics and start <= epochs:
         paths = task.figures(run_dir, metrics)
         if any("bounds" in m for m in metrics):
             from .plots import plot_run_transition

@@ -1,0 +1,240 @@
+"""The ``dynabound`` command line: help, demo, run/resume, compare, sweep, plot, probe, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dynabound.experiments.cli import main
+from dynabound.experiments.runner import read_metrics
+from dynabound.experiments.tasks import TASKS
+
+HELP = [
+    [],
+    ["demo"],
+    ["run"],
+    ["compare"],
+    ["sweep"],
+    ["plot"],
+    ["probe"],
+    *(["run", t] for t in TASKS),
+    ["compare", "cifar10"],
+    ["sweep", "ptb"],
+]
+
+
+@pytest.mark.parametrize("argv", HELP, ids=lambda a: " ".join(a) or "top")
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: dynabound" in text
+    if argv[:1] == ["run"] and len(argv) == 2:
+        assert "--optim" in text and "--resume" in text and "--data-dir" in text
+    if argv == ["run", "ptb"]:
+        assert "--layers" in text and "--bptt" in text and "--clip" in text
+    if argv == ["compare", "cifar10"]:
+        assert "--model" in text and "resnet34" in text
+    if argv == ["sweep", "ptb"]:
+        assert "--final-lr" in text and "--gamma" in text
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_demo_quick_writes_report_and_figures(demo):
+    report = (demo / "report.md").read_text()
+    for name in ("SGDM", "AdaGrad", "Adam", "AMSGrad", "AdaBound", "AMSBound"):
+        assert f"| {name} |" in report
+    figures = [
+        "convex.png",
+        "digits.png",
+        "figure1-adam.png",
+        "figure1-adabound.png",
+        "transition-adabound.png",
+    ]
+    for name in figures:
+        assert f"]({name})" in report
+        assert (demo / name).stat().st_size > 10_000, name
+    x = {
+        line.split("|")[1].strip(): float(line.split("|")[2])
+        for line in report.splitlines()
+        if line.startswith("| A") and "|" in line[2:] and line.count("|") == 4
+    }
+    assert x["Adam"] > 0.9 and x["AdaBound"] < -0.5  # the counterexample already shows
+
+
+def test_plot_and_probe_on_saved_runs(demo, tmp_path, capsys):
+    runs = [str(demo / "digits" / o) for o in ("adam", "adabound")]
+    assert main(["plot", *runs, "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 10_000
+    assert (tmp_path / "transition-adabound.png").stat().st_size > 10_000
+    assert not (tmp_path / "transition-adam.png").exists()
+    assert main(["probe", runs[1], "--out", str(tmp_path / "fig1.png")]) == 0
+    assert (tmp_path / "fig1.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "both.png" in printed and "fig1.png" in printed
+
+
+def test_run_resume_and_config_checks(tmp_path, capsys):
+    run = [
+        "run",
+        "convex",
+        "--optim",
+        "adabound",
+        "--steps-per-epoch",
+        "40",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main([*run, "--epochs", "1"]) == 0
+    assert main([*run, "--epochs", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (
+        main(
+            ["run", "convex", "--resume", "--epochs", "3", "--out", str(tmp_path / "r"), "--quiet"]
+        )
+        == 0
+    )
+    metrics = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[-1]["steps"] == 120
+    assert main([*run, "--epochs", "4", "--resume", "--lr", "0.1"]) == 2
+    assert "cannot resume with a different configuration" in capsys.readouterr().err
+
+
+def test_missing_data_gives_the_offline_message_without_traceback(tmp_path, capsys):
+    code = main(
+        [
+            "run",
+            "mnist",
+            "--optim",
+            "adam",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "MNIST data not found" in err and "--download" in err
+    assert "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert (
+        main(
+            [
+                "run",
+                "cifar10",
+                "--optim",
+                "sgdm",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "c"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "CIFAR-10" in capsys.readouterr().err
+
+
+def test_bad_options_are_clean_errors(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "run",
+                "digits",
+                "--optim",
+                "sgdm",
+                "--final-lr",
+                "0.1",
+                "--quiet",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "does not take" in capsys.readouterr().err
+    assert main(["run", "digits", "--quiet"]) == 2
+    assert "--optim is required" in capsys.readouterr().err
+
+
+def test_compare_runs_every_preset_and_draws_the_figure(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert (
+        main(
+            [
+                "compare",
+                "convex",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "60",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["optimizer"] for r in rows] == ["Adam", "AMSGrad", "AdaBound", "AMSBound"]
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "| AMSBound |" in (out / "results.md").read_text()
+    # A second compare resumes the finished runs instead of training them again.
+    assert (
+        main(
+            [
+                "compare",
+                "convex",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "60",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert len(read_metrics(out / "adam" / "metrics.jsonl")) == 1
+
+
+def test_sweep_grid_and_summary(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert (
+        main(
+            [
+                "sweep",
+                "digits",
+                "--final-lr",
+                "0.05",
+                "0.5",
+                "--gamma",
+                "1e-3",
+                "--epochs",
+                "1",
+                "--hidden",
+                "8",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["final_lr"] for r in results) == [0.05, 0.5]
+    assert all(r["gamma"] == 1e-3 and 0 <= r["value"] <= 100 for r in results)
+    assert (out / "sweep.png").stat().st_size > 10_000
+    assert (out / "final_lr=0.05,gamma=0.001" / "checkpoint.pt").is_file()
