@@ -1,0 +1,421 @@
+"""AdaBound and AMSBound for JAX, as optax gradient transformations.
+
+``scale_by_adabound`` is the lr-free core: it returns
+
+    scale * clamp(numerator / (sqrt(u) + eps), rho * lower(t), rho * upper(t)) * m
+
+so that chaining it with ``optax.scale_by_learning_rate(lr)`` gives exactly the PyTorch
+update ``p -= lr * rate * m`` of :class:`dynabound.AdaBound`. ``rho = final_lr / base_lr``
+is fixed when the transformation is built: a learning-rate schedule then scales the Adam
+step and both bounds together, as in the authors' code, including under
+``optax.inject_hyperparams``, which rebuilds the optimizer with the current learning rate
+every step (pass ``base_learning_rate`` there, see :func:`adabound`).
+
+Decoupled weight decay (:func:`adaboundw`) is :func:`add_decoupled_weight_decay` after
+the learning rate, equal to PyTorch's ``p *= 1 - lr * wd`` before the step.
+
+Complex parameters are treated as pairs of real numbers (like ``torch.view_as_real``):
+the second moment and the clamp act on the real and imaginary parts separately.
+State arrays and updates have the dtype of the parameters; half-precision leaves are
+computed in float32 and stored in their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "dynabound.optax needs jax and optax; install them with `pip install dynabound[jax]`"
+    ) from exc
+
+__all__ = [
+    "DecoupledWeightDecayState",
+    "ScaleByAdaBoundState",
+    "adabound",
+    "adaboundw",
+    "add_decoupled_weight_decay",
+    "amsbound",
+    "amsboundw",
+    "scale_by_adabound",
+]
+
+# optax < 0.2.3 only has the int32-specific name.
+_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
+
+_BOUNDS = ("reference", "paper")
+
+
+class ScaleByAdaBoundState(NamedTuple):
+    """State of :func:`scale_by_adabound`.
+
+    ``count`` is the number of updates applied so far (int32), ``mu`` and ``nu`` the first
+    and second moments (``nu`` of a complex leaf holds the moments of the real and
+    imaginary parts in its real and imaginary parts), ``nu_max`` the running maximum of
+    ``nu`` with AMSBound and ``None`` otherwise.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates | None
+
+
+def _concrete(value: Any) -> float | None:
+    """The value as a float, or None while it is traced (inside jit, hyperparameters
+    injected by ``optax.inject_hyperparams`` are tracers and were validated at init)."""
+    try:
+        return float(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def _check(name: str, value: Any, ok: Any, requirement: str) -> None:
+    v = _concrete(value)
+    if v is not None and not ok(v):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {requirement})")
+
+
+def _validate_core(b1: Any, b2: Any, eps: Any, gamma: Any) -> None:
+    _check("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _check("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _check("eps", eps, lambda v: v >= 0.0, ">= 0")
+    _check("gamma", gamma, lambda v: v > 0.0, "> 0")
+
+
+def _log(b: Any) -> Any:
+    # log(0) = -inf makes 1 - b**t exactly 1, the limit torch computes for b == 0.
+    if isinstance(b, numbers.Real):
+        return math.log(b) if b > 0 else -math.inf
+    return jnp.log(b)
+
+
+def _coefficients(count, *, b1, b2, eps, rho, gamma, bounds, dtype):
+    """Per-step scalars (numerator, lower, upper, scale, eps) in ``dtype``.
+
+    The bias corrections use expm1 and the bound multipliers are written without
+    cancellation (``1 - 1/(x+1) = x/(x+1)``): without 64-bit JAX they are computed in
+    float32, and the naive forms lose up to 5 digits at small t (1 - 0.999**1).
+    """
+    t = count.astype(dtype)
+    x = (1 - b2) * t if bounds == "paper" else gamma * t
+    lower = rho * (x / (x + 1))
+    upper = rho * (1 + 1 / x)
+    if bounds == "paper":
+        return jnp.ones((), dtype), lower, upper, 1 / jnp.sqrt(t), jnp.zeros((), dtype)
+    bc1 = -jnp.expm1(t * jnp.asarray(_log(b1), dtype))
+    bc2 = -jnp.expm1(t * jnp.asarray(_log(b2), dtype))
+    return jnp.sqrt(bc2) / bc1, lower, upper, None, jnp.asarray(eps, dtype)
+
+
+def _as_real(x: jax.Array) -> jax.Array:
+    return jnp.stack([x.real, x.imag], axis=-1) if jnp.iscomplexobj(x) else x
+
+
+def _like(r: jax.Array, ref: jax.Array) -> jax.Array:
+    out = jax.lax.complex(r[..., 0], r[..., 1]) if jnp.iscomplexobj(ref) else r
+    return out.astype(ref.dtype)
+
+
+def _work_dtype(dtype: Any) -> Any:
+    """Real dtype to compute a leaf in: its own (complex: its parts'), at least float32."""
+    return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+
+
+def scale_by_adabound(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    final_lr_ratio: float = 100.0,
+    gamma: float = 1e-3,
+    amsbound: bool = False,
+    bounds: str = "reference",
+) -> optax.GradientTransformation:
+    """Rescale updates by AdaBound's clipped adaptive rate, before the learning rate.
+
+    Args:
+      b1, b2: decay rates of the first and second moments, in [0, 1).
+      eps: added to ``sqrt(u)`` (``"reference"`` bounds only).
+      final_lr_ratio: ``final_lr / base_lr`` (rho): the rate the bounds converge to,
+        relative to the learning rate.
+      gamma: convergence speed of the reference bounds, ``> 0``.
+      amsbound: use the running maximum of the second moment (AMSBound).
+      bounds: ``"reference"`` (the authors' released code: bias-corrected Adam step, bounds
+        ``rho * (1 -/+ 1/(gamma t (+1)))``) or ``"paper"`` (Algorithm 2: no bias correction,
+        no eps, bounds ``rho * (1 -/+ 1/((1-b2) t (+1)))``, rate divided by ``sqrt(t)``).
+
+    Returns:
+      A transformation whose output, multiplied by ``-lr`` (``scale_by_learning_rate``),
+      is the AdaBound step.
+    """
+    _validate_core(b1, b2, eps, gamma)
+    _check("final_lr_ratio", final_lr_ratio, lambda v: v >= 0.0, ">= 0")
+    if bounds not in _BOUNDS:
+        raise ValueError(f"bounds must be 'reference' or 'paper', got {bounds!r}")
+
+    def init_fn(params: optax.Params) -> ScaleByAdaBoundState:
+        return ScaleByAdaBoundState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree_util.tree_map(jnp.zeros_like, params),
+            nu=jax.tree_util.tree_map(jnp.zeros_like, params),
+            nu_max=jax.tree_util.tree_map(jnp.zeros_like, params) if amsbound else None,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = _safe_increment(state.count)
+        # float64 when JAX runs with 64-bit types enabled, float32 otherwise.
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        numerator, lower, upper, scale, eps_ = _coefficients(
+            count,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            rho=final_lr_ratio,
+            gamma=gamma,
+            bounds=bounds,
+            dtype=dtype,
+        )
+
+        def leaf(g, m, v, v_max=None):
+            ref = m
+            # Half-precision leaves compute in float32 and only store in their dtype, as
+            # PyTorch's opmath does; b1 = 0.9 as a bfloat16 scalar would be 0.898.
+            work = _work_dtype(ref.dtype)
+            g, m, v = (_as_real(x.astype(ref.dtype)).astype(work) for x in (g, m, v))
+            c = lambda s: jnp.asarray(s, dtype).astype(work)  # noqa: E731
+            m = c(b1) * m + c(1 - b1) * g
+            v = c(b2) * v + c(1 - b2) * (g * g)
+            u = v
+            if v_max is not None:
+                u = v_max = jnp.maximum(_as_real(v_max).astype(work), v)
+            # reciprocal-then-multiply, in the order of the PyTorch kernels.
+            rate = (1 / (jnp.sqrt(u) + c(eps_))) * c(numerator)
+            rate = jnp.clip(rate, c(lower), c(upper))
+            if scale is not None:
+                rate = rate * c(scale)
+            out = (rate * m, m, v) + ((v_max,) if v_max is not None else ())
+            return tuple(_like(x, ref) for x in out)
+
+        trees = (updates, state.mu, state.nu) + ((state.nu_max,) if amsbound else ())
+        results = jax.tree_util.tree_map(leaf, *trees)
+        treedef = jax.tree_util.tree_structure(updates)
+        parts = jax.tree_util.tree_transpose(
+            treedef, jax.tree_util.tree_structure((0,) * len(trees)), results
+        )
+        return parts[0], ScaleByAdaBoundState(
+            count=count,
+            mu=parts[1],
+            nu=parts[2],
+            nu_max=parts[3] if amsbound else None,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _resolve_base_lr(learning_rate: Any, base_learning_rate: Any) -> Any:
+    if base_learning_rate is None:
+        if not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool):
+            raise ValueError(
+                "base_learning_rate must be given when learning_rate is a schedule or an "
+                "array (as inside optax.inject_hyperparams): the bounds are final_lr scaled "
+                "by learning_rate / base_learning_rate, and deriving the base from the "
+                "current learning rate would undo that scaling. Pass the initial (peak) "
+                "learning rate, e.g. base_learning_rate=1e-3."
+            )
+        base_learning_rate = learning_rate
+    _check("base_learning_rate", base_learning_rate, lambda v: v > 0.0, "> 0")
+    return base_learning_rate
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`add_decoupled_weight_decay`: updates applied so far (int32)."""
+
+    count: jax.Array
+
+
+def add_decoupled_weight_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    unscaled: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """Decay the parameters by ``f = 1 - learning_rate * weight_decay`` per step.
+
+    Place it after ``scale_by_learning_rate``: it adds ``p * f - p``, so applying the update
+    is PyTorch's ``p *= f`` followed by the step. It reproduces that in-place multiply's
+    roundings (``f`` rounded to the parameter dtype, at least float32, then ``p * f``): in
+    float32 each is a small error of steady sign, and an exact ``lr * wd * p`` drifts from
+    PyTorch by ~1e-5 over 1000 steps. ``unscaled=True`` uses ``f = 1 - weight_decay`` (the
+    authors' ``p -= wd * p``). ``mask`` is as in ``optax.add_decayed_weights``.
+    """
+
+    def init_fn(params: optax.Params) -> DecoupledWeightDecayState:
+        del params
+        return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_decoupled_weight_decay needs the params in update()")
+        new_state = DecoupledWeightDecayState(count=_safe_increment(state.count))
+        if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
+            return updates, new_state
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        # With Python floats 1 - decay is formed in double, like the PyTorch scalar.
+        decay = weight_decay if unscaled else lr * weight_decay
+        factor = jnp.asarray(1 - decay, jax.dtypes.canonicalize_dtype(jnp.float64))
+
+        def leaf(u, p):
+            # fl(p * f) - p (exact) rather than (f - 1) * p: it keeps the rounding of
+            # PyTorch's in-place p.mul_(f), which has a steady sign while p moves slowly and
+            # adds up to ~1e-5 in float32 over 1000 steps. XLA would fuse p * f - p into one
+            # FMA and skip that rounding; a max with the lowest float (a no-op for finite
+            # values) sits between them so it cannot.
+            work = _work_dtype(p.dtype)
+            p = _as_real(p).astype(work)
+            pf = jnp.maximum(p * factor.astype(work), jnp.finfo(work).min)
+            d = pf - p
+            if jnp.iscomplexobj(u):
+                d = jax.lax.complex(d[..., 0], d[..., 1])
+            return u + d.astype(u.dtype)
+
+        return jax.tree_util.tree_map(leaf, updates, params), new_state
+
+    transform = optax.GradientTransformation(init_fn, update_fn)
+    return transform if mask is None else optax.masked(transform, mask)
+
+
+def _alias(
+    learning_rate: optax.ScalarOrSchedule,
+    base_learning_rate: Any,
+    final_lr: Any,
+    weight_decay: Any,
+    decoupled: bool,
+    unscaled_decay: bool = False,
+    mask: Any = None,
+    **core: Any,
+) -> optax.GradientTransformation:
+    if not callable(learning_rate):
+        _check("learning_rate", learning_rate, lambda v: v >= 0.0, ">= 0")
+    _check("final_lr", final_lr, lambda v: v >= 0.0, ">= 0")
+    _check("weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0")
+    base = _resolve_base_lr(learning_rate, base_learning_rate)
+    adabound_core = scale_by_adabound(final_lr_ratio=final_lr / base, **core)
+    lr = optax.scale_by_learning_rate(learning_rate)
+    if decoupled:
+        decay = add_decoupled_weight_decay(learning_rate, weight_decay, unscaled_decay, mask)
+        return optax.chain(adabound_core, lr, decay)
+    # Coupled L2: g + wd * p enters the moments, as grad.add(p, alpha=wd) in PyTorch.
+    # add_decayed_weights skips a Python 0.0 itself; an injected (array) weight decay keeps
+    # its place, so the state structure never depends on its value.
+    return optax.chain(optax.add_decayed_weights(weight_decay), adabound_core, lr)
+
+
+def adabound(
+    learning_rate: optax.ScalarOrSchedule,
+    final_lr: float = 0.1,
+    gamma: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsbound: bool = False,
+    base_learning_rate: float | None = None,
+    *,
+    bounds: str = "reference",
+) -> optax.GradientTransformation:
+    """AdaBound (Luo et al., 2019), equal to ``dynabound.AdaBound`` with the same settings.
+
+    ``final_lr`` is the SGD rate the bounds converge to at ``learning_rate ==
+    base_learning_rate``; the bounds scale with ``learning_rate / base_learning_rate``, so a
+    decaying schedule decays them too. ``weight_decay`` is an L2 term added to the gradient
+    (see :func:`adaboundw` for decoupled decay).
+
+    ``base_learning_rate`` defaults to ``learning_rate`` when that is a Python number and
+    must be given when it is a schedule. ``optax.inject_hyperparams`` rebuilds the optimizer
+    from arrays every step, so pass it there too. Injected hyperparameters are rounded to
+    the parameters' dtype (in float32, ``b2 = 0.999`` becomes 0.99900001 and ``1 - b2`` is
+    off by 1e-5); mark them static to keep them Python floats::
+
+        opt = optax.inject_hyperparams(
+            adabound, static_args=("base_learning_rate", "b1", "b2")
+        )(learning_rate=schedule, base_learning_rate=1e-3)
+    """
+    return _alias(
+        learning_rate, base_learning_rate, final_lr, weight_decay, False,
+        b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=amsbound, bounds=bounds,
+    )  # fmt: skip
+
+
+def amsbound(
+    learning_rate: optax.ScalarOrSchedule,
+    final_lr: float = 0.1,
+    gamma: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    base_learning_rate: float | None = None,
+    *,
+    bounds: str = "reference",
+) -> optax.GradientTransformation:
+    """AMSBound: :func:`adabound` with the running maximum of the second moment."""
+    return _alias(
+        learning_rate, base_learning_rate, final_lr, weight_decay, False,
+        b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=True, bounds=bounds,
+    )  # fmt: skip
+
+
+def adaboundw(
+    learning_rate: optax.ScalarOrSchedule,
+    final_lr: float = 0.1,
+    gamma: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsbound: bool = False,
+    base_learning_rate: float | None = None,
+    *,
+    bounds: str = "reference",
+    unscaled_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """AdaBound with decoupled (AdamW-style) weight decay, equal to ``dynabound.AdaBoundW``:
+    each step is ``p *= 1 - lr * weight_decay`` followed by the AdaBound step.
+
+    ``unscaled_decay=True`` gives the authors' unreleased convention ``p -= weight_decay * p``
+    (not scaled by the learning rate). ``mask`` selects the leaves to decay, as in
+    ``optax.adamw`` (with ``inject_hyperparams``, list it in ``static_args``).
+    """
+    return _alias(
+        learning_rate, base_learning_rate, final_lr, weight_decay, True, unscaled_decay, mask,
+        b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=amsbound, bounds=bounds,
+    )  # fmt: skip
+
+
+def amsboundw(
+    learning_rate: optax.ScalarOrSchedule,
+    final_lr: float = 0.1,
+    gamma: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    base_learning_rate: float | None = None,
+    *,
+    bounds: str = "reference",
+    unscaled_decay: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """AMSBound with decoupled weight decay, equal to ``dynabound.AMSBoundW``."""
+    return _alias(
+        learning_rate, base_learning_rate, final_lr, weight_decay, True, unscaled_decay, mask,
+        b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=True, bounds=bounds,
+    )  # fmt: skip

@@ -1,0 +1,372 @@
+"""dynabound.optax against the PyTorch optimizers, and its behaviour as an optax citizen.
+
+Parity runs feed both frameworks the same gradient sequence (per-element scales spread
+over 1e-6..1, so elements sit below, inside and above the bounds) for 1000 steps; weight
+decay feeds the parameters back into the gradient. Errors are measured per leaf as
+max|a - b| / max|b|: float32 runs accumulate one rounding of |p| per step, so element-wise
+ratios of near-zero parameters say nothing about the optimizer. That accumulation is also
+why the parameters stay O(1): when they wander several times their initial size, two
+float32 transcriptions of the same formula (PyTorch and NumPy) already differ by ~1e-6.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+
+import dynabound  # noqa: E402
+from dynabound import optax as dbo  # noqa: E402
+
+# jax >= 0.4.36 has jax.enable_x64; older releases only the experimental one.
+_enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+
+STEPS = 1000
+SHAPES = {"b": (6,), "w": (6, 5)}  # dict order == jax's sorted-key order
+TOL = {"float32": 1e-6, "float64": 1e-12}
+
+
+def _gradients(steps: int, shapes: dict, seed: int = 0, complex_: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        scale = 10.0 ** rng.uniform(-6, 0, size=shape)
+        g = rng.standard_normal((steps, *shape)) * scale
+        if complex_:
+            g = g + 1j * rng.standard_normal((steps, *shape)) * scale[::-1]
+        out[name] = g
+    return out
+
+
+def _initial(shapes: dict, seed: int = 1, complex_: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    if complex_:
+        out = {k: v + 1j * rng.standard_normal(v.shape) for k, v in out.items()}
+    return out
+
+
+def _run_torch(cls, kwargs, params, grads, dtype, schedule=None):
+    tensors = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in params.items()}
+    grads = {k: torch.tensor(v, dtype=dtype) for k, v in grads.items()}
+    opt = cls(list(tensors.values()), **kwargs)
+    sched = schedule(opt) if schedule is not None else None
+    for t in range(len(grads[next(iter(grads))])):
+        for k, p in tensors.items():
+            p.grad = grads[k][t]
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return {k: p.detach().numpy() for k, p in tensors.items()}
+
+
+def _run_optax(tx, params, grads, dtype):
+    """All steps in one jitted scan: compiled once, fast enough for 1000 steps."""
+
+    @jax.jit
+    def run(p, gs):
+        def body(carry, g):
+            p, s = carry
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), gs)
+        return p
+
+    p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+    out = run(p, {k: jnp.asarray(v, dtype) for k, v in grads.items()})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _rel_err(a: dict, b: dict) -> float:
+    return max(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k])) for k in b)
+
+
+def _step_lr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=300, gamma=0.1)
+
+
+def _piecewise(lr):
+    return optax.piecewise_constant_schedule(lr, {300: 0.1, 600: 0.1, 900: 0.1})
+
+
+CUSTOM = dict(final_lr=0.05, gamma=1e-2, eps=1e-6)
+CASES = {
+    "adabound": (dynabound.AdaBound, {}, lambda: dbo.adabound(1e-3), None),
+    "amsbound": (dynabound.AMSBound, {}, lambda: dbo.amsbound(1e-3), None),
+    "custom": (
+        dynabound.AdaBound,
+        dict(lr=3e-3, betas=(0.8, 0.99), **CUSTOM),
+        lambda: dbo.adabound(3e-3, b1=0.8, b2=0.99, **CUSTOM),
+        None,
+    ),
+    "l2": (
+        dynabound.AdaBound,
+        dict(weight_decay=0.05),
+        lambda: dbo.adabound(1e-3, weight_decay=0.05),
+        None,
+    ),
+    "adaboundw": (
+        dynabound.AdaBoundW,
+        dict(weight_decay=0.01),
+        lambda: dbo.adaboundw(1e-3, weight_decay=0.01),
+        None,
+    ),
+    "amsboundw_unscaled": (
+        dynabound.AMSBoundW,
+        dict(weight_decay=1e-4, unscaled_decay=True),
+        lambda: dbo.amsboundw(1e-3, weight_decay=1e-4, unscaled_decay=True),
+        None,
+    ),
+    "paper": (
+        dynabound.AdaBound,
+        dict(bounds="paper"),
+        lambda: dbo.adabound(1e-3, bounds="paper"),
+        None,
+    ),
+    "step_schedule": (
+        dynabound.AMSBound,
+        dict(weight_decay=0.01),
+        lambda: dbo.amsbound(_piecewise(1e-3), weight_decay=0.01, base_learning_rate=1e-3),
+        _step_lr,
+    ),
+}
+
+
+GRADS, PARAMS = _gradients(STEPS, SHAPES), _initial(SHAPES)
+
+
+@functools.cache
+def _expected(case: str, dtype: str) -> dict:
+    cls, kwargs, _, schedule = CASES[case]
+    return _run_torch(cls, kwargs, PARAMS, GRADS, getattr(torch, dtype), schedule)
+
+
+def test_gradients_hit_both_bounds_and_the_band_between():
+    """The parity runs mean something only if the clamp is active both ways and not always."""
+    for g in GRADS.values():
+        t = np.arange(1, STEPS + 1).reshape(-1, *([1] * (g.ndim - 1)))
+        v = np.zeros_like(g)
+        for i in range(STEPS):
+            v[i] = 0.999 * v[i - 1] + 0.001 * g[i] ** 2 if i else 0.001 * g[i] ** 2
+        rate = np.sqrt(1 - 0.999**t) / (1 - 0.9**t) / (np.sqrt(v) + 1e-8)
+        below, above = rate < 100 * (1e-3 * t) / (1e-3 * t + 1), rate > 100 * (1 + 1e3 / t)
+        for region in (below, above, ~below & ~above):
+            assert 0.1 < region.mean() < 0.9
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_torch(case, dtype):
+    expected = _expected(case, dtype)
+    with _enable_x64(dtype == "float64"):
+        got = _run_optax(CASES[case][2](), PARAMS, GRADS, getattr(jnp, dtype))
+    assert got["w"].dtype == np.dtype(dtype)
+    # The run must have moved the parameters, or agreement would prove nothing.
+    assert _rel_err(PARAMS, expected) > 1e-3
+    assert _rel_err(got, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_inject_hyperparams_follows_schedule_like_torch(dtype):
+    """inject_hyperparams rebuilds the chain with the current lr each step; the bounds
+    must still scale with lr / base_lr rather than be re-derived from the current lr."""
+    # In float32 injected betas would be rounded (1 - b2 off by 1e-5): keep them static.
+    static = ("b1", "b2") if dtype == "float32" else ()
+    with _enable_x64(dtype == "float64"):
+        tx = optax.inject_hyperparams(dbo.amsbound, static_args=static)(
+            learning_rate=_piecewise(1e-3), base_learning_rate=1e-3, weight_decay=0.01
+        )
+        got = _run_optax(tx, PARAMS, GRADS, getattr(jnp, dtype))
+    assert _rel_err(got, _expected("step_schedule", dtype)) <= TOL[dtype]
+
+
+def test_bounds_do_not_follow_a_rederived_base_lr():
+    """Control for the test above: a base lr taken from the current lr gives other bounds."""
+
+    def rederived(learning_rate, weight_decay):
+        return dbo.amsbound(
+            learning_rate, weight_decay=weight_decay, base_learning_rate=learning_rate
+        )
+
+    with _enable_x64(True):
+        tx = optax.inject_hyperparams(rederived)(learning_rate=_piecewise(1e-3), weight_decay=0.01)
+        got = _run_optax(tx, PARAMS, GRADS, jnp.float64)
+    assert _rel_err(got, _expected("step_schedule", "float64")) > 1e-3
+
+
+def test_base_learning_rate_required_for_schedules_and_injection():
+    with pytest.raises(ValueError, match="base_learning_rate"):
+        dbo.adabound(_piecewise(1e-3))
+    tx = optax.inject_hyperparams(dbo.adabound)(learning_rate=1e-3)
+    with pytest.raises(ValueError, match="base_learning_rate"):
+        tx.init({"w": jnp.zeros(3)})
+
+
+def _counting_jit(fn):
+    """jax.jit(fn) and a list that grows by one each time fn is traced."""
+    traces = []
+
+    def traced(*args):
+        traces.append(None)
+        return fn(*args)
+
+    return jax.jit(traced), traces
+
+
+def test_jit_traces_the_step_once():
+    for tx in (
+        dbo.amsbound(_piecewise(1e-3), base_learning_rate=1e-3),
+        optax.inject_hyperparams(dbo.adaboundw)(
+            learning_rate=_piecewise(1e-3), base_learning_rate=1e-3, weight_decay=1e-2
+        ),
+    ):
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        f, traces = _counting_jit(step)
+        p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+        s = tx.init(p)
+        for i in range(5):
+            p, s = f(p, s, jax.tree.map(lambda x, i=i: jnp.full_like(x, i - 2.0), p))
+        assert len(traces) == 1
+    core_state = s.inner_state[0]
+    assert isinstance(core_state, dbo.ScaleByAdaBoundState)
+    assert core_state.count.dtype == jnp.int32 and int(core_state.count) == 5
+
+
+def test_multisteps_matches_torch_on_averaged_gradients():
+    k, steps = 3, 100
+    micro, params = _gradients(k * steps, SHAPES, seed=3), _initial(SHAPES)
+    mean = {n: g.reshape(steps, k, *g.shape[1:]).mean(axis=1) for n, g in micro.items()}
+    expected = _run_torch(dynabound.AMSBound, {}, params, mean, torch.float32)
+    tx = optax.MultiSteps(dbo.amsbound(1e-3), every_k_schedule=k)
+    p = {n: jnp.asarray(v, jnp.float32) for n, v in params.items()}
+    s = tx.init(p)
+    update, traces = _counting_jit(tx.update)
+    for t in range(k * steps):
+        u, s = update({n: jnp.asarray(g[t], jnp.float32) for n, g in micro.items()}, s, p)
+        if t % k != k - 1:  # no update until k micro-batches are in
+            assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+        p = optax.apply_updates(p, u)
+    assert len(traces) == 1
+    assert _rel_err({n: np.asarray(v) for n, v in p.items()}, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_complex_parameters_match_torch(dtype):
+    """Real and imaginary parts are separate coordinates, as torch's view_as_real."""
+    grads = _gradients(STEPS, SHAPES, seed=4, complex_=True)
+    params = _initial(SHAPES, complex_=True)
+    expected = _run_torch(
+        dynabound.AMSBoundW, dict(weight_decay=0.1), params, grads, getattr(torch, dtype)
+    )
+    with _enable_x64(dtype == "complex128"):
+        got = _run_optax(dbo.amsboundw(1e-3, weight_decay=0.1), params, grads, getattr(jnp, dtype))
+        # The same run on the real view (last axis: real, imaginary part).
+        as_real = {k: np.stack([v.real, v.imag], -1) for k, v in params.items()}
+        g_real = {k: np.stack([v.real, v.imag], -1) for k, v in grads.items()}
+        real_dtype = jnp.float32 if dtype == "complex64" else jnp.float64
+        real = _run_optax(dbo.amsboundw(1e-3, weight_decay=0.1), as_real, g_real, real_dtype)
+    tol = TOL["float32" if dtype == "complex64" else "float64"]
+    assert got["w"].dtype == np.dtype(dtype)
+    assert _rel_err(got, expected) <= tol
+    got_as_real = {k: np.stack([v.real, v.imag], -1) for k, v in got.items()}
+    assert _rel_err(got_as_real, real) <= tol
+
+
+def test_mixed_dtype_pytree_keeps_dtypes():
+    params = {
+        "bf16": np.linspace(-1, 1, 6).reshape(2, 3).astype(jnp.bfloat16),
+        "f16": np.ones(4, np.float16),
+        "f32": {"scalar": np.float32(0.5), "m": np.zeros((2, 2, 2), np.float32)},
+        "c64": np.asarray([1 + 2j, -3j], np.complex64),
+    }
+    tx = dbo.adaboundw(1e-2, weight_decay=0.1, amsbound=True)
+
+    @jax.jit
+    def run(p):
+        s = tx.init(p)
+        for _ in range(3):
+            g = jax.tree.map(lambda x: (x + 2).astype(x.dtype), p)
+            u, s = tx.update(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p, s, u
+
+    p, state, updates = jax.device_get(run(jax.device_put(params)))
+    core = state[0]
+    for tree in (p, updates, core.mu, core.nu, core.nu_max):
+        assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, params)
+        assert jax.tree.map(np.shape, tree) == jax.tree.map(np.shape, params)
+    assert all(np.isfinite(np.asarray(x, np.complex64)).all() for x in jax.tree.leaves(p))
+    assert np.all(p["f32"]["m"] != 0) and np.all(p["bf16"] != params["bf16"])
+
+
+def test_decoupled_decay_mask():
+    params = {"b": np.ones(3), "w": np.full((2, 2), 2.0)}
+    zeros = {k: np.zeros((4, *v.shape)) for k, v in params.items()}  # only the decay acts
+    tx = dbo.adaboundw(0.1, weight_decay=0.5, mask={"b": False, "w": True})
+    got = _run_optax(tx, params, zeros, jnp.float32)
+    np.testing.assert_array_equal(got["b"], params["b"])
+    np.testing.assert_allclose(got["w"], 2.0 * 0.95**4, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=-1e-3), "learning_rate"),
+        (dict(learning_rate=0.0), "base_learning_rate"),
+        (dict(learning_rate=1e-3, base_learning_rate=0.0), "base_learning_rate"),
+        (dict(learning_rate=1e-3, final_lr=-0.1), "final_lr"),
+        (dict(learning_rate=1e-3, gamma=0.0), "gamma"),
+        (dict(learning_rate=1e-3, b1=1.0), "b1"),
+        (dict(learning_rate=1e-3, b2=-0.1), "b2"),
+        (dict(learning_rate=1e-3, eps=-1e-8), "eps"),
+        (dict(learning_rate=1e-3, weight_decay=-1e-2), "weight_decay"),
+        (dict(learning_rate=1e-3, bounds="tight"), "bounds"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dbo.adabound(**kwargs)
+
+
+def test_scale_by_adabound_validation_and_lr_free_output():
+    with pytest.raises(ValueError, match="final_lr_ratio"):
+        dbo.scale_by_adabound(final_lr_ratio=-1.0)
+    # At t = 1: m = 0.1 g, sqrt(v) = sqrt(1e-3) |g|, numerator sqrt(1e-3) / 0.1, and the
+    # rate is clamped into rho * [gamma / (gamma + 1), 1 + 1 / gamma]; no lr applied.
+    tx = dbo.scale_by_adabound(final_lr_ratio=100.0)
+    g = np.asarray([2.0, -0.5, 1e-7])
+    u, s = tx.update(jnp.asarray(g, jnp.float32), tx.init(jnp.zeros(3)))
+    rate = (np.sqrt(1e-3) / 0.1) / (np.sqrt(1e-3) * np.abs(g) + 1e-8)
+    expected = np.clip(rate, 100.0 * 1e-3 / 1.001, 100.0 * 1001) * 0.1 * g
+    assert 0.2 < expected[0] / g[0] < 1 and expected[2] / g[2] > 1e3  # inside, clamped
+    np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-6)
+    assert s.nu_max is None and int(s.count) == 1
+
+
+def test_importing_dynabound_does_not_need_jax():
+    code = (
+        "import sys\n"
+        "sys.modules['jax'] = None\n"  # makes `import jax` fail like a missing package
+        "import dynabound\n"
+        "try:\n"
+        "    import dynabound.optax\n"
+        "except ImportError as e:\n"
+        "    assert 'dynabound[jax]' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('dynabound.optax imported without jax')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
