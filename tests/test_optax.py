@@ -322,6 +322,15 @@ def test_decoupled_decay_mask():
     np.testing.assert_allclose(got["w"], 2.0 * 0.95**4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_zero_learning_rate_moves_nothing(unscaled):
+    """Warm-up and checkpoint loading step with lr = 0 and expect the parameters kept."""
+    tx = dbo.amsboundw(0.0, weight_decay=0.1, base_learning_rate=1e-3, unscaled_decay=unscaled)
+    got = _run_optax(tx, PARAMS, {k: g[:3] for k, g in GRADS.items()}, jnp.float32)
+    for k in PARAMS:
+        np.testing.assert_array_equal(got[k], PARAMS[k].astype(np.float32))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -267,8 +267,10 @@ def add_decoupled_weight_decay(
         if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
             return updates, new_state
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        # With Python floats 1 - decay is formed in double, like the PyTorch scalar.
-        decay = weight_decay if unscaled else lr * weight_decay
+        # With Python floats 1 - decay is formed in double, like the PyTorch scalar. The
+        # unscaled convention ignores lr, except that lr == 0 (warm-up, checkpoint loading)
+        # must still leave the parameters alone.
+        decay = weight_decay * (lr != 0) if unscaled else lr * weight_decay
         factor = jnp.asarray(1 - decay, jax.dtypes.canonicalize_dtype(jnp.float64))
 
         def leaf(u, p):
