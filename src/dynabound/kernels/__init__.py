@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-__all__ = ["fused_adabound", "is_available", "unavailable_reason"]
+__all__ = ["can_fuse", "fused_adabound", "is_available", "unavailable_reason"]
 
 
 def dense_layout(t: Tensor) -> bool:
@@ -47,6 +47,30 @@ def is_available(device: str | torch.device | None = "cpu") -> bool:
 
         return triton_kernel.is_available()
     return False
+
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_FUSABLE = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
+
+
+def can_fuse(params: list[Tensor]) -> bool:
+    """Whether ``fused=True`` would run for these parameters: a kernel for every device,
+    supported dtypes and dense layouts. Never raises; meant for picking a default."""
+    devices = {p.device for p in params}
+    if not all(is_available(d) for d in devices):
+        return False
+    cpu_dtypes = _FUSABLE
+    if any(d.type == "cpu" for d in devices):
+        from . import cpu
+
+        cpu_dtypes = cpu.supported_dtypes()
+    for p in params:
+        dtype = _REAL.get(p.dtype, p.dtype)
+        if dtype not in (cpu_dtypes if p.device.type == "cpu" else _FUSABLE):
+            return False
+        if not dense_layout(p):
+            return False
+    return True
 
 
 def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:

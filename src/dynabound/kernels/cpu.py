@@ -40,7 +40,7 @@ from torch import Tensor
 from ..bounds import step_coefficients
 from . import dense_layout
 
-__all__ = ["fused_adabound_cpu", "is_available", "unavailable_reason", "load"]
+__all__ = ["fused_adabound_cpu", "is_available", "load", "supported_dtypes", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # Elements per unit of work handed to a thread (about 1 MB of fp32 traffic).
@@ -134,6 +134,12 @@ def is_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def supported_dtypes() -> set[torch.dtype]:
+    """Parameter dtypes the built kernel handles (float16 needs compiler support)."""
+    mask = load().dynabound_supported_dtypes()
+    return {dtype for dtype, code in _DTYPE_CODES.items() if (mask >> code) & 1}
 
 
 def unavailable_reason() -> str | None:

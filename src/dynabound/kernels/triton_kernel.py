@@ -61,38 +61,86 @@ def is_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _update(
+        base, p_off, g_off, m_off, v_off, vmax_off, local, mask, scale, numerator, lower,
+        upper, rate_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+        weight_decay, box_lo, box_hi,
+        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
+        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+        VEC: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The element-wise update of one block; ``mask`` is None for a full block."""
+        # Offsets are in elements from `base`; the hints (true when VEC > 1: all addresses
+        # 16-byte aligned, checked on the host) let Triton emit 16-byte vector accesses.
+        p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, VEC), BLOCK)
+        g_idx = tl.max_contiguous(tl.multiple_of(g_off + local, VEC), BLOCK)
+        m_idx = tl.max_contiguous(tl.multiple_of(m_off + local, VEC), BLOCK)
+        v_idx = tl.max_contiguous(tl.multiple_of(v_off + local, VEC), BLOCK)
+        grad = tl.load(base + g_idx, mask=mask).to(COMPUTE)
+        if HAS_GRAD_SCALE:
+            grad = grad / scale
+            tl.store(base + g_idx, grad.to(DTYPE), mask=mask)
+        if MAXIMIZE:
+            grad = -grad
+        param = tl.load(base + p_idx, mask=mask).to(COMPUTE)
+        if WEIGHT_DECAY == 1:
+            grad = grad + weight_decay * param
+        if WEIGHT_DECAY == 2:
+            param = param * decay
+        avg = tl.load(base + m_idx, mask=mask).to(COMPUTE) * beta1 + one_minus_beta1 * grad
+        avg_sq = tl.load(base + v_idx, mask=mask).to(COMPUTE) * beta2
+        avg_sq = avg_sq + one_minus_beta2 * grad * grad
+        second = avg_sq
+        if AMSBOUND:
+            vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, VEC), BLOCK)
+            running = tl.load(base + vmax_idx, mask=mask).to(COMPUTE)
+            running = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
+            tl.store(base + vmax_idx, running.to(DTYPE), mask=mask)
+            second = running
+        # IEEE-rounded sqrt and division (tl.sqrt and / are approximate in fp32), so the
+        # result matches the eager path to rounding.
+        if IS_FP64:
+            denom = tl.sqrt(second)
+        else:
+            denom = tl.sqrt_rn(second)
+        if EPS_USED:
+            denom = denom + eps
+        if IS_FP64:
+            rate = (1.0 / denom) * numerator
+        else:
+            rate = tl.div_rn(1.0, denom) * numerator
+        # Selects rather than minimum/maximum so that NaN propagates, like torch.clamp.
+        rate = tl.where(rate < lower, lower, rate)
+        rate = tl.where(rate > upper, upper, rate)
+        param = param - (rate * rate_scale) * avg
+        if HAS_BOX:
+            param = tl.where(param < box_lo, box_lo, param)
+            param = tl.where(param > box_hi, box_hi, param)
+        tl.store(base + p_idx, param.to(DTYPE), mask=mask)
+        tl.store(base + m_idx, avg.to(DTYPE), mask=mask)
+        tl.store(base + v_idx, avg_sq.to(DTYPE), mask=mask)
+
+    @triton.jit
     def _adabound_kernel(
-        ptrs,
-        numels,
-        block_tensor,
-        block_start,
-        coef,
-        hyper,
-        found_inf,
-        grad_scale,
+        base, offsets, numels, block_tensor, block_start, coef, hyper, found_inf, grad_scale,
         n_tensors,
-        DTYPE: tl.constexpr,
-        COMPUTE: tl.constexpr,
-        IS_FP64: tl.constexpr,
-        AMSBOUND: tl.constexpr,
-        WEIGHT_DECAY: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        EPS_USED: tl.constexpr,
-        HAS_BOX: tl.constexpr,
-        HAS_FOUND_INF: tl.constexpr,
-        HAS_GRAD_SCALE: tl.constexpr,
-        BLOCK: tl.constexpr,
+        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
+        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+        HAS_GRAD_SCALE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
-    ):
+    ):  # fmt: skip
         block = tl.program_id(0)
         t = tl.load(block_tensor + block).to(tl.int64)
         start = tl.load(block_start + block)
         n = tl.load(numels + t)
-        row = ptrs + t * 5
-        p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
+        row = offsets + t * 5
+        p_off = tl.load(row)
+        g_off = tl.load(row + 1)
+        m_off = tl.load(row + 2)
+        v_off = tl.load(row + 3)
+        vmax_off = tl.load(row + 4)
         numerator = tl.load(coef + t)
         lower = tl.load(coef + n_tensors + t)
         upper = tl.load(coef + 2 * n_tensors + t)
@@ -106,56 +154,33 @@ if triton is not None:
         weight_decay = tl.load(hyper + 5)
         box_lo = tl.load(hyper + 6)
         box_hi = tl.load(hyper + 7)
+        scale = 1.0
+        if HAS_GRAD_SCALE:
+            scale = tl.load(grad_scale).to(COMPUTE)
         if HAS_FOUND_INF:
             # An inf/NaN gradient somewhere: treat every tensor as empty (no host sync).
             n = n * (tl.load(found_inf) == 0).to(tl.int64)
         for offset in tl.static_range(0, CHUNK, BLOCK):
-            idx = start + offset + tl.arange(0, BLOCK)
-            mask = idx < n
-            grad = tl.load(g_ptr + idx, mask=mask, other=0).to(COMPUTE)
-            if HAS_GRAD_SCALE:
-                grad = grad / tl.load(grad_scale).to(COMPUTE)
-                tl.store(g_ptr + idx, grad.to(DTYPE), mask=mask)
-            if MAXIMIZE:
-                grad = -grad
-            param = tl.load(p_ptr + idx, mask=mask, other=0).to(COMPUTE)
-            if WEIGHT_DECAY == 1:
-                grad = grad + weight_decay * param
-            if WEIGHT_DECAY == 2:
-                param = param * decay
-            avg = tl.load(m_ptr + idx, mask=mask, other=0).to(COMPUTE) * beta1
-            avg = avg + one_minus_beta1 * grad
-            avg_sq = tl.load(v_ptr + idx, mask=mask, other=0).to(COMPUTE) * beta2
-            avg_sq = avg_sq + one_minus_beta2 * grad * grad
-            second = avg_sq
-            if AMSBOUND:
-                vmax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE))
-                running = tl.load(vmax_ptr + idx, mask=mask, other=0).to(COMPUTE)
-                running = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
-                tl.store(vmax_ptr + idx, running.to(DTYPE), mask=mask)
-                second = running
-            # IEEE-rounded sqrt and division: tl.sqrt and / are approximate for fp32.
-            if IS_FP64:
-                denom = tl.sqrt(second)
-            else:
-                denom = tl.sqrt_rn(second)
-            if EPS_USED:
-                denom = denom + eps
-            if IS_FP64:
-                rate = (1.0 / denom) * numerator
-            else:
-                rate = tl.div_rn(1.0, denom) * numerator
-            # Written as selects so that NaN propagates, like torch.clamp.
-            rate = tl.where(rate < lower, lower, rate)
-            rate = tl.where(rate > upper, upper, rate)
-            rate = rate * rate_scale
-            param = param - rate * avg
-            if HAS_BOX:
-                param = tl.where(param < box_lo, box_lo, param)
-                param = tl.where(param > box_hi, box_hi, param)
-            tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
-            tl.store(m_ptr + idx, avg.to(DTYPE), mask=mask)
-            tl.store(v_ptr + idx, avg_sq.to(DTYPE), mask=mask)
+            first = start + offset
+            local = first + tl.arange(0, BLOCK)
+            # Full blocks go unmasked: a mask against a size read from memory would keep
+            # Triton from vectorising the accesses.
+            if first + BLOCK <= n:
+                _update(
+                    base, p_off, g_off, m_off, v_off, vmax_off, local, None, scale, numerator,
+                    lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
+                    one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, COMPUTE,
+                    IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
+                    HAS_GRAD_SCALE, VEC, BLOCK,
+                )  # fmt: skip
+            elif first < n:
+                _update(
+                    base, p_off, g_off, m_off, v_off, vmax_off, local, local < n, scale,
+                    numerator, lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
+                    one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, COMPUTE,
+                    IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
+                    HAS_GRAD_SCALE, VEC, BLOCK,
+                )  # fmt: skip
 
     _TL_DTYPES = {
         torch.float32: tl.float32,
@@ -178,20 +203,27 @@ def _remember(cache: OrderedDict, key: tuple, value):
     return value
 
 
-def _launch_tables(pointers: list[int], numels: list[int], device: torch.device):
-    """Pointer, size and block tables; cached by the addresses they describe."""
-    key = (device, CHUNK, tuple(pointers), tuple(numels))
+def _launch_tables(pointers: list[int], numels: list[int], itemsize: int, device: torch.device):
+    """Offset, size and block tables; cached by the addresses they describe.
+
+    Offsets are in elements from the first address (the kernel's ``base`` argument): a
+    pointer argument carries Triton's alignment specialisation, an address loaded from a
+    table would not.
+    """
+    key = (device, CHUNK, itemsize, tuple(pointers), tuple(numels))
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
+    base = pointers[0]
+    offsets = [(a - base) // itemsize if a else 0 for a in pointers]
     sizes = torch.tensor(numels, dtype=torch.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first = torch.cumsum(counts, 0) - counts
     start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * CHUNK
     tables = (
-        _to_device(torch.tensor(pointers, dtype=torch.int64), device),
+        _to_device(torch.tensor(offsets, dtype=torch.int64), device),
         _to_device(sizes, device),
         _to_device(owner, device),
         _to_device(start, device),
@@ -274,11 +306,21 @@ def fused_adabound_triton(
     if found_inf is not None:
         found_inf = found_inf.to(device, non_blocking=True)
 
-    torch._foreach_add_(state_steps, 1)
+    # Validate everything before touching any state, so a refused step changes nothing.
     groups: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault(p.dtype, []).append(i)
+    launches = []
     for dtype, indices in groups.items():
+        if _real_dtype(dtype) not in _TL_DTYPES:
+            raise RuntimeError(f"dynabound's fused CUDA kernel does not support {dtype}")
+        vmax = max_exp_avg_sqs if amsbound else None
+        rows = _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, vmax)
+        launches.append((dtype, indices, *rows))
+
+    torch._foreach_add_(state_steps, 1)
+    for dtype, indices, pointers, numels, base in launches:
+        dtype = base.dtype
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         coef, eps_used = _coefficient_table([state_steps[i] for i in indices], lr, compute, hyper)
         hyper_tensor = _hyper_tensor(
@@ -295,15 +337,17 @@ def fused_adabound_triton(
             compute,
             device,
         )
-        pointers, numels = _pointer_rows(
-            indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None
+        itemsize = base.element_size()
+        offset_table, size_table, owner, start, n_blocks = _launch_tables(
+            pointers, numels, itemsize, device
         )
-        ptr_table, size_table, owner, start, n_blocks = _launch_tables(pointers, numels, device)
         if n_blocks == 0:
             continue
+        aligned = all(a % 16 == 0 for a in pointers)
         wd = hyper["weight_decay"]
         _adabound_kernel[(n_blocks,)](
-            ptr_table,
+            base,
+            offset_table,
             size_table,
             owner,
             start,
@@ -322,17 +366,26 @@ def fused_adabound_triton(
             HAS_BOX=box is not None,
             HAS_FOUND_INF=found_inf is not None,
             HAS_GRAD_SCALE=grad_scale is not None,
+            VEC=16 // itemsize if aligned else 1,
             BLOCK=BLOCK,
             CHUNK=CHUNK,
+            # No FMA contraction: same operation order and rounding as the CPU kernel.
+            enable_fp_fusion=False,
         )
     if found_inf is not None:
         torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
     torch.autograd.graph.increment_version(params)
 
 
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+
+
 def _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+    """Addresses (0 for an absent max_exp_avg_sq), sizes, and the group's base tensor."""
     pointers: list[int] = []
     numels: list[int] = []
+    base = None
     for i in indices:
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
         vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs is not None else None
@@ -340,17 +393,23 @@ def _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
             p, g, m, v = (torch.view_as_real(t) for t in (p, g, m, v))
             vmax = torch.view_as_real(vmax) if vmax is not None else None
         tensors = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
-        if any(t.dtype != p.dtype for t in tensors):
+        if any(t.dtype != p.dtype for t in tensors) or any(t.device != p.device for t in tensors):
             raise RuntimeError(
-                "fused AdaBound needs gradients and state of the parameter's dtype, got "
-                f"{p.dtype} parameter with {g.dtype} gradient"
+                "fused AdaBound needs gradients and state of the parameter's dtype and device, "
+                f"got a {p.dtype} parameter on {p.device} with a {g.dtype} gradient on {g.device}"
             )
         if not dense_layout(p) or any(t.stride() != p.stride() for t in tensors):
             raise RuntimeError(
                 "fused AdaBound on CUDA needs each parameter, its gradient and its state in "
                 "one dense memory layout; use fused=False for this parameter group"
             )
-        pointers += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-        pointers.append(vmax.data_ptr() if vmax is not None else 0)
+        if base is None:
+            base = p
+        addresses = [t.data_ptr() for t in tensors]
+        if any(a % p.element_size() for a in addresses):
+            raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
+        pointers += addresses
+        if vmax is None:
+            pointers.append(0)
         numels.append(p.numel())
-    return pointers, numels
+    return pointers, numels, base
