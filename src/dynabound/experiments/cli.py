@@ -54,7 +54,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
     if mode == "run":
-        p.add_argument("--optim", choices=OPTIMIZERS, default=None, help="optimizer (required)")
+        p.add_argument(
+            "--optim",
+            choices=OPTIMIZERS,
+            default=None,
+            help="optimizer (required unless resuming a run in --out)",
+        )
     elif mode == "compare":
         p.add_argument(
             "--optims",
@@ -126,7 +131,10 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
     io.add_argument(
         "--out",
         default=None,
-        help="run directory" if mode == "run" else "parent directory of the runs",
+        help="run directory (default runs/<task>-<optimizer>)"
+        if mode == "run"
+        else "parent directory of the runs (default runs/<task>-"
+        + ("compare)" if mode == "compare" else "sweep-<optimizer>)"),
     )
     if mode == "run":
         io.add_argument(

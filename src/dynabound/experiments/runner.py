@@ -418,6 +418,7 @@ def train(
             + (f" x{dist.world_size} processes" if dist.enabled else "")
             + f": epochs {start}..{epochs} -> {run_dir}"
         )
+    saved = start - 1  # the epoch the checkpoint on disk holds
     epoch_bar = console.bar(total=epochs, initial=start - 1, desc=cls.name, unit="epoch")
     interrupted = False
     try:
@@ -458,13 +459,17 @@ def train(
                 with open(run_dir / METRICS, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
             save(epoch)
+            saved = epoch
             epoch_bar.update(1)
             console.line(f"epoch {epoch:>3}/{epochs} | {task.summary(record)} | {epoch_time:.1f}s")
     except KeyboardInterrupt:
         interrupted = True
     finally:
         epoch_bar.close()
-    done = metrics[-1]["epoch"] if metrics else 0
+    # An interrupt while saving leaves the previous checkpoint; the epoch without one is
+    # redone on resume, so it does not count as done.
+    metrics = [m for m in metrics if m["epoch"] <= saved]
+    done = saved
     if interrupted:
         if dist.is_main:
             print(
