@@ -70,8 +70,14 @@ def run_label(config: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> 
             for k in config["hparams"]
             if any(o["hparams"].get(k) != config["hparams"][k] for o in same)
         )
+        args = config.get("task_args", {})
+        arg_keys = sorted(
+            k for k in args if any(o.get("task_args", {}).get(k) != args[k] for o in same)
+        )
         if keys:
             label += " (" + ", ".join(f"{k}={config['hparams'][k]:g}" for k in keys) + ")"
+        elif arg_keys:
+            label += " (" + ", ".join(f"{k}={args[k]}" for k in arg_keys) + ")"
         elif any(o.get("seed") != config.get("seed") for o in same):
             label += f" (seed {config['seed']})"
     return label
@@ -143,7 +149,8 @@ def _default_title(configs: Sequence[dict[str, Any]]) -> str:
     if c["task"] == "cifar10":
         extra = f" {c['task_args'].get('model') or 'resnet34'}"
     elif c["task"] == "ptb":
-        extra = f" {c['task_args'].get('layers') or 1}-layer LSTM"
+        layers = {o["task_args"].get("layers") or 1 for o in configs}
+        extra = f" {layers.pop()}-layer LSTM" if len(layers) == 1 else " LSTM"
     return f"{c['task']}{extra}"
 
 
