@@ -269,6 +269,21 @@ def test_rejects_parameters_it_cannot_walk_as_flat_arrays():
         opt.step()
 
 
+def test_can_fuse_says_whether_fused_would_run(monkeypatch):
+    ok = [
+        torch.zeros(3),
+        torch.zeros(2, 2, dtype=torch.complex64),
+        torch.zeros(4, 3, 2, 2).to(memory_format=torch.channels_last),
+        torch.zeros((), dtype=torch.bfloat16),
+    ]
+    assert kernels.can_fuse(ok)
+    assert not kernels.can_fuse(ok + [torch.zeros(6, 8)[:, ::2]])
+    assert not kernels.can_fuse(ok + [torch.zeros(2, dtype=torch.float8_e4m3fn)])
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", "RuntimeError: no C++ compiler")
+    assert not kernels.can_fuse(ok)
+
+
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_error", "RuntimeError: no C++ compiler")
