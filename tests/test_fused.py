@@ -261,6 +261,39 @@ def test_version_counters_are_bumped():
     assert params[0]._version > before
 
 
+def test_dtensor_parameters_update_their_local_shards(tmp_path):
+    """FSDP2/tensor-parallel parameters are DTensors, which own no storage: the kernel must
+    update the local shards (here a one-process mesh) instead of reading data_ptr() == 0."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = make_params(shapes=[(6, 4), (5,)])
+        sharded = [
+            torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+            for p in plain
+        ]
+        fused = AdaBound(sharded, lr=1e-2, fused=True, amsbound=True, weight_decay=0.1)
+        ref = AdaBound(plain, lr=1e-2, foreach=False, amsbound=True, weight_decay=0.1)
+        for step in range(3):
+            set_grads(plain, step)
+            for d, p in zip(sharded, plain, strict=True):
+                d.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+            fused.step()
+            ref.step()
+        for d, p in zip(sharded, plain, strict=True):
+            torch.testing.assert_close(d.full_tensor(), p.detach(), **TIGHT[torch.float32])
+    finally:
+        dist.destroy_process_group()
+
+
 def test_rejects_parameters_it_cannot_walk_as_flat_arrays():
     p = torch.nn.Parameter(torch.randn(6, 8)[:, ::2])
     opt = AdaBound([p], fused=True)

@@ -7,6 +7,7 @@ import: the CPU kernel is built on first use, Triton is imported on first CUDA u
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 
 import torch
@@ -102,6 +103,9 @@ def fused_adabound(
     ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place."""
     if not params:
         return
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _local_shards(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+    )
     amsbound = kwargs["amsbound"]
     device = params[0].device
     if all(p.device == device for p in params):
@@ -115,6 +119,16 @@ def fused_adabound(
         vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
         steps = [state_steps[i] for i in indices]
         _run_on(device, *lists, vmax, steps, kwargs)
+
+
+def _local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """DTensors (FSDP2, tensor parallel) own no storage: the update is element-wise, so it
+    runs on each rank's local shard, as torch's fused Adam does."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is None or not any(isinstance(p, dtensor) for p in lists[0]):
+        return lists
+    return tuple([t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in lists)
 
 
 def _run_on(device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kwargs):

@@ -295,8 +295,15 @@ def _collect(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             and (p.is_contiguous() or dense_layout(p))
         ):
             g = _checked_grad(p, g, (m, v, vmax), batch.copies)
-        batch.pointers += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr())
-        batch.numels.append(p.numel())
+        addresses = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr())
+        numel = p.numel()
+        if numel and not all(addresses):  # a wrapper subclass that owns no storage
+            raise RuntimeError(
+                f"fused AdaBound cannot update a {type(p).__name__} without storage of its "
+                "own (data_ptr() is 0); use fused=False"
+            )
+        batch.pointers += addresses
+        batch.numels.append(numel)
         batch.members.append(i)
         step = state_steps[i]
         if step_pointers is not None:

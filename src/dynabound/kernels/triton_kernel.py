@@ -406,6 +406,11 @@ def _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         if base is None:
             base = p
         addresses = [t.data_ptr() for t in tensors]
+        if p.numel() and not all(addresses):  # a wrapper subclass that owns no storage
+            raise RuntimeError(
+                f"fused AdaBound cannot update a {type(p).__name__} without storage of its "
+                "own (data_ptr() is 0); use fused=False"
+            )
         if any(a % p.element_size() for a in addresses):
             raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
         pointers += addresses
