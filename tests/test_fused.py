@@ -294,6 +294,22 @@ def test_dtensor_parameters_update_their_local_shards(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fused_step_inside_torch_compile():
+    """The kernel is opaque to tracing: the compiled function runs it eagerly (no error)."""
+    fused_params = make_params(shapes=[(8, 4), (4,)])
+    ref_params = make_params(shapes=[(8, 4), (4,)])
+    fused = AdaBound(fused_params, lr=1e-2, fused=True)
+    ref = AdaBound(ref_params, lr=1e-2, foreach=False)
+    compiled_step = torch.compile(fused.step)
+    for step in range(3):
+        set_grads(fused_params, step)
+        set_grads(ref_params, step)
+        compiled_step()
+        ref.step()
+    for pf, pr in zip(fused_params, ref_params, strict=True):
+        torch.testing.assert_close(pf, pr, **TIGHT[torch.float32])
+
+
 def test_rejects_parameters_it_cannot_walk_as_flat_arrays():
     p = torch.nn.Parameter(torch.randn(6, 8)[:, ::2])
     opt = AdaBound([p], fused=True)

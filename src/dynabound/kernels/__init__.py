@@ -90,6 +90,9 @@ def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
     return f"no fused AdaBound kernel for device type {kind!r} (CPU and CUDA only)"
 
 
+# The kernels take raw addresses (data_ptr), which tracing cannot follow: under
+# torch.compile the step runs eagerly between compiled graphs.
+@torch.compiler.disable
 def fused_adabound(
     params: list[Tensor],
     grads: list[Tensor],
