@@ -394,6 +394,19 @@ TRITON_SCRIPT = textwrap.dedent(
             torch.testing.assert_close(a, b, **tol)
         assert all(s.item() == 2 for s in steps)
 
+    # bf16 storage, fp32 math: one rounding of each stored value from the fp32 reference.
+    hyper = dict(base, amsbound=True, weight_decay=0.1)
+    p, m, v, vmax, steps = tensors(torch.bfloat16, True)
+    rp, rm, rv, rvmax, rsteps = (
+        [x.float() for x in xs] for xs in tensors(torch.bfloat16, True)
+    )
+    g = grads(p, 0)
+    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+                          grad_scale=None, found_inf=None, **hyper)
+    adabound(rp, [x.float() for x in g], rm, rv, rvmax, rsteps, foreach=False, **hyper)
+    for a, b in zip(p + m + v + vmax, rp + rm + rv + rvmax):
+        torch.testing.assert_close(a.float(), b, rtol=1.6e-2, atol=1e-5)
+
     # Complex parameters: real and imaginary parts are separate coordinates.
     gen = torch.Generator().manual_seed(5)
     shapes = [(40,), (3, 5), ()]
