@@ -314,3 +314,16 @@ def test_two_process_gloo_ddp_matches_single_process(ptb_dir, tmp_path):
     for key, tensor in ref["model"].items():
         torch.testing.assert_close(ddp["model"][key], tensor, rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["batch_size"] == 4
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_is_taken_over(mnist_dir, tmp_path):
+    config = _mnist_config(mnist_dir, epochs=1)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process
+    with pytest.raises(ValueError, match="in use by process"):
+        train(config, tmp_path, quiet=True, figures=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(str(dead.pid))
+    assert train(config, tmp_path, quiet=True, figures=False).epochs_done == 1
+    assert not (tmp_path / ".lock").exists()

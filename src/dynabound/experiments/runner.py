@@ -53,7 +53,7 @@ __all__ = [
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
 _FORMAT = "dynabound-run/1"
 # Options that may differ when a run is resumed; everything else must match the saved run.
-RESUMABLE_CHANGES = ("epochs", "device", "amp")
+RESUMABLE_CHANGES = ("epochs", "device", "amp", "data_dir", "download")
 
 
 @dataclass
@@ -221,6 +221,44 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+class _RunLock:
+    """``run_dir/.lock`` holding our pid: two processes must not train into one run
+    directory. A lock whose process has died (a ``kill -9``) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ValueError(f"{run_dir} is in use by process {pid}") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return
+        raise ValueError(f"cannot lock {run_dir}")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -361,132 +399,139 @@ def train(
         train_model = DistributedDataParallel(model, device_ids=ids)
     _seed_all(derive_seed(seed, "train", dist.rank))
 
-    metrics: list[dict[str, Any]] = []
-    start, global_step, elapsed = 1, 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        task.load_state_dict(ckpt["task"])
-        states = ckpt["rng"]
-        _set_rng_state(states[dist.rank % len(states)], device)
-        start, global_step, elapsed = ckpt["epoch"] + 1, ckpt["global_step"], ckpt["elapsed"]
-        metrics = [m for m in read_metrics(run_dir / METRICS) if m["epoch"] <= ckpt["epoch"]]
-        if dist.is_main:
-            lines = "".join(json.dumps(m) + "\n" for m in metrics)
-            _atomic_write(run_dir / METRICS, lambda fh: fh.write(lines), mode="w")
-            (run_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(
-            run_dir / CONFIG, lambda fh: fh.write(json.dumps(config, indent=2) + "\n"), "w"
-        )
-        _atomic_write(run_dir / METRICS, lambda fh: None, mode="w")
-
-    def save(epoch: int) -> None:
-        states = [_rng_state(device)]
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            states = [None] * dist.world_size
-            tdist.all_gather_object(states, _rng_state(device))
-        if not dist.is_main:
-            return
-        payload = {
-            "format": _FORMAT,
-            "epoch": epoch,
-            "global_step": global_step,
-            "elapsed": elapsed,
-            "config": config,
-            "model_spec": spec,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "task": task.state_dict(),
-            "rng": states,
-        }
-        _atomic_write(ckpt_path, lambda fh: torch.save(payload, fh))
-
-    if ckpt is None:
-        save(0)  # so that a Ctrl-C during the first epoch still leaves a resumable run
-
-    epochs = int(config["epochs"])
-    if start <= epochs:
-        verb = "resuming" if ckpt is not None else "training"
-        console.line(
-            f"{verb} {cls.name} with {config['optim']} on {device}"
-            + (f" x{dist.world_size} processes" if dist.enabled else "")
-            + f": epochs {start}..{epochs} -> {run_dir}"
-        )
-    saved = start - 1  # the epoch the checkpoint on disk holds
-    epoch_bar = console.bar(total=epochs, initial=start - 1, desc=cls.name, unit="epoch")
-    interrupted = False
+    lock = _RunLock(run_dir) if dist.is_main else None
     try:
-        for epoch in range(start, epochs + 1):
-
-            def batch_hook(i: int, epoch: int = epoch) -> None:
-                if on_batch is not None:
-                    on_batch(epoch, i)
-
-            ctx = EpochContext(
-                epoch=epoch,
-                seed=seed,
-                device=device,
-                dist=dist,
-                amp=amp,
-                raw_model=model,
-                progress=lambda it, **kw: console.bar(it, leave=False, unit="step", **kw),
-                on_batch=batch_hook,
-                global_step=global_step,
-            )
-            lr = float(optimizer.param_groups[0]["lr"])
-            t0 = time.perf_counter()
-            record: dict[str, Any] = {"epoch": epoch}
-            record.update(task.train_epoch(train_model, optimizer, ctx))
-            record.update(task.evaluate(train_model, ctx))
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_time = time.perf_counter() - t0
-            global_step, elapsed = ctx.global_step, elapsed + epoch_time
-            record.update(lr=lr, epoch_time=epoch_time, time=elapsed, steps=global_step)
-            if config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main:
-                from dynabound.diagnostics import bound_activity
-
-                record["bounds"] = bound_activity(optimizer).summary()
-            metrics.append(record)
+        metrics: list[dict[str, Any]] = []
+        start, global_step, elapsed = 1, 0, 0.0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            task.load_state_dict(ckpt["task"])
+            states = ckpt["rng"]
+            _set_rng_state(states[dist.rank % len(states)], device)
+            start, global_step, elapsed = ckpt["epoch"] + 1, ckpt["global_step"], ckpt["elapsed"]
+            metrics = [m for m in read_metrics(run_dir / METRICS) if m["epoch"] <= ckpt["epoch"]]
             if dist.is_main:
-                with open(run_dir / METRICS, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            save(epoch)
-            saved = epoch
-            epoch_bar.update(1)
-            console.line(f"epoch {epoch:>3}/{epochs} | {task.summary(record)} | {epoch_time:.1f}s")
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        epoch_bar.close()
-    # An interrupt while saving leaves the previous checkpoint; the epoch without one is
-    # redone on resume, so it does not count as done.
-    metrics = [m for m in metrics if m["epoch"] <= saved]
-    done = saved
-    if interrupted:
-        if dist.is_main:
-            print(
-                f"\ninterrupted: {run_dir / CHECKPOINT} holds epoch {done}; continue with "
-                f"--resume --out {run_dir}",
-                file=sys.stderr,
-                flush=True,
+                lines = "".join(json.dumps(m) + "\n" for m in metrics)
+                _atomic_write(run_dir / METRICS, lambda fh: fh.write(lines), mode="w")
+                (run_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        elif dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(
+                run_dir / CONFIG, lambda fh: fh.write(json.dumps(config, indent=2) + "\n"), "w"
             )
-        return RunResult(run_dir, metrics, True, done)
-    if figures and dist.is_main and metrics and start <= epochs:
-        paths = task.figures(run_dir, metrics)
-        if any("bounds" in m for m in metrics):
-            from .plots import plot_run_transition
+            _atomic_write(run_dir / METRICS, lambda fh: None, mode="w")
 
-            paths.append(plot_run_transition(run_dir, run_dir / "transition.png"))
-        console.line("figures: " + ", ".join(str(p) for p in paths))
-    return RunResult(run_dir, metrics, False, done)
+        def save(epoch: int) -> None:
+            states = [_rng_state(device)]
+            if dist.enabled:
+                import torch.distributed as tdist
+
+                states = [None] * dist.world_size
+                tdist.all_gather_object(states, _rng_state(device))
+            if not dist.is_main:
+                return
+            payload = {
+                "format": _FORMAT,
+                "epoch": epoch,
+                "global_step": global_step,
+                "elapsed": elapsed,
+                "config": config,
+                "model_spec": spec,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "task": task.state_dict(),
+                "rng": states,
+            }
+            _atomic_write(ckpt_path, lambda fh: torch.save(payload, fh))
+
+        if ckpt is None:
+            save(0)  # so that a Ctrl-C during the first epoch still leaves a resumable run
+
+        epochs = int(config["epochs"])
+        if start <= epochs:
+            verb = "resuming" if ckpt is not None else "training"
+            console.line(
+                f"{verb} {cls.name} with {config['optim']} on {device}"
+                + (f" x{dist.world_size} processes" if dist.enabled else "")
+                + f": epochs {start}..{epochs} -> {run_dir}"
+            )
+        saved = start - 1  # the epoch the checkpoint on disk holds
+        epoch_bar = console.bar(total=epochs, initial=start - 1, desc=cls.name, unit="epoch")
+        interrupted = False
+        try:
+            for epoch in range(start, epochs + 1):
+
+                def batch_hook(i: int, epoch: int = epoch) -> None:
+                    if on_batch is not None:
+                        on_batch(epoch, i)
+
+                ctx = EpochContext(
+                    epoch=epoch,
+                    seed=seed,
+                    device=device,
+                    dist=dist,
+                    amp=amp,
+                    raw_model=model,
+                    progress=lambda it, **kw: console.bar(it, leave=False, unit="step", **kw),
+                    on_batch=batch_hook,
+                    global_step=global_step,
+                )
+                lr = float(optimizer.param_groups[0]["lr"])
+                t0 = time.perf_counter()
+                record: dict[str, Any] = {"epoch": epoch}
+                record.update(task.train_epoch(train_model, optimizer, ctx))
+                record.update(task.evaluate(train_model, ctx))
+                scheduler.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                epoch_time = time.perf_counter() - t0
+                global_step, elapsed = ctx.global_step, elapsed + epoch_time
+                record.update(lr=lr, epoch_time=epoch_time, time=elapsed, steps=global_step)
+                if config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main:
+                    from dynabound.diagnostics import bound_activity
+
+                    record["bounds"] = bound_activity(optimizer).summary()
+                metrics.append(record)
+                if dist.is_main:
+                    with open(run_dir / METRICS, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                save(epoch)
+                saved = epoch
+                epoch_bar.update(1)
+                console.line(
+                    f"epoch {epoch:>3}/{epochs} | {task.summary(record)} | {epoch_time:.1f}s"
+                )
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            epoch_bar.close()
+        # An interrupt while saving leaves the previous checkpoint; the epoch without one is
+        # redone on resume, so it does not count as done.
+        metrics = [m for m in metrics if m["epoch"] <= saved]
+        done = saved
+        if interrupted:
+            if dist.is_main:
+                print(
+                    f"\ninterrupted: {run_dir / CHECKPOINT} holds epoch {done}; continue with "
+                    f"--resume --out {run_dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return RunResult(run_dir, metrics, True, done)
+        if figures and dist.is_main and metrics and start <= epochs:
+            paths = task.figures(run_dir, metrics)
+            if any("bounds" in m for m in metrics):
+                from .plots import plot_run_transition
+
+                paths.append(plot_run_transition(run_dir, run_dir / "transition.png"))
+            console.line("figures: " + ", ".join(str(p) for p in paths))
+        return RunResult(run_dir, metrics, False, done)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def restore(
