@@ -116,7 +116,8 @@ def test_convex_problem_sets_betas_and_overrides_win():
     assert (theorem["beta1"], theorem["beta2"]) == (0.0, 0.1)
     synthetic = build_config("convex", "adabound", task_args={"problem": "synthetic"})
     assert synthetic["hparams"]["bounds"] == "paper" and synthetic["hparams"]["box"] == [-1, 1]
-    assert synthetic["hparams"]["beta2"] == 0.99
+    assert synthetic["hparams"]["beta2"] == 0.99 and synthetic["hparams"]["final_lr"] == 1e-3
+    assert build_config("convex", "amsbound")["hparams"]["final_lr"] == 0.5
     chosen = build_config("convex", "adam", hparams={"beta2": 0.5})["hparams"]
     assert chosen["beta2"] == 0.5
 

@@ -21,7 +21,7 @@ Sources, in order of authority:
   for AdaBound with final_lr 1.
 * Convex counterexample: Reddi et al.'s step size alpha/sqrt(t) with alpha 0.5 and, for the
   bounded methods, the paper's theory variant (``bounds="paper"``, projection onto [-1, 1]);
-  the betas belong to the problem and are set by the task.
+  the betas and the bounded methods' final_lr belong to the problem and are set by the task.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ _PTB = _with(
     amsboundw={"final_lr": 10.0, "weight_decay": 0.0},
     adamw={"weight_decay": 0.0},
 )
-_BOUNDED_THEORY = {"lr": 0.5, "final_lr": 0.5, "bounds": "paper", "box": (-1.0, 1.0)}
+# final_lr is the problem's (set by the convex task): 0.5 or 1e-3.
+_BOUNDED_THEORY = {"lr": 0.5, "bounds": "paper", "box": (-1.0, 1.0)}
 _CONVEX = {
     "adam": {"lr": 0.5},
     "amsgrad": {"lr": 0.5},
