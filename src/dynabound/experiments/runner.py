@@ -376,6 +376,10 @@ def train(
         progress = sys.stderr.isatty() and not quiet
     console = _Console(lines=dist.is_main and not quiet, bars=dist.is_main and bool(progress))
     amp = device.type == "cuda" if config.get("amp") is None else bool(config["amp"])
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels (GPU runs are not promised
+        # to be bit-reproducible; CPU runs are).
+        torch.backends.cudnn.benchmark = True
 
     seed = int(config["seed"])
     _seed_all(derive_seed(seed, "init"))
