@@ -101,3 +101,15 @@ def step_coefficients(
         lower, upper = reference_bounds(step, final_lr, gamma)
     numerator = _sqrt(1 - beta2**step) / (1 - beta1**step)
     return StepCoefficients(numerator, lower / base_lr, upper / base_lr, 1.0, True)
+
+
+def decoupled_decay_factor(lr: Scalar, weight_decay: float, unscaled: bool) -> Scalar:
+    """Factor that decoupled weight decay multiplies the parameter by before the update.
+
+    AdamW-style ``1 - lr*wd`` by default; the authors' AdaBoundW ``1 - wd`` with
+    ``unscaled``, except at ``lr == 0``: warm-up and distributed checkpoint loading step
+    once with lr = 0 and expect nothing to move.
+    """
+    if unscaled:
+        return 1 - weight_decay * (lr != 0)
+    return 1 - lr * weight_decay

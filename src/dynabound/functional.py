@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .bounds import BoundsSpec, step_coefficients
+from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients
 
 __all__ = ["adabound"]
 
@@ -121,12 +121,6 @@ def _coefficients(step, dtype, *, bounds, final_lr, base_lr, gamma, beta1, beta2
     return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))
 
 
-def _unscaled_decay_factor(lr: float | Tensor, wd: float) -> float | Tensor:
-    # The authors' convention ignores lr, but lr == 0 must stay a no-op step: warm-up and
-    # distributed checkpoint loading step once with lr = 0 and expect nothing to move.
-    return 1 - wd * (lr != 0)
-
-
 def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:
     # Capturable (and compiled) steps keep every scalar a tensor, so no host sync happens;
     # eager steps read the CPU step counter once and do the scalar math in Python.
@@ -166,10 +160,8 @@ def _single_tensor_adabound(
         if wd != 0:
             if not hyper["decoupled_weight_decay"]:
                 grad = grad.add(param, alpha=wd)
-            elif hyper["unscaled_decay"]:
-                param.mul_(_unscaled_decay_factor(lr, wd))
             else:
-                param.mul_(1 - lr * wd)
+                param.mul_(decoupled_decay_factor(lr, wd, hyper["unscaled_decay"]))
 
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -285,10 +277,8 @@ def _multi_tensor_chunk(
                 grads = scratch = torch._foreach_add(grads, params, alpha=wd)
             else:
                 torch._foreach_add_(grads, params, alpha=wd)
-        elif unscaled_decay:
-            torch._foreach_mul_(params, _unscaled_decay_factor(lr, wd))
         else:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(params, decoupled_decay_factor(lr, wd, unscaled_decay))
 
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)

@@ -42,13 +42,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 HAS_FUSED = importlib.util.find_spec("dynabound.kernels") is not None
 
-# The fused CPU kernel is handed DTensor.data_ptr() (0: a DTensor owns no storage) and the
-# global numel, so the worker dies with SIGSEGV; it runs in its own pair of processes.
-FUSED_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="fused CPU kernel dereferences DTensor.data_ptr() == 0 (SIGSEGV) on FSDP2 shards",
-)
-
 
 def _state_layout_problems(optimizer: torch.optim.Optimizer) -> list[str]:
     """Optimizer state must be sharded like its parameter (that is the memory saving)."""
@@ -142,7 +135,6 @@ def test_fsdp2_matches_unsharded_run(eager_ranks, impl, name):
     _check(eager_ranks, impl, name)
 
 
-@FUSED_XFAIL
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fsdp2_fused_matches_unsharded_run(fused_ranks, name):
     _check(fused_ranks, "fused", name)

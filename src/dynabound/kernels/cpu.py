@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..bounds import step_coefficients
+from ..bounds import decoupled_decay_factor, step_coefficients
 from . import dense_layout
 
 __all__ = ["fused_adabound_cpu", "is_available", "load", "supported_dtypes", "unavailable_reason"]
@@ -232,7 +232,7 @@ def fused_adabound_cpu(
         beta2=beta2,
         eps=eps if eps_used else 0.0,
         weight_decay=weight_decay,
-        decay=1 - weight_decay if unscaled_decay else 1 - lr_value * weight_decay,
+        decay=decoupled_decay_factor(lr_value, weight_decay, unscaled_decay),
         sign=-1.0 if maximize else 1.0,
         grad_scale=grad_scale.item() if grad_scale is not None else 1.0,
         lo=box[0] if box is not None else -math.inf,

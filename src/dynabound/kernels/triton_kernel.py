@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..bounds import step_coefficients
+from ..bounds import decoupled_decay_factor, step_coefficients
 from . import dense_layout
 
 try:
@@ -256,7 +256,7 @@ def _coefficient_table(
         beta2=hyper["beta2"],
     )
     wd = hyper["weight_decay"]
-    decay = 1 - wd if hyper["unscaled_decay"] else 1 - lr * wd
+    decay = decoupled_decay_factor(lr, wd, hyper["unscaled_decay"])
     table = torch.empty((5, len(steps)), dtype=dtype, device=step_vector.device)
     for row, value in enumerate((c.numerator, c.lower, c.upper, lr * c.scale, decay)):
         if isinstance(value, Tensor):
