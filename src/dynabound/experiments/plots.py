@@ -104,15 +104,18 @@ def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = 
     panels = _PANELS[metric]
     fig, axes = _figure(1, len(panels))
     configs = [c for c, _ in runs]
-    for config, metrics in runs:
+    styles = _line_styles(configs)
+    for (config, metrics), style in zip(runs, styles, strict=True):
         epochs = [m["epoch"] for m in metrics]
+        if len(epochs) <= 12:
+            style = {**style, "marker": "o", "markersize": 4}
         for ax, (key, _) in zip(axes[0], panels, strict=True):
             ax.plot(
                 epochs,
                 [m.get(key, math.nan) for m in metrics],
-                color=COLOURS.get(config["optim"]),
                 label=run_label(config, configs),
                 linewidth=1.4,
+                **style,
             )
     for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
         ax.set_xlabel("epoch")
@@ -126,6 +129,18 @@ def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = 
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title or _default_title(configs))
     return _save(fig, path)
+
+
+def _line_styles(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer's colour; runs sharing an optimizer get different dashes."""
+    dashes = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    styles = []
+    for c in configs:
+        k = seen.get(c["optim"], 0)
+        seen[c["optim"]] = k + 1
+        styles.append({"color": COLOURS.get(c["optim"]), "linestyle": dashes[k % len(dashes)]})
+    return styles
 
 
 def _zoom_accuracy(ax: Any, curves: list[list[float]]) -> None:
@@ -159,11 +174,11 @@ def plot_convex(run_dirs: Sequence[PathLike], path: PathLike, title: str | None 
     runs = _load(run_dirs)
     fig, axes = _figure(1, 2)
     configs = [c for c, _ in runs]
-    for config, metrics in runs:
+    for (config, metrics), style in zip(runs, _line_styles(configs), strict=True):
         ts = [t for m in metrics for t in m["trace_t"]]
         xs = [x for m in metrics for x in m["trace_x"]]
         regret = [r for m in metrics for r in m["trace_avg_regret"]]
-        style = {"color": COLOURS.get(config["optim"]), "label": run_label(config, configs)}
+        style["label"] = run_label(config, configs)
         axes[0][0].plot(ts, xs, linewidth=1.3, **style)
         axes[0][1].plot(ts, regret, linewidth=1.3, **style)
     axes[0][0].axhline(-1.0, color="black", linewidth=0.8, linestyle="--")
