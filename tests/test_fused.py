@@ -496,3 +496,19 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
         pytest.skip(f"cannot compile for CUDA here: {exc}")
     ptx = kernel.asm["ptx"]
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+
+
+@pytest.mark.parametrize("path", ["fused", "foreach", "single"])
+def test_bounds_beyond_float32_range_give_no_nan(path):
+    # gamma = 1e-40 puts the first upper bound (~1e42 x lr) beyond float32; with eps = 0 a
+    # zero second moment meets that bound, and an infinite bound would make 0 * inf = NaN.
+    options = {"fused": dict(fused=True), "foreach": dict(foreach=True)}
+    p = torch.zeros(5, requires_grad=True)
+    opt = AdaBound([p], eps=0.0, gamma=1e-40, **options.get(path, dict(foreach=False)))
+    for _ in range(3):
+        p.grad = torch.zeros(5)
+        p.grad[0] = 1e-3
+        opt.step()
+    assert torch.isfinite(p).all()
+    assert torch.equal(p.detach()[1:], torch.zeros(4))
+    assert p.detach()[0] < 0

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import torch
 from torch import Tensor
 
 Scalar = float | Tensor
@@ -113,3 +114,20 @@ def decoupled_decay_factor(lr: Scalar, weight_decay: float, unscaled: bool) -> S
     if unscaled:
         return 1 - weight_decay * (lr != 0)
     return 1 - lr * weight_decay
+
+
+def within_range(c: StepCoefficients, dtype: torch.dtype) -> StepCoefficients:
+    """Cap the bounds at ``dtype``'s largest finite value.
+
+    Early upper bounds (``final_lr/base_lr * (1 + 1/(gamma*t))``, about 1e5 at t = 1 with the
+    defaults) exceed float16's range, and a tiny gamma exceeds float32's: clamping to an
+    out-of-range scalar raises, and an infinite bound turns the 0 * inf of a zero moment
+    into NaN. Capping changes no representable result.
+    """
+    largest = torch.finfo(dtype).max
+    if isinstance(c.upper, Tensor) or isinstance(c.lower, Tensor):
+        return c._replace(
+            lower=torch.clamp(torch.as_tensor(c.lower), max=largest),
+            upper=torch.clamp(torch.as_tensor(c.upper), max=largest),
+        )
+    return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))

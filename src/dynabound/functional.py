@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients
+from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients, within_range
 
 __all__ = ["adabound"]
 
@@ -112,13 +112,7 @@ def _coefficients(step, dtype, *, bounds, final_lr, base_lr, gamma, beta1, beta2
         beta1=beta1,
         beta2=beta2,
     )
-    if isinstance(c.upper, Tensor):
-        return c
-    # Early upper bounds (final_lr/base_lr * (1 + 1/(gamma*t)), ~1e5 at t = 1 by default)
-    # exceed float16's range; clamping to an out-of-range scalar raises, and inf would turn
-    # the 0 * inf of a zero moment into NaN. Capping changes nothing representable.
-    largest = torch.finfo(dtype).max
-    return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))
+    return within_range(c, dtype)
 
 
 def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..bounds import decoupled_decay_factor, step_coefficients
+from ..bounds import decoupled_decay_factor, step_coefficients, within_range
 from . import dense_layout
 
 __all__ = ["fused_adabound_cpu", "is_available", "load", "supported_dtypes", "unavailable_reason"]
@@ -223,6 +223,7 @@ def fused_adabound_cpu(
                 beta1=beta1,
                 beta2=beta2,
             )
+            c = within_range(c, torch.float32)  # the kernel's arithmetic is float32
             eps_used = c.eps_used
             row = (float(c.numerator), float(c.lower), float(c.upper), lr_value * float(c.scale))
             cache[value] = row

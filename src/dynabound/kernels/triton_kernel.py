@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..bounds import decoupled_decay_factor, step_coefficients
+from ..bounds import decoupled_decay_factor, step_coefficients, within_range
 from . import dense_layout
 
 try:
@@ -255,6 +255,7 @@ def _coefficient_table(
         beta1=hyper["beta1"],
         beta2=hyper["beta2"],
     )
+    c = within_range(c, dtype)
     wd = hyper["weight_decay"]
     decay = decoupled_decay_factor(lr, wd, hyper["unscaled_decay"])
     table = torch.empty((5, len(steps)), dtype=dtype, device=step_vector.device)
