@@ -170,43 +170,14 @@ def test_bad_options_are_clean_errors(tmp_path, capsys):
 
 def test_compare_runs_every_preset_and_draws_the_figure(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert (
-        main(
-            [
-                "compare",
-                "convex",
-                "--epochs",
-                "1",
-                "--steps-per-epoch",
-                "60",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["compare", "convex", "--epochs", "1", "--steps-per-epoch", "60", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["optimizer"] for r in rows] == ["Adam", "AMSGrad", "AdaBound", "AMSBound"]
     assert (out / "compare.png").stat().st_size > 10_000
     assert "| AMSBound |" in (out / "results.md").read_text()
     # A second compare resumes the finished runs instead of training them again.
-    assert (
-        main(
-            [
-                "compare",
-                "convex",
-                "--epochs",
-                "1",
-                "--steps-per-epoch",
-                "60",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--out", str(out)]) == 0
     assert len(read_metrics(out / "adam" / "metrics.jsonl")) == 1
 
 
