@@ -56,22 +56,27 @@ _FUSABLE = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 
 def can_fuse(params: list[Tensor]) -> bool:
     """Whether ``fused=True`` would run for these parameters: a kernel for every device,
-    supported dtypes and dense layouts. Never raises; meant for picking a default."""
+    supported dtypes and dense layouts. Never raises; meant for picking a default, so it
+    runs every step and is kept to one pass over the parameters."""
     devices = {p.device for p in params}
     if not all(is_available(d) for d in devices):
         return False
-    cpu_dtypes = _FUSABLE
-    if any(d.type == "cpu" for d in devices):
+    if not devices:
+        return True
+    if len(devices) > 1:
+        allowed = {d: _fusable_dtypes(d) for d in devices}
+        return all(p.dtype in allowed[p.device] and dense_layout(p) for p in params)
+    dtypes = _fusable_dtypes(devices.pop())
+    return all(p.dtype in dtypes and (p.is_contiguous() or dense_layout(p)) for p in params)
+
+
+def _fusable_dtypes(device: torch.device) -> frozenset[torch.dtype]:
+    real = _FUSABLE
+    if device.type == "cpu":
         from . import cpu
 
-        cpu_dtypes = cpu.supported_dtypes()
-    for p in params:
-        dtype = _REAL.get(p.dtype, p.dtype)
-        if dtype not in (cpu_dtypes if p.device.type == "cpu" else _FUSABLE):
-            return False
-        if not dense_layout(p):
-            return False
-    return True
+        real = cpu.supported_dtypes()
+    return frozenset(real) | {c for c, r in _REAL.items() if r in real}
 
 
 def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
