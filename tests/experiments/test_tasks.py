@@ -13,7 +13,7 @@ from dynabound.experiments.optimizers import OPTIMIZERS, build_optimizer, is_dyn
 from dynabound.experiments.presets import preset
 from dynabound.experiments.runner import build_config, train
 from dynabound.experiments.tasks import TASKS
-from dynabound.experiments.tasks.convex import ConvexTask
+from dynabound.experiments.tasks.convex import ConvexTask, parse_sequence
 
 from .fixtures import write_cifar10_archive, write_corpus, write_mnist
 
@@ -127,6 +127,17 @@ def test_convex_gradients_follow_the_definition():
     g = task.gradients(1, 203)
     assert g[0] == 1010 and g[101] == 1010 and g[202] == 1010
     assert torch.all(g[1:101] == -10) and g.sum() == 3 * 1010 - 200 * 10
+
+
+def test_convex_sequence_states_any_periodic_problem():
+    theorem = ConvexTask({"task_args": {}}, torch.device("cpu"), None)
+    same = ConvexTask({"task_args": {"sequence": "3, -1*2"}}, torch.device("cpu"), None)
+    assert torch.equal(theorem.gradients(5, 30), same.gradients(5, 30))
+    g = parse_sequence("-100,2,0*8")
+    assert g.tolist() == [-100.0, 2.0] + [0.0] * 8
+    for bad in ("1,x", "1*0", "0*3", "1,inf", ""):
+        with pytest.raises(ValueError, match="sequence"):
+            parse_sequence(bad)
 
 
 def test_every_optimizer_builds_and_rejects_foreign_hyperparameters():

@@ -19,6 +19,11 @@ Their ``final_lr`` belongs to the problem: 0.5 for ``theorem``; 1e-3 for ``synth
 whose gradient of 1010 would otherwise throw x across the whole interval (with 0.5 the
 average regret after 20000 steps is 9.6, with 1e-3 it is 0.07 after 50000).
 One epoch is ``--steps-per-epoch`` online steps.
+
+``--sequence`` states any other periodic linear problem on [-1, 1] directly: the gradients
+of one period, ``value`` or ``value*count`` separated by commas (``3,-1,-1`` is
+``theorem``; ``-100,2,0*8`` is ``f_t = -100 x``, then ``2 x``, then eight zero losses).
+The regret is measured against the best fixed point of [-1, 1], whatever the sequence.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 from ..optimizers import is_dynabound
 from .base import EpochContext, Task
 
-__all__ = ["PROBLEMS", "ConvexTask"]
+__all__ = ["PROBLEMS", "ConvexTask", "parse_sequence"]
 
 PROBLEMS: dict[str, dict[str, float]] = {
     "theorem": {"C": 3.0, "period": 3, "slope": 1.0, "beta1": 0.0, "beta2": 0.1, "final_lr": 0.5},
@@ -48,6 +53,26 @@ PROBLEMS: dict[str, dict[str, float]] = {
     },
 }
 TRACE_POINTS = 200  # samples of x_t and the average regret kept per epoch
+
+
+def parse_sequence(text: str) -> torch.Tensor:
+    """``"-100,2,0*8"`` -> the ten gradients of one period."""
+    values: list[float] = []
+    for item in text.split(","):
+        value, _, count = item.strip().partition("*")
+        try:
+            repeat = int(count) if count else 1
+            values.extend([float(value)] * repeat)
+        except ValueError:
+            raise ValueError(
+                f"bad --sequence item {item.strip()!r}: use a number or number*count"
+            ) from None
+        if repeat < 1:
+            raise ValueError(f"bad --sequence item {item.strip()!r}: count must be positive")
+    grads = torch.tensor(values, dtype=torch.float64)
+    if not torch.isfinite(grads).all() or not grads.any():
+        raise ValueError("--sequence needs finite gradients, not all zero")
+    return grads
 
 
 class _Point(nn.Module):
@@ -89,6 +114,13 @@ class ConvexTask(Task):
             "--slope", type=float, default=None, help="the other steps' gradient is -slope"
         )
         parser.add_argument(
+            "--sequence",
+            default=None,
+            metavar="G1,G2*K,...",
+            help="one period of gradients, repeated (e.g. 3,-1,-1); replaces C, period and "
+            "slope; write --sequence=-100,2,0*8 when the first is negative",
+        )
+        parser.add_argument(
             "--steps-per-epoch",
             type=int,
             default=None,
@@ -103,13 +135,16 @@ class ConvexTask(Task):
             "C": ns.C,
             "period": ns.period,
             "slope": ns.slope,
+            "sequence": ns.sequence,
             "steps_per_epoch": ns.steps_per_epoch,
             "x0": ns.x0,
         }
 
     @classmethod
     def run_name(cls, config: dict[str, Any]) -> str:
-        return f"convex-{config['task_args'].get('problem') or 'theorem'}-{config['optim']}"
+        args = config["task_args"]
+        problem = "sequence" if args.get("sequence") else args.get("problem") or "theorem"
+        return f"convex-{problem}-{config['optim']}"
 
     def __init__(self, config, device, dist):
         super().__init__(config, device, dist)
@@ -117,13 +152,13 @@ class ConvexTask(Task):
         for key in ("C", "period", "slope"):
             if self.args.get(key) is not None:
                 problem[key] = self.args[key]
-        self.C, self.period, self.slope = (
-            float(problem["C"]),
-            int(problem["period"]),
-            float(problem["slope"]),
-        )
-        if self.period < 2 or self.C <= 0 or self.slope < 0:
-            raise ValueError("convex problem needs period >= 2, C > 0 and slope >= 0")
+        if self.args.get("sequence") is not None:
+            self.sequence = parse_sequence(self.args["sequence"])
+        else:
+            C, period, slope = float(problem["C"]), int(problem["period"]), float(problem["slope"])
+            if period < 2 or C <= 0 or slope < 0:
+                raise ValueError("convex problem needs period >= 2, C > 0 and slope >= 0")
+            self.sequence = torch.tensor([C] + [-slope] * (period - 1), dtype=torch.float64)
         self.steps_per_epoch = int(self.args.get("steps_per_epoch") or 1000)
         if self.steps_per_epoch < 1:
             raise ValueError("steps per epoch must be positive")
@@ -152,9 +187,9 @@ class ConvexTask(Task):
         return _Point(spec["x0"])
 
     def gradients(self, first_step: int, n: int) -> torch.Tensor:
+        """g_t for t = first_step, ..., first_step + n - 1 (t counts from 1)."""
         t = torch.arange(first_step, first_step + n, dtype=torch.int64)
-        large = (t % self.period) == 1
-        return torch.where(large, self.C, -self.slope).to(torch.float64)
+        return self.sequence[(t - 1) % len(self.sequence)]
 
     def train_epoch(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: EpochContext
