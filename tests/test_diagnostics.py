@@ -486,7 +486,7 @@ def test_transition_plots(tmp_path):
             model(torch.randn(16, 4)).pow(2).mean().backward()
             opt.step()
     overall = plot_transition(monitor.records, tmp_path / "t" / "overall.png", dpi=50)
-    layers = plot_transition(csv_path, tmp_path / "layers.png", per_layer=True, dpi=50)
+    layers = plot_transition(csv_path, tmp_path / "layers.png", per_layer=True, log_x=True, dpi=50)
     assert overall.stat().st_size > 10_000 and layers.stat().st_size > 10_000
     epochs = [{"epoch": i, "bounds/lower": 0.1 * i, "bounds/free": 1 - 0.1 * i, "bounds/upper": 0}
               for i in range(5)]  # fmt: skip

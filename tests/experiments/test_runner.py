@@ -165,7 +165,10 @@ def test_metrics_schema_and_run_directory(mnist_dir, tmp_path):
         "time",
         "steps",
         "bounds",
+        "bounds_by_step",
     }
+    early = [[r["step"] for r in m["bounds_by_step"]] for m in metrics]
+    assert early == [[1, 2, 4], [8]]  # 4 steps an epoch: the powers of two among 1..8
     for i, m in enumerate(metrics, start=1):
         assert set(m) == expected and m["epoch"] == i and m["steps"] == 4 * i
         assert 0 <= m["test_acc"] <= 100 and m["lr"] == pytest.approx(1e-3)

@@ -31,7 +31,8 @@ def test_mnist_epoch_on_idx_fixture(tmp_path):
         "mnist", "adabound", tmp_path / "data", tmp_path, batch_size=8, task_args={"hidden": 16}
     )
     assert m["steps"] == 3 and 0 <= m["test_acc"] <= 100 and math.isfinite(m["train_loss"])
-    assert "bounds" in m
+    assert m["bounds"]["step"] == 3
+    assert [r["step"] for r in m["bounds_by_step"]] == [1, 2]  # powers of two, then per epoch
 
 
 def test_cifar10_epoch_on_pickle_fixture(tmp_path):

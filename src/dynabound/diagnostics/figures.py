@@ -247,6 +247,7 @@ def plot_transition(
     x: str = "step",
     prefix: str = "",
     title: str | None = None,
+    log_x: bool = False,
     dpi: int = 150,
 ) -> Path:
     """Fractions of elements at the lower bound, at the upper bound and free over time.
@@ -256,7 +257,8 @@ def plot_transition(
     ``epoch``). Overall: stacked fractions, and below them the effective-rate quantiles
     with the bounds on a log scale (when recorded). ``per_layer=True`` draws one line per
     parameter in three panels (lower, upper, free) from the ``{name}/lower`` columns that
-    ``BoundMonitor(per_param=True)`` records.
+    ``BoundMonitor(per_param=True)`` records. ``log_x`` suits records taken at log-spaced
+    steps (the transition is fastest at the start).
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -284,6 +286,8 @@ def plot_transition(
             )
         fig = Figure(figsize=(11, 8), layout="constrained")
         axes = fig.subplots(3, 1, sharex=True)
+        if log_x:
+            axes[0].set_xscale("log")
         few = len(layers) <= 10
         colours = _colormap("tab10" if few else "viridis")
         for kind, ax in zip(("lower", "upper", "free"), axes, strict=True):
@@ -323,6 +327,8 @@ def plot_transition(
     panels = int(has_fractions) + int(has_rates)
     fig = Figure(figsize=(10, 3.6 * panels + 0.4), layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(panels, 1, sharex=True)))
+    if log_x:
+        axes[0].set_xscale("log")
     if has_fractions:
         ax = axes.pop(0)
         ax.stackplot(

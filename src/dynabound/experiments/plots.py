@@ -196,15 +196,20 @@ def plot_convex(run_dirs: Sequence[PathLike], path: PathLike, title: str | None 
 
 
 def plot_run_transition(run_dir: PathLike, path: PathLike) -> Path:
-    """The bound-activity (transition) plot of one run, from its per-epoch records."""
+    """The bound-activity (transition) plot of one run against the optimizer step (log
+    scale), from its records at steps 1, 2, 4, ... and at the end of every epoch."""
     from dynabound.diagnostics import plot_transition
 
     config, metrics = load_run(run_dir)
-    records = [{"epoch": m["epoch"], **m["bounds"]} for m in metrics if "bounds" in m]
-    if not records:
+    by_step: dict[float, dict[str, float]] = {}
+    for m in metrics:
+        for record in [*m.get("bounds_by_step", []), *([m["bounds"]] if "bounds" in m else [])]:
+            by_step[record["step"]] = record
+    if not by_step:
         raise ValueError(f"{run_dir} has no bound activity (not a dynabound optimizer?)")
-    title = f"{_default_title([config])}: {run_label(config)} bound activity per epoch"
-    return plot_transition(records, path, x="epoch", title=title)
+    records = [by_step[step] for step in sorted(by_step)]
+    title = f"{_default_title([config])}: {run_label(config)} bound activity"
+    return plot_transition(records, path, x="step", log_x=True, title=title)
 
 
 def plot_sweep(

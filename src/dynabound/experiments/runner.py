@@ -15,6 +15,7 @@ batch split between the ranks, and only rank 0 writes files or prints.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -462,16 +463,27 @@ def train(
                 + (f" x{dist.world_size} processes" if dist.enabled else "")
                 + f": epochs {start}..{epochs} -> {run_dir}"
             )
+        record_bounds = (
+            config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main
+        )
+
+        def batch_hook(ctx: EpochContext, early: list[dict[str, float]], i: int) -> None:
+            # The Adam-to-SGD transition often finishes inside the first epoch, so bound
+            # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
+            step = ctx.global_step
+            if record_bounds and step & (step - 1) == 0:
+                from dynabound.diagnostics import bound_activity
+
+                early.append(bound_activity(optimizer).summary())
+            if on_batch is not None:
+                on_batch(ctx.epoch, i)
+
         saved = start - 1  # the epoch the checkpoint on disk holds
         epoch_bar = console.bar(total=epochs, initial=start - 1, desc=cls.name, unit="epoch")
         interrupted = False
         try:
             for epoch in range(start, epochs + 1):
-
-                def batch_hook(i: int, epoch: int = epoch) -> None:
-                    if on_batch is not None:
-                        on_batch(epoch, i)
-
+                early_bounds: list[dict[str, float]] = []
                 ctx = EpochContext(
                     epoch=epoch,
                     seed=seed,
@@ -480,9 +492,10 @@ def train(
                     amp=amp,
                     raw_model=model,
                     progress=lambda it, **kw: console.bar(it, leave=False, unit="step", **kw),
-                    on_batch=batch_hook,
+                    on_batch=lambda i: None,
                     global_step=global_step,
                 )
+                ctx.on_batch = functools.partial(batch_hook, ctx, early_bounds)
                 lr = float(optimizer.param_groups[0]["lr"])
                 t0 = time.perf_counter()
                 record: dict[str, Any] = {"epoch": epoch}
@@ -494,10 +507,12 @@ def train(
                 epoch_time = time.perf_counter() - t0
                 global_step, elapsed = ctx.global_step, elapsed + epoch_time
                 record.update(lr=lr, epoch_time=epoch_time, time=elapsed, steps=global_step)
-                if config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main:
+                if record_bounds:
                     from dynabound.diagnostics import bound_activity
 
                     record["bounds"] = bound_activity(optimizer).summary()
+                    if early_bounds:
+                        record["bounds_by_step"] = early_bounds
                 metrics.append(record)
                 if dist.is_main:
                     with open(run_dir / METRICS, "a") as fh:
