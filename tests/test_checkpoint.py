@@ -319,6 +319,19 @@ def test_callable_bounds_save_a_marker_and_reload() -> None:
         AdaBound(make_params(), lr=0.01).load_state_dict(saved)
 
 
+def test_state_dict_hooks_see_the_marker_also_after_copies() -> None:
+    opt = AdaBound(make_params(), lr=0.01, bounds=narrowing_bounds)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd["param_groups"][0]["bounds"]))
+    opt.state_dict()
+    assert seen == ["custom"]
+    opt.load_state_dict(opt.state_dict())
+    assert len(opt._optimizer_state_dict_post_hooks) == 2  # not registered twice
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.state_dict()["param_groups"][0]["bounds"] == "custom"
+        assert clone.param_groups[0]["bounds"] is narrowing_bounds
+
+
 # -- checkpoints of the authors' package and of older versions -------------------------------
 
 

@@ -172,6 +172,14 @@ class AdaBound(Optimizer):
         super().__init__(params, defaults)
         if fused:
             self._step_supports_amp_scaling = True
+        self._register_bounds_marker()
+
+    def _register_bounds_marker(self) -> None:
+        # Registered first, so user state_dict post-hooks already see the marker. torch
+        # drops hooks on pickle and deepcopy; __setstate__ puts this one back.
+        hooks = self._optimizer_state_dict_post_hooks.values()
+        if _mark_bound_functions not in hooks:
+            self.register_state_dict_post_hook(_mark_bound_functions)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -183,6 +191,7 @@ class AdaBound(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._register_bounds_marker()
         for group in self.param_groups:
             for key, value in _BACKFILL.items():
                 group.setdefault(key, value)
@@ -197,15 +206,6 @@ class AdaBound(Optimizer):
                         dtype=torch.float32,
                         device=p.device if on_device else "cpu",
                     )
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        # A bound function is code, not data: save a marker so torch.load(weights_only=True)
-        # works; load_state_dict takes the function from the receiving optimizer.
-        for group in state["param_groups"]:
-            if callable(group.get("bounds")):
-                group["bounds"] = _CUSTOM_BOUNDS
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -343,6 +343,15 @@ class AdaBound(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
+
+
+def _mark_bound_functions(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """A bound function is code, not data: the state dict holds a marker instead, so that
+    ``torch.load(weights_only=True)`` works; load_state_dict takes the function from the
+    receiving optimizer."""
+    for group in state_dict["param_groups"]:
+        if callable(group.get("bounds")):
+            group["bounds"] = _CUSTOM_BOUNDS
 
 
 def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
