@@ -209,7 +209,8 @@ def _report(
         "",
         "### AdaBound's transition from Adam to SGD",
         "",
-        "Fraction of elements whose rate is pinned at the lower or upper bound per epoch. "
+        "Fraction of elements whose rate is pinned at the lower or upper bound, at steps "
+        "1, 2, 4, ... and at the end of every epoch. "
         f"After {int(b['step'])} steps {100 * b['lower']:.1f}% of AdaBound's elements sit at "
         f"the lower bound, {100 * b['upper']:.1f}% at the upper bound and "
         f"{100 * b['free']:.1f}% are still free (Adam-like): with gamma = 1e-3 the band "
