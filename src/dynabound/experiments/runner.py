@@ -466,14 +466,14 @@ def train(
         record_bounds = (
             config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main
         )
+        if record_bounds:
+            from dynabound.diagnostics import bound_activity
 
         def batch_hook(ctx: EpochContext, early: list[dict[str, float]], i: int) -> None:
             # The Adam-to-SGD transition often finishes inside the first epoch, so bound
             # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
             step = ctx.global_step
             if record_bounds and step & (step - 1) == 0:
-                from dynabound.diagnostics import bound_activity
-
                 early.append(bound_activity(optimizer).summary())
             if on_batch is not None:
                 on_batch(ctx.epoch, i)
@@ -508,8 +508,6 @@ def train(
                 global_step, elapsed = ctx.global_step, elapsed + epoch_time
                 record.update(lr=lr, epoch_time=epoch_time, time=elapsed, steps=global_step)
                 if record_bounds:
-                    from dynabound.diagnostics import bound_activity
-
                     record["bounds"] = bound_activity(optimizer).summary()
                     if early_bounds:
                         record["bounds_by_step"] = early_bounds

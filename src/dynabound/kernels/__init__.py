@@ -61,13 +61,11 @@ def can_fuse(params: list[Tensor]) -> bool:
     devices = {p.device for p in params}
     if not all(is_available(d) for d in devices):
         return False
-    if not devices:
-        return True
-    if len(devices) > 1:
-        allowed = {d: _fusable_dtypes(d) for d in devices}
-        return all(p.dtype in allowed[p.device] and dense_layout(p) for p in params)
-    dtypes = _fusable_dtypes(devices.pop())
-    return all(p.dtype in dtypes and (p.is_contiguous() or dense_layout(p)) for p in params)
+    allowed = {d: _fusable_dtypes(d) for d in devices}
+    if len(allowed) == 1:  # the usual case: no per-parameter device lookup
+        (dtypes,) = allowed.values()
+        return all(p.dtype in dtypes and dense_layout(p) for p in params)
+    return all(p.dtype in allowed[p.device] and dense_layout(p) for p in params)
 
 
 def _fusable_dtypes(device: torch.device) -> frozenset[torch.dtype]:
