@@ -50,7 +50,7 @@ def is_available(device: str | torch.device | None = "cpu") -> bool:
     return False
 
 
-_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_COMPLEX = (torch.complex64, torch.complex128)  # fused as views of their real pairs
 _FUSABLE = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 
 
@@ -74,7 +74,7 @@ def _fusable_dtypes(device: torch.device) -> frozenset[torch.dtype]:
         from . import cpu
 
         real = cpu.supported_dtypes()
-    return frozenset(real) | {c for c, r in _REAL.items() if r in real}
+    return frozenset(real) | {c for c in _COMPLEX if c.to_real() in real}
 
 
 def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:

@@ -313,7 +313,7 @@ def fused_adabound_triton(
         groups.setdefault(p.dtype, []).append(i)
     launches = []
     for dtype, indices in groups.items():
-        if _real_dtype(dtype) not in _TL_DTYPES:
+        if dtype.to_real() not in _TL_DTYPES:
             raise RuntimeError(f"dynabound's fused CUDA kernel does not support {dtype}")
         vmax = max_exp_avg_sqs if amsbound else None
         rows = _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, vmax)
@@ -376,10 +376,6 @@ def fused_adabound_triton(
     if found_inf is not None:
         torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
     torch.autograd.graph.increment_version(params)
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
 
 
 def _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
