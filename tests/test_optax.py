@@ -335,7 +335,6 @@ def test_zero_learning_rate_moves_nothing(unscaled):
     "kwargs, match",
     [
         (dict(learning_rate=-1e-3), "learning_rate"),
-        (dict(learning_rate=0.0), "base_learning_rate"),
         (dict(learning_rate=1e-3, base_learning_rate=0.0), "base_learning_rate"),
         (dict(learning_rate=1e-3, final_lr=-0.1), "final_lr"),
         (dict(learning_rate=1e-3, gamma=0.0), "gamma"),
@@ -349,6 +348,27 @@ def test_zero_learning_rate_moves_nothing(unscaled):
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dbo.adabound(**kwargs)
+
+
+@pytest.mark.parametrize("factory", [dbo.adabound, dbo.amsbound, dbo.adaboundw, dbo.amsboundw])
+def test_zero_learning_rate_without_base_says_what_to_pass(factory):
+    # The base defaults to learning_rate, so a bare lr = 0 must not be reported as an
+    # invalid base_learning_rate the caller never passed; the message names the fix.
+    with pytest.raises(ValueError) as info:
+        factory(learning_rate=0.0)
+    message = str(info.value)
+    assert not message.startswith("Invalid base_learning_rate")
+    assert "learning_rate is 0.0 and no base_learning_rate was given" in message
+    assert "Pass base_learning_rate explicitly" in message
+    assert "base_learning_rate=1e-3" in message
+    factory(learning_rate=0.0, base_learning_rate=1e-3)  # the advice works
+
+
+def test_explicit_nonpositive_base_learning_rate_is_invalid():
+    with pytest.raises(ValueError, match=r"Invalid base_learning_rate: 0\.0 \(must be > 0; it is"):
+        dbo.adabound(learning_rate=1e-3, base_learning_rate=0.0)
+    with pytest.raises(ValueError, match=r"Invalid base_learning_rate: -0\.001"):
+        dbo.adabound(learning_rate=0.0, base_learning_rate=-1e-3)
 
 
 def test_scale_by_adabound_validation_and_lr_free_output():

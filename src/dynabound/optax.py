@@ -229,8 +229,24 @@ def _resolve_base_lr(learning_rate: Any, base_learning_rate: Any) -> Any:
                 "current learning rate would undo that scaling. Pass the initial (peak) "
                 "learning rate, e.g. base_learning_rate=1e-3."
             )
+        if learning_rate == 0:
+            # lr = 0 is a valid step (warm-up, checkpoint loading) but cannot stand in for
+            # the rate final_lr refers to; name the argument that fixes it.
+            raise ValueError(
+                f"learning_rate is {learning_rate!r} and no base_learning_rate was given: "
+                "final_lr applies at learning_rate == base_learning_rate, which defaults to "
+                "learning_rate and must be > 0. Pass base_learning_rate explicitly when the "
+                "learning rate starts at 0: the rate final_lr refers to, e.g. "
+                "learning_rate=0.0, base_learning_rate=1e-3."
+            )
         base_learning_rate = learning_rate
-    _check("base_learning_rate", base_learning_rate, lambda v: v > 0.0, "> 0")
+    _check(
+        "base_learning_rate",
+        base_learning_rate,
+        lambda v: v > 0.0,
+        "> 0; it is the learning rate at which final_lr applies, e.g. "
+        "base_learning_rate=1e-3",
+    )
     return base_learning_rate
 
 
