@@ -190,6 +190,29 @@ def test_inject_hyperparams_follows_schedule_like_torch(dtype):
     assert _rel_err(got, _expected("step_schedule", dtype)) <= TOL[dtype]
 
 
+def test_inject_hyperparams_lr_set_by_hand_like_torch_group_lr():
+    """The README's recipe: change state.hyperparams['learning_rate'] between jitted steps,
+    as a PyTorch loop changes group['lr']; the bounds follow it through base_learning_rate."""
+    with _enable_x64(True):
+        tx = optax.inject_hyperparams(dbo.amsbound)(
+            learning_rate=1e-3, base_learning_rate=1e-3, weight_decay=0.01
+        )
+
+        @jax.jit
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = {k: jnp.asarray(v, jnp.float64) for k, v in PARAMS.items()}
+        s = tx.init(p)
+        for t in range(STEPS):
+            if t and t % 300 == 0:  # where _step_lr's StepLR decays the torch run
+                s.hyperparams["learning_rate"] = s.hyperparams["learning_rate"] * 0.1
+            p, s = step(p, s, {k: jnp.asarray(g[t], jnp.float64) for k, g in GRADS.items()})
+        got = {k: np.asarray(v) for k, v in p.items()}
+    assert _rel_err(got, _expected("step_schedule", "float64")) <= TOL["float64"]
+
+
 def test_bounds_do_not_follow_a_rederived_base_lr():
     """Control for the test above: a base lr taken from the current lr gives other bounds."""
 
