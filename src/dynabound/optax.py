@@ -244,8 +244,7 @@ def _resolve_base_lr(learning_rate: Any, base_learning_rate: Any) -> Any:
         "base_learning_rate",
         base_learning_rate,
         lambda v: v > 0.0,
-        "> 0; it is the learning rate at which final_lr applies, e.g. "
-        "base_learning_rate=1e-3",
+        "> 0; it is the learning rate at which final_lr applies, e.g. base_learning_rate=1e-3",
     )
     return base_learning_rate
 
