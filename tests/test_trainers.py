@@ -83,6 +83,7 @@ def _assert_same_training_state(a_model, a_opt, b_model, b_opt, initial: dict) -
 
 def _hf_trainer(out_dir, how: str, stop_at: int | None = None):
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # Trainer needs it and transformers does not pull it in
 
     class _StopAt(transformers.TrainerCallback):
         # ends the first run right after its checkpoint, as a killed job would have
