@@ -475,14 +475,17 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
 
     tl = tk.tl
     signature = {
-        "base": "*fp32", "offsets": "*i64", "numels": "*i64", "block_tensor": "*i32",
-        "block_start": "*i64", "coef": "*fp32", "hyper": "*fp32", "found_inf": "*fp32",
-        "grad_scale": "*fp32", "n_tensors": "i32",
+        "base": "*fp32", "offsets": "*i64", "grad_offsets": "*i64", "numels": "*i64",
+        "block_tensor": "*i32", "block_start": "*i64", "steps": "*fp32",
+        "step_offsets": "*i64", "coef": "*fp64", "hyper": "*fp64", "lr_hi": "fp32",
+        "lr_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32", "grad_scale": "*fp32",
+        "n_tensors": "i32",
     }  # fmt: skip
     constants = dict(
-        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, AMSBOUND=True, WEIGHT_DECAY=1,
-        MAXIMIZE=True, EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True,
-        VEC=4, BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,
+        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=tk.REFERENCE,
+        LR_TENSOR=False, AMSBOUND=True, WEIGHT_DECAY=1, UNSCALED_DECAY=False, MAXIMIZE=True,
+        EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, VEC=4,
+        BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(

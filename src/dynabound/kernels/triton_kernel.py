@@ -1,29 +1,36 @@
-"""Fused AdaBound step for CUDA tensors: one multi-tensor Triton launch per dtype.
+"""Fused AdaBound step for CUDA tensors: two Triton launches per dtype per step.
 
-Layout of a launch: a table of data pointers (param, grad, exp_avg, exp_avg_sq,
-max_exp_avg_sq per tensor), their sizes, and a list of blocks (tensor index, first element);
-each program updates ``CHUNK`` elements of one tensor. The tables depend only on the
-addresses and sizes, so they are built once (copied from pinned memory without a sync) and
-reused while the tensors stay put, which also makes the step capturable by CUDA graphs.
+Host side: an eager step must cost what torch's fused Adam costs, so per step it only reads
+the tensors' addresses and compares them with a cached launch plan. A plan (element offsets
+of every tensor from one base address, sizes, the list of blocks, step-counter offsets) is
+validated and uploaded once, and rebuilt only when an address, size, dtype, layout or the
+set of tensors changes; gradients re-allocated by ``zero_grad(set_to_none=True)`` replace
+only the small gradient-offset table, cached by address too. Nothing else touches the
+device: the per-step scalars are computed inside the kernel.
 
-The per-step scalars come from :func:`dynabound.bounds.step_coefficients` evaluated on the
-device on the vector of per-parameter steps, so no step ever syncs with the host. A bound
-function passed as ``bounds=`` therefore receives a 1-D float64 tensor of steps and must use
-tensor arithmetic (as it must in capturable mode).
+Device side: each program reads its tensor's step counter and derives that step's scalars in
+float64 (``_step_scalars``: the built-in ``"reference"`` and ``"paper"`` schedules of
+:func:`dynabound.bounds.step_coefficients`, which tests pin this copy to). A second launch
+then advances the counters, so no block reads a counter another block already advanced. A
+bound function passed as ``bounds=`` is evaluated on the device on the vector of
+per-parameter steps (a 1-D float64 tensor: it must use tensor arithmetic, as in capturable
+mode) and handed to the kernel as a table; that path costs a few more launches.
 
 ``grad_scale``/``found_inf`` follow torch's fused Adam: gradients are divided by the scale
-(and left unscaled), and when ``found_inf`` is nonzero the kernel changes nothing and the
-step counters are restored, all without reading ``found_inf`` on the host.
+(and left unscaled), and when ``found_inf`` is nonzero nothing changes, the step counters
+included, all without reading ``found_inf`` on the host.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..bounds import decoupled_decay_factor, step_coefficients, within_range
+from ..bounds import step_coefficients, within_range
 from . import dense_layout
 
 try:
@@ -41,11 +48,17 @@ __all__ = ["fused_adabound_triton", "is_available", "unavailable_reason"]
 BLOCK = 1024
 CHUNK = 8 * BLOCK
 _CACHE_SIZE = 8
-_tables: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, int]] = OrderedDict()
-_hypers: OrderedDict[tuple, Tensor] = OrderedDict()
+# Kernel argument SCHEDULE: which per-step scalars the kernel computes.
+REFERENCE, PAPER, TABLE = 0, 1, 2
+# Row order of the `hyper` table the kernel reads (float64).
+_HYPER = (
+    "beta1", "beta2", "eps", "weight_decay", "final_lr", "base_lr", "gamma", "lo", "hi", "largest",
+)  # fmt: skip
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here, or None; asked every default step, so cached."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if not torch.cuda.is_available():
@@ -59,6 +72,35 @@ def is_available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _whole_power(base, exponent):
+        """``base ** exponent`` for a whole-number float64 exponent, by repeated squaring
+        (a few float64 roundings: far below the float32 the scalars are used in)."""
+        result = base * 0.0 + 1.0
+        e = exponent.to(tl.int64)
+        while e > 0:
+            if e % 2 == 1:
+                result = result * base
+            base = base * base
+            e = e // 2
+        return result
+
+    @triton.jit
+    def _step_scalars(t, beta1, beta2, final_lr, base_lr, gamma, SCHEDULE: tl.constexpr):
+        """(numerator, lower, upper, scale) at step ``t``, float64, in the operation order of
+        dynabound.bounds.step_coefficients."""
+        if SCHEDULE == 1:  # "paper": Algorithm 2 of the paper
+            numerator = t * 0.0 + 1.0
+            lower = final_lr * (1 - 1 / ((1 - beta2) * t + 1)) / base_lr
+            upper = final_lr * (1 + 1 / ((1 - beta2) * t)) / base_lr
+            scale = 1 / tl.sqrt(t)
+        else:  # "reference": the authors' AdaBound
+            numerator = tl.sqrt(1 - _whole_power(beta2, t)) / (1 - _whole_power(beta1, t))
+            lower = final_lr * (1 - 1 / (gamma * t + 1)) / base_lr
+            upper = final_lr * (1 + 1 / (gamma * t)) / base_lr
+            scale = t * 0.0 + 1.0
+        return numerator, lower, upper, scale
 
     @triton.jit
     def _update(
@@ -123,10 +165,11 @@ if triton is not None:
 
     @triton.jit
     def _adabound_kernel(
-        base, offsets, numels, block_tensor, block_start, coef, hyper, found_inf, grad_scale,
-        n_tensors,
+        base, offsets, grad_offsets, numels, block_tensor, block_start, steps, step_offsets,
+        coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors,
         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
-        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr,
+        WEIGHT_DECAY: tl.constexpr, UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
         HAS_GRAD_SCALE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
@@ -135,31 +178,64 @@ if triton is not None:
         t = tl.load(block_tensor + block).to(tl.int64)
         start = tl.load(block_start + block)
         n = tl.load(numels + t)
-        row = offsets + t * 5
+        row = offsets + t * 4
         p_off = tl.load(row)
-        g_off = tl.load(row + 1)
-        m_off = tl.load(row + 2)
-        v_off = tl.load(row + 3)
-        vmax_off = tl.load(row + 4)
-        numerator = tl.load(coef + t)
-        lower = tl.load(coef + n_tensors + t)
-        upper = tl.load(coef + 2 * n_tensors + t)
-        rate_scale = tl.load(coef + 3 * n_tensors + t)
-        decay = tl.load(coef + 4 * n_tensors + t)
+        m_off = tl.load(row + 1)
+        v_off = tl.load(row + 2)
+        vmax_off = tl.load(row + 3)
+        g_off = tl.load(grad_offsets + t)
         beta1 = tl.load(hyper)
-        one_minus_beta1 = tl.load(hyper + 1)
-        beta2 = tl.load(hyper + 2)
-        one_minus_beta2 = tl.load(hyper + 3)
-        eps = tl.load(hyper + 4)
-        weight_decay = tl.load(hyper + 5)
-        box_lo = tl.load(hyper + 6)
-        box_hi = tl.load(hyper + 7)
+        beta2 = tl.load(hyper + 1)
+        eps = tl.load(hyper + 2)
+        weight_decay = tl.load(hyper + 3)
+        box_lo = tl.load(hyper + 7)
+        box_hi = tl.load(hyper + 8)
+        largest = tl.load(hyper + 9)
+        # The learning rate in float64: a tensor, or a Python float split into two float32
+        # kernel arguments (Triton passes floats as float32) that sum to it.
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        if SCHEDULE == 2:
+            numerator = tl.load(coef + t).to(tl.float64)
+            lower = tl.load(coef + n_tensors + t).to(tl.float64)
+            upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
+            step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
+        else:
+            # This step's counter before the separate advance launch: the update uses it + 1.
+            step = tl.load(steps + tl.load(step_offsets + t)).to(tl.float64) + 1
+            numerator, lower, upper, step_scale = _step_scalars(
+                step, beta1, beta2, tl.load(hyper + 4), tl.load(hyper + 5), tl.load(hyper + 6),
+                SCHEDULE,
+            )  # fmt: skip
+        # Bounds capped at the arithmetic type's range (dynabound.bounds.within_range).
+        lower = tl.where(lower > largest, largest, lower)
+        upper = tl.where(upper > largest, largest, upper)
+        rate_scale = lr * step_scale
+        if UNSCALED_DECAY:
+            decay = 1 - weight_decay * (lr != 0).to(tl.float64)
+        else:
+            decay = 1 - lr * weight_decay
         scale = 1.0
         if HAS_GRAD_SCALE:
             scale = tl.load(grad_scale).to(COMPUTE)
         if HAS_FOUND_INF:
             # An inf/NaN gradient somewhere: treat every tensor as empty (no host sync).
             n = n * (tl.load(found_inf) == 0).to(tl.int64)
+        numerator = numerator.to(COMPUTE)
+        lower = lower.to(COMPUTE)
+        upper = upper.to(COMPUTE)
+        rate_scale = rate_scale.to(COMPUTE)
+        decay = decay.to(COMPUTE)
+        one_minus_beta1 = (1 - beta1).to(COMPUTE)
+        one_minus_beta2 = (1 - beta2).to(COMPUTE)
+        beta1 = beta1.to(COMPUTE)
+        beta2 = beta2.to(COMPUTE)
+        eps = eps.to(COMPUTE)
+        weight_decay = weight_decay.to(COMPUTE)
+        box_lo = box_lo.to(COMPUTE)
+        box_hi = box_hi.to(COMPUTE)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             first = start + offset
             local = first + tl.arange(0, BLOCK)
@@ -182,6 +258,39 @@ if triton is not None:
                     HAS_GRAD_SCALE, VEC, BLOCK,
                 )  # fmt: skip
 
+    @triton.jit
+    def _advance_steps(
+        steps, step_offsets, n_tensors, found_inf, HAS_FOUND_INF: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Add one to every step counter (nothing when ``found_inf`` is set)."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < n_tensors
+        where = steps + tl.load(step_offsets + index, mask=mask, other=0)
+        increment = 1.0
+        if HAS_FOUND_INF:
+            increment = (tl.load(found_inf) == 0).to(tl.float32)
+        tl.store(where, tl.load(where, mask=mask) + increment, mask=mask)
+
+    @triton.jit
+    def _scalars_kernel(
+        steps, out, n, beta1, beta2, final_lr, base_lr, gamma, SCHEDULE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The per-step scalars of a vector of steps (float64): what the update kernel
+        computes, exposed so tests can pin it to dynabound.bounds."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < n
+        t = tl.load(steps + index, mask=mask, other=1.0)
+        numerator, lower, upper, scale = _step_scalars(
+            t, tl.load(beta1), tl.load(beta2), tl.load(final_lr), tl.load(base_lr),
+            tl.load(gamma), SCHEDULE,
+        )  # fmt: skip
+        tl.store(out + index, numerator, mask=mask)
+        tl.store(out + n + index, lower, mask=mask)
+        tl.store(out + 2 * n + index, upper, mask=mask)
+        tl.store(out + 3 * n + index, scale, mask=mask)
+
     _TL_DTYPES = {
         torch.float32: tl.float32,
         torch.float64: tl.float64,
@@ -190,64 +299,187 @@ if triton is not None:
     }
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu":  # Triton's interpreter runs on CPU tensors
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+class _Plan(NamedTuple):
+    """Device tables for one set of tensors of one dtype (everything but the gradients)."""
+
+    base: Tensor  # the first parameter: offsets count elements from its address
+    offsets: Tensor  # int64 [n, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq
+    numels: Tensor  # int64 [n]
+    block_tensor: Tensor  # int32 [blocks]: which tensor a block updates
+    block_start: Tensor  # int64 [blocks]: its first element
+    n_blocks: int
+    steps: Tensor  # the first step counter: step offsets count float32 elements from it
+    step_offsets: Tensor  # int64 [n]
+    aligned: bool  # every address 16-byte aligned
+    strides: list[tuple[int, ...]]  # the parameters' strides, which gradients must share
+    params: list[Tensor]  # for validating gradients against
 
 
-def _remember(cache: OrderedDict, key: tuple, value):
-    cache[key] = value
+class _GradTable(NamedTuple):
+    offsets: Tensor  # int64 [n]: elements from the plan's base
+    aligned: bool
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_grad_tables: OrderedDict[tuple, _GradTable] = OrderedDict()
+_hypers: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key: tuple, build):
+    """``cache[key]``, made by ``build()`` on a miss; the least recently used entries go."""
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    value = cache[key] = build()
     if len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return value
 
 
-def _launch_tables(pointers: list[int], numels: list[int], itemsize: int, device: torch.device):
-    """Offset, size and block tables; cached by the addresses they describe.
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":  # Triton's interpreter runs on CPU tensors
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
-    Offsets are in elements from the first address (the kernel's ``base`` argument): a
-    pointer argument carries Triton's alignment specialisation, an address loaded from a
-    table would not.
-    """
-    key = (device, CHUNK, itemsize, tuple(pointers), tuple(numels))
-    hit = _tables.get(key)
-    if hit is not None:
-        _tables.move_to_end(key)
-        return hit
-    base = pointers[0]
-    offsets = [(a - base) // itemsize if a else 0 for a in pointers]
+
+def _as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> _Plan:
+    """The cached plan for these tensors; validated and built when their addresses are new."""
+    key = (
+        *[p.data_ptr() for p in params],
+        *[m.data_ptr() for m in exp_avgs],
+        *[v.data_ptr() for v in exp_avg_sqs],
+        *[v.data_ptr() for v in max_exp_avg_sqs],
+        *[s.data_ptr() for s in state_steps],
+        *[p.numel() for p in params],
+        params[0].dtype,
+    )
+    return _cached(
+        _plans,
+        key,
+        lambda: _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps),
+    )
+
+
+def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> _Plan:
+    device = params[0].device
+    rows: list[list[int]] = []
+    numels: list[int] = []
+    for i, p in enumerate(params):
+        state = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if max_exp_avg_sqs else [])
+        p, *state = (_as_real(t) for t in (p, *state))
+        for t in state:
+            if t.dtype != p.dtype or t.device != p.device:
+                raise RuntimeError(
+                    "fused AdaBound needs state of the parameter's dtype and device, got a "
+                    f"{p.dtype} parameter on {p.device} with {t.dtype} state on {t.device}"
+                )
+        if not dense_layout(p) or any(t.stride() != p.stride() for t in state):
+            raise RuntimeError(
+                "fused AdaBound on CUDA needs each parameter, its gradient and its state in "
+                "one dense memory layout; use fused=False for this parameter group"
+            )
+        addresses = [t.data_ptr() for t in (p, *state)]
+        _check_addresses(p, addresses)
+        rows.append(addresses if len(addresses) == 4 else addresses + [0])
+        numels.append(p.numel())
+    for s in state_steps:
+        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            raise RuntimeError(
+                "fused AdaBound on CUDA needs float32 step counters on the parameters' device "
+                f"(the optimizer creates them there), got a {s.dtype} counter on {s.device}"
+            )
+    base, itemsize = _as_real(params[0]), _as_real(params[0]).element_size()
+    offsets = [(a - rows[0][0]) // itemsize if a else 0 for row in rows for a in row]
+    step_base = state_steps[0].data_ptr()
+    step_offsets = [(s.data_ptr() - step_base) // 4 for s in state_steps]
     sizes = torch.tensor(numels, dtype=torch.int64)
     counts = (sizes + CHUNK - 1) // CHUNK
     owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first = torch.cumsum(counts, 0) - counts
     start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * CHUNK
-    tables = (
-        _to_device(torch.tensor(offsets, dtype=torch.int64), device),
-        _to_device(sizes, device),
-        _to_device(owner, device),
-        _to_device(start, device),
-        int(owner.numel()),
+    return _Plan(
+        base=base,
+        offsets=_to_device(offsets, torch.int64, device),
+        numels=_to_device(numels, torch.int64, device),
+        block_tensor=_to_device(owner.tolist(), torch.int32, device),
+        block_start=_to_device(start.tolist(), torch.int64, device),
+        n_blocks=int(owner.numel()),
+        steps=state_steps[0],
+        step_offsets=_to_device(step_offsets, torch.int64, device),
+        aligned=all(a % 16 == 0 for row in rows for a in row),
+        strides=[_as_real(p).stride() for p in params],
+        params=list(params),
     )
-    return _remember(_tables, key, tables)
 
 
-def _hyper_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    key = (device, dtype, values)
-    hit = _hypers.get(key)
-    if hit is not None:
-        _hypers.move_to_end(key)
-        return hit
-    return _remember(_hypers, key, _to_device(torch.tensor(values, dtype=dtype), device))
+def _check_addresses(p: Tensor, addresses: list[int]) -> None:
+    if p.numel() and not all(addresses):  # a wrapper subclass that owns no storage
+        raise RuntimeError(
+            f"fused AdaBound cannot update a {type(p).__name__} without storage of its "
+            "own (data_ptr() is 0); use fused=False"
+        )
+    if any(a % p.element_size() for a in addresses):
+        raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
 
 
-def _coefficient_table(
-    steps: list[Tensor], lr: float | Tensor, dtype: torch.dtype, hyper: dict
-) -> tuple[Tensor, bool]:
-    """Rows numerator, lower, upper, lr*scale, decay (one column per tensor), on device."""
-    step_vector = torch.stack(steps).to(torch.float64)
+def _grad_table(plan: _Plan, grads: list[Tensor], has_complex: bool) -> _GradTable:
+    """Gradient offsets from the plan's base; gradients must share their parameter's
+    dtype and layout (autograd's always do; the check catches ones assigned by hand)."""
+    if has_complex:
+        grads = [_as_real(g) for g in grads]
+    if [g.stride() for g in grads] != plan.strides:
+        _raise_for_gradients(plan, grads)
+    key = (id(plan.base), plan.base.data_ptr(), *[g.data_ptr() for g in grads])
+    return _cached(_grad_tables, key, lambda: _build_grad_table(plan, grads))
+
+
+def _build_grad_table(plan: _Plan, grads: list[Tensor]) -> _GradTable:
+    for p, g in zip(plan.params, grads, strict=True):
+        if g.dtype != _as_real(p).dtype or g.device != p.device:
+            _raise_for_gradients(plan, grads)
+        _check_addresses(_as_real(p), [g.data_ptr()])
+    base, itemsize = plan.base.data_ptr(), plan.base.element_size()
+    addresses = [g.data_ptr() for g in grads]
+    offsets = [(a - base) // itemsize for a in addresses]
+    return _GradTable(
+        offsets=_to_device(offsets, torch.int64, grads[0].device),
+        aligned=all(a % 16 == 0 for a in addresses),
+    )
+
+
+def _raise_for_gradients(plan: _Plan, grads: list[Tensor]) -> None:
+    for p, g in zip(plan.params, grads, strict=True):
+        p = _as_real(p)
+        if g.dtype != p.dtype or g.device != p.device:
+            raise RuntimeError(
+                "fused AdaBound needs gradients of the parameter's dtype and device, got a "
+                f"{p.dtype} parameter on {p.device} with a {g.dtype} gradient on {g.device}"
+            )
+        if g.stride() != p.stride():
+            raise RuntimeError(
+                "fused AdaBound on CUDA needs each parameter, its gradient and its state in "
+                "one dense memory layout; use fused=False for this parameter group"
+            )
+
+
+def _hyper_table(hyper: dict, box, compute: torch.dtype, device: torch.device) -> Tensor:
+    lo, hi = box if box is not None else (0.0, 0.0)
+    values = dict(hyper, lo=lo, hi=hi, largest=torch.finfo(compute).max)
+    row = tuple(float(values[k]) for k in _HYPER)
+    key = (device, row)
+    return _cached(_hypers, key, lambda: _to_device(list(row), torch.float64, device))
+
+
+def _coefficient_table(steps: list[Tensor], hyper: dict, compute: torch.dtype) -> Tensor:
+    """Rows numerator, lower, upper, scale (a column per tensor) for a bound function."""
     c = step_coefficients(
-        step_vector,
+        torch.stack(steps).to(torch.float64),
         bounds=hyper["bounds"],
         final_lr=hyper["final_lr"],
         base_lr=hyper["base_lr"],
@@ -255,16 +487,17 @@ def _coefficient_table(
         beta1=hyper["beta1"],
         beta2=hyper["beta2"],
     )
-    c = within_range(c, dtype)
-    wd = hyper["weight_decay"]
-    decay = decoupled_decay_factor(lr, wd, hyper["unscaled_decay"])
-    table = torch.empty((5, len(steps)), dtype=dtype, device=step_vector.device)
-    for row, value in enumerate((c.numerator, c.lower, c.upper, lr * c.scale, decay)):
-        if isinstance(value, Tensor):
-            table[row].copy_(value)
-        else:
-            table[row].fill_(value)
-    return table, c.eps_used
+    c = within_range(c, compute)
+    table = torch.empty((4, len(steps)), dtype=torch.float64, device=steps[0].device)
+    for row, value in enumerate((c.numerator, c.lower, c.upper, c.scale)):
+        table[row].copy_(value) if isinstance(value, Tensor) else table[row].fill_(value)
+    return table
+
+
+def _split_float(value: float) -> tuple[float, float]:
+    """Two float32 values whose float64 sum is ``value`` to within 2**-48 relative."""
+    high = float(torch.tensor(value, dtype=torch.float32))
+    return high, float(torch.tensor(value - high, dtype=torch.float32))
 
 
 def fused_adabound_triton(
@@ -287,131 +520,127 @@ def fused_adabound_triton(
 ) -> None:
     """One AdaBound step over tensors on one device, in place, with no host sync.
 
-    ``lr`` may be a float or a Tensor on the device (kept there: capturable). Steps must
-    be tensors on the parameters' device.
+    ``lr`` may be a float or a Tensor (one on the device is read there, so it may change
+    between CUDA-graph replays). Steps must be float32 tensors on the parameters' device.
     """
     if triton is None:
         raise RuntimeError(f"dynabound's fused CUDA kernel needs Triton: {_IMPORT_ERROR}")
     if not params:
         return
     device = params[0].device
-    if isinstance(lr, Tensor) and lr.device != device:
-        lr = lr.to(device, non_blocking=True)
-    if any(s.device != device for s in state_steps):
-        raise RuntimeError(
-            "fused AdaBound on CUDA needs the step counters on the parameters' device "
-            "(the optimizer creates them there when fused=True)"
-        )
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, non_blocking=True)
     if found_inf is not None:
         found_inf = found_inf.to(device, non_blocking=True)
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        if lr.device == device:
+            lr_tensor = lr
+        elif capturable:
+            lr_tensor = lr.to(device, non_blocking=True)
+        else:
+            lr = lr.item()  # a CPU tensor: no device sync
+    lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
 
     # Validate everything before touching any state, so a refused step changes nothing.
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
+    dtype = params[0].dtype
+    if all(p.dtype is dtype for p in params):
+        split = [(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)]
+    else:
+        split = _split_by_dtype(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     launches = []
-    for dtype, indices in groups.items():
-        if dtype.to_real() not in _TL_DTYPES:
-            raise RuntimeError(f"dynabound's fused CUDA kernel does not support {dtype}")
-        vmax = max_exp_avg_sqs if amsbound else None
-        rows = _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, vmax)
-        launches.append((dtype, indices, *rows))
+    for lists in split:
+        real = lists[0][0].dtype.to_real()
+        if real not in _TL_DTYPES:
+            raise RuntimeError(f"dynabound's fused CUDA kernel does not support {real}")
+        plan = _plan(lists[0], lists[2], lists[3], lists[4] if amsbound else [], lists[5])
+        launches.append((real, plan, _grad_table(plan, lists[1], has_complex), lists[5]))
 
-    torch._foreach_add_(state_steps, 1)
-    for dtype, indices, pointers, numels, base in launches:
-        dtype = base.dtype
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        coef, eps_used = _coefficient_table([state_steps[i] for i in indices], lr, compute, hyper)
-        hyper_tensor = _hyper_tensor(
-            (
-                hyper["beta1"],
-                1 - hyper["beta1"],
-                hyper["beta2"],
-                1 - hyper["beta2"],
-                hyper["eps"],
-                hyper["weight_decay"],
-                box[0] if box is not None else 0.0,
-                box[1] if box is not None else 0.0,
-            ),
-            compute,
-            device,
-        )
-        itemsize = base.element_size()
-        offset_table, size_table, owner, start, n_blocks = _launch_tables(
-            pointers, numels, itemsize, device
-        )
-        if n_blocks == 0:
+    schedule = (
+        TABLE if callable(hyper["bounds"]) else (PAPER if hyper["bounds"] == "paper" else REFERENCE)
+    )
+    if schedule == TABLE:
+        torch._foreach_add_(state_steps, 1)
+    wd = hyper["weight_decay"]
+    for real, plan, grad_table, steps in launches:
+        compute = torch.float64 if real == torch.float64 else torch.float32
+        coef = _coefficient_table(steps, hyper, compute) if schedule == TABLE else plan.offsets
+        if plan.n_blocks == 0:
             continue
-        aligned = all(a % 16 == 0 for a in pointers)
-        wd = hyper["weight_decay"]
-        _adabound_kernel[(n_blocks,)](
-            base,
-            offset_table,
-            size_table,
-            owner,
-            start,
+        itemsize = plan.base.element_size()
+        _adabound_kernel[(plan.n_blocks,)](
+            plan.base,
+            plan.offsets,
+            grad_table.offsets,
+            plan.numels,
+            plan.block_tensor,
+            plan.block_start,
+            plan.steps,
+            plan.step_offsets,
             coef,
-            hyper_tensor,
-            found_inf if found_inf is not None else coef,
-            grad_scale if grad_scale is not None else coef,
-            len(indices),
-            DTYPE=_TL_DTYPES[dtype],
+            _hyper_table(hyper, box, compute, device),
+            lr_hi,
+            lr_lo,
+            lr_tensor if lr_tensor is not None else plan.steps,
+            found_inf if found_inf is not None else plan.steps,
+            grad_scale if grad_scale is not None else plan.steps,
+            len(steps),
+            DTYPE=_TL_DTYPES[real],
             COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
             IS_FP64=compute == torch.float64,
+            SCHEDULE=schedule,
+            LR_TENSOR=lr_tensor is not None,
             AMSBOUND=amsbound,
             WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
+            UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
             MAXIMIZE=maximize,
-            EPS_USED=eps_used,
+            EPS_USED=schedule != PAPER,
             HAS_BOX=box is not None,
             HAS_FOUND_INF=found_inf is not None,
             HAS_GRAD_SCALE=grad_scale is not None,
-            VEC=16 // itemsize if aligned else 1,
+            VEC=16 // itemsize if plan.aligned and grad_table.aligned else 1,
             BLOCK=BLOCK,
             CHUNK=CHUNK,
             # No FMA contraction: same operation order and rounding as the CPU kernel.
             enable_fp_fusion=False,
         )
-    if found_inf is not None:
-        torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
+    if schedule == TABLE:
+        if found_inf is not None:
+            torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
+    else:
+        for _, plan, _, steps in launches:
+            _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
+                plan.steps,
+                plan.step_offsets,
+                len(steps),
+                found_inf if found_inf is not None else plan.steps,
+                HAS_FOUND_INF=found_inf is not None,
+                BLOCK=BLOCK,
+            )
     torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version(state_steps)
 
 
-def _pointer_rows(indices, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
-    """Addresses (0 for an absent max_exp_avg_sq), sizes, and the group's base tensor."""
-    pointers: list[int] = []
-    numels: list[int] = []
-    base = None
-    for i in indices:
-        p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-        vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs is not None else None
-        if p.is_complex():
-            p, g, m, v = (torch.view_as_real(t) for t in (p, g, m, v))
-            vmax = torch.view_as_real(vmax) if vmax is not None else None
-        tensors = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
-        if any(t.dtype != p.dtype for t in tensors) or any(t.device != p.device for t in tensors):
-            raise RuntimeError(
-                "fused AdaBound needs gradients and state of the parameter's dtype and device, "
-                f"got a {p.dtype} parameter on {p.device} with a {g.dtype} gradient on {g.device}"
-            )
-        if not dense_layout(p) or any(t.stride() != p.stride() for t in tensors):
-            raise RuntimeError(
-                "fused AdaBound on CUDA needs each parameter, its gradient and its state in "
-                "one dense memory layout; use fused=False for this parameter group"
-            )
-        if base is None:
-            base = p
-        addresses = [t.data_ptr() for t in tensors]
-        if p.numel() and not all(addresses):  # a wrapper subclass that owns no storage
-            raise RuntimeError(
-                f"fused AdaBound cannot update a {type(p).__name__} without storage of its "
-                "own (data_ptr() is 0); use fused=False"
-            )
-        if any(a % p.element_size() for a in addresses):
-            raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
-        pointers += addresses
-        if vmax is None:
-            pointers.append(0)
-        numels.append(p.numel())
-    return pointers, numels, base
+def _split_by_dtype(*lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(lists[0]):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    return [
+        tuple([ts[i] for i in indices] if ts else [] for ts in lists)
+        for indices in by_dtype.values()
+    ]
+
+
+def step_scalars(steps: Tensor, *, bounds: str, final_lr, base_lr, gamma, beta1, beta2):
+    """The kernel's float64 (numerator, lower, upper, scale) for a 1-D float64 tensor of
+    steps, computed by the kernel's own code (for tests pinning it to dynabound.bounds)."""
+    n = steps.numel()
+    out = torch.empty(4 * n, dtype=torch.float64, device=steps.device)
+    scalars = [
+        _to_device([float(x)], torch.float64, steps.device)
+        for x in (beta1, beta2, final_lr, base_lr, gamma)
+    ]
+    _scalars_kernel[(triton.cdiv(n, BLOCK),)](
+        steps, out, n, *scalars, SCHEDULE=PAPER if bounds == "paper" else REFERENCE, BLOCK=BLOCK
+    )
+    return out.view(4, n).unbind(0)
