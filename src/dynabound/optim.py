@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
+from . import kernels
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound
 
@@ -83,6 +84,11 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
                 f"{name} can only optimize floating-point or complex parameters, got {p.dtype}"
+            )
+        if group["fused"] and p.device.type not in kernels.DEVICE_TYPES:
+            raise RuntimeError(
+                f"{name}(fused=True) supports parameters on {' and '.join(kernels.DEVICE_TYPES)}"
+                f" devices, got one on {p.device}; use fused=False"
             )
 
 
@@ -200,11 +206,8 @@ class AdaBound(Optimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if p_state and not torch.is_tensor(p_state["step"]):
-                    on_device = group["capturable"] or group["fused"]
                     p_state["step"] = torch.tensor(
-                        float(p_state["step"]),
-                        dtype=torch.float32,
-                        device=p.device if on_device else "cpu",
+                        float(p_state["step"]), dtype=torch.float32, device=_step_device(group, p)
                     )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,6 +240,13 @@ class AdaBound(Optimizer):
             )
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
+        # torch keeps loaded step counters on the CPU unless fused=True or capturable; the
+        # default fused CUDA path wants them beside the parameters too.
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and step.device != (device := _step_device(group, p)):
+                    self.state[p]["step"] = step.to(device)
 
     def _init_group(
         self,
@@ -262,10 +272,7 @@ class AdaBound(Optimizer):
             grads.append(p.grad)
             state = self.state[p]
             if len(state) == 0:
-                on_device = group["capturable"] or group["fused"]
-                state["step"] = torch.zeros(
-                    (), dtype=torch.float32, device=p.device if on_device else "cpu"
-                )
+                state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsbound"]:
@@ -330,7 +337,7 @@ class AdaBound(Optimizer):
                 amsbound=group["amsbound"],
                 beta1=beta1,
                 beta2=beta2,
-                lr=group["lr"],
+                lr=_lr_for_step(group),
                 final_lr=group["final_lr"],
                 base_lr=group["base_lr"],
                 gamma=group["gamma"],
@@ -345,6 +352,24 @@ class AdaBound(Optimizer):
         return loss
 
 
+def _kernel_ready(device_type: str) -> bool:
+    if torch.compiler.is_compiling():
+        from ._compile_support import kernel_ready
+
+        return kernel_ready(device_type)
+    return kernels.default_kernel_ready(device_type)
+
+
+def _lr_for_step(group: dict[str, Any]) -> float | Tensor:
+    """The group's lr; under torch.compile a float lr becomes a tensor (no recompilation
+    when a scheduler changes it)."""
+    if torch.compiler.is_compiling() and not isinstance(group["lr"], Tensor):
+        from ._compile_support import lr_as_tensor
+
+        return lr_as_tensor(group)
+    return group["lr"]
+
+
 def _mark_bound_functions(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     """A bound function is code, not data: the state dict holds a marker instead, so that
     ``torch.load(weights_only=True)`` works; load_state_dict takes the function from the
@@ -354,13 +379,29 @@ def _mark_bound_functions(optimizer: Optimizer, state_dict: dict[str, Any]) -> N
             group["bounds"] = _CUSTOM_BOUNDS
 
 
+def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
+    """Where a parameter's step counter lives: beside it whenever a fused CUDA step or a
+    captured graph may read it (reading it from the host would sync), else on the CPU."""
+    if group["capturable"] or group["fused"]:
+        return p.device
+    if p.is_cuda and _fused_by_default(group) and kernels.is_available(p.device):
+        return p.device
+    return torch.device("cpu")
+
+
+def _fused_by_default(group: dict[str, Any]) -> bool:
+    return group["fused"] is None and group["foreach"] is None and not group["differentiable"]
+
+
 def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
     """(foreach, fused) for this step: explicit choices win; None picks the fastest safe path.
 
-    On CPU the fused kernel is the default when it can be built (it costs what torch's fused
-    Adam costs); otherwise foreach, which unlike torch.optim is also the CPU default: it runs
-    about 3x faster than the single-tensor loop (benchmarks/step_time.py). CUDA keeps fused
-    opt-in (``fused=True``).
+    With no choice made, the fused kernel runs wherever it can: on CPU (the C++ kernel, built
+    on first use) and on CUDA (the Triton kernel), for groups whose parameters it can walk
+    (floating-point or complex, dense layouts). It costs what torch's fused Adam costs.
+    Otherwise foreach, which unlike torch.optim is also the CPU default: it runs about 3x
+    faster than the single-tensor loop (benchmarks/step_time.py). When the kernel is
+    unavailable (no compiler or ninja on CPU, no Triton on CUDA) a warning says why, once.
     """
     fused, foreach = group["fused"], group["foreach"]
     if fused:
@@ -369,11 +410,8 @@ def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> tuple
         return bool(foreach), False
     if group["differentiable"] or torch.jit.is_scripting():
         return False, False
-    if fused is None and not torch.compiler.is_compiling() and all(p.is_cpu for p in params):
-        from .kernels import can_fuse
-
-        if can_fuse(params):  # builds the CPU kernel once (~10 s), then loads it (~0.2 s)
-            return False, True
+    if fused is None and _kernel_ready(params[0].device.type) and kernels.can_fuse(params):
+        return False, True
     # torch.optim's list, which torch.distributed extends with DTensor.
     supported = _torch_optimizer._foreach_supported_types
     return all(type(p) in supported for p in params), False

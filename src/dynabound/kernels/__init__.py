@@ -8,12 +8,15 @@ import: the CPU kernel is built on first use, Triton is imported on first CUDA u
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
-__all__ = ["can_fuse", "fused_adabound", "is_available", "unavailable_reason"]
+__all__ = ["DEVICE_TYPES", "can_fuse", "fused_adabound", "is_available", "unavailable_reason"]
+
+DEVICE_TYPES = ("cpu", "cuda")  # the device types a fused kernel exists for
 
 
 def dense_layout(t: Tensor) -> bool:
@@ -93,9 +96,6 @@ def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
     return f"no fused AdaBound kernel for device type {kind!r} (CPU and CUDA only)"
 
 
-# The kernels take raw addresses (data_ptr), which tracing cannot follow: under
-# torch.compile the step runs eagerly between compiled graphs.
-@torch.compiler.disable
 def fused_adabound(
     params: list[Tensor],
     grads: list[Tensor],
@@ -106,12 +106,31 @@ def fused_adabound(
     **kwargs,
 ) -> None:
     """The fused step; same arguments as :func:`dynabound.functional.adabound` minus
-    ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place."""
+    ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place.
+
+    Under torch.compile the step is one opaque custom op (``torch.ops.dynabound.fused_step_``),
+    so a compiled step costs what an eager one does; a bound function, which an op cannot
+    take, runs the step eagerly between compiled graphs instead.
+    """
     if not params:
         return
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _local_shards(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
     )
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if not torch.compiler.is_compiling():
+        fused_step(*tensors, **kwargs)
+        return
+    from . import ops  # registers the op; imported on the first traced step
+
+    if callable(kwargs["bounds"]):
+        ops.fused_step_outside_graph(*tensors, **kwargs)
+    else:
+        ops.call_fused_op(*tensors, **kwargs)
+
+
+def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
+    """Run the kernels for tensors that own their storage, one launch group per device."""
     amsbound = kwargs["amsbound"]
     device = params[0].device
     if all(p.device == device for p in params):
@@ -125,6 +144,28 @@ def fused_adabound(
         vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
         steps = [state_steps[i] for i in indices]
         _run_on(device, *lists, vmax, steps, kwargs)
+
+
+_warned_unavailable: set[str] = set()
+
+
+def default_kernel_ready(device_type: str) -> bool:
+    """Whether the default (``fused=None``) may run the fused kernel for this device type
+    (building the CPU kernel on the first call); warns once per device type when the
+    kernel is unavailable, with the reason."""
+    if device_type not in DEVICE_TYPES:
+        return False
+    if is_available(device_type):
+        return True
+    if device_type not in _warned_unavailable:
+        _warned_unavailable.add(device_type)
+        warnings.warn(
+            f"dynabound: the fused {device_type.upper()} kernel is unavailable, so the default "
+            f"step runs the slower foreach path: {unavailable_reason(device_type)}",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    return False
 
 
 def _local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
