@@ -98,11 +98,17 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("ninja is not installed (pip install ninja)")
     source = _SOURCE.read_text()
     cflags, ldflags = _flags()
-    digest = hashlib.sha256(
-        "\0".join([source, *cflags, *ldflags, platform.machine(), torch.__version__]).encode()
-    ).hexdigest()[:12]
+    name = extension_name()
+    if not is_built(name):
+        # A first step that silently takes this long looks like a hang inside a trainer.
+        print(
+            "dynabound: compiling the fused CPU kernel (once per torch version; about 10-20 s, "
+            "cached afterwards; `python -m dynabound.kernels build` does it ahead of time)",
+            file=sys.stderr,
+            flush=True,
+        )
     path = cpp_extension.load_inline(
-        name=f"dynabound_cpu_{digest}",
+        name=name,
         cpp_sources=[source],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
@@ -129,6 +135,22 @@ def _build() -> ctypes.CDLL:
     lib.dynabound_supported_dtypes.restype = ctypes.c_int
     lib.dynabound_uses_avx2.restype = ctypes.c_int
     return lib
+
+
+def extension_name() -> str:
+    """The cache name of this build: a hash of the source, flags, machine and torch version,
+    so different versions never share a build folder."""
+    cflags, ldflags = _flags()
+    parts = [_SOURCE.read_text(), *cflags, *ldflags, platform.machine(), torch.__version__]
+    return "dynabound_cpu_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def is_built(name: str) -> bool:
+    """Whether the extension cache already holds a build of ``name``."""
+    from torch.utils import cpp_extension
+
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    return any((folder / f"{name}{suffix}").exists() for suffix in (".so", ".pyd", ".dll"))
 
 
 def is_available() -> bool:
