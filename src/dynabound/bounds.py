@@ -9,8 +9,12 @@ expressed relative to ``lr`` (the "lr-free" form of the design): they never divi
 ``lr``, so ``lr == 0`` is a valid, update-free step, and a scheduler that scales ``lr``
 scales the Adam step and both bounds together, as the authors' code does.
 
-``step`` may be a Python number or a 0-dim tensor (capturable mode); the formulas use
-only arithmetic that works for both, so no host synchronisation happens.
+``step`` may be a Python number or a tensor: one step (0-dim) or the steps of many
+parameter tensors at once (1-dim: capturable steps evaluate every tensor's scalars in a
+fixed number of tensor operations this way). The formulas use only element-wise
+arithmetic, so no host synchronisation happens, and a bound function must accept the
+same. :func:`within_range` then puts the scalars in the range of the dtype the rate is
+computed in.
 """
 
 from __future__ import annotations
@@ -116,18 +120,81 @@ def decoupled_decay_factor(lr: Scalar, weight_decay: float, unscaled: bool) -> S
     return 1 - lr * weight_decay
 
 
-def within_range(c: StepCoefficients, dtype: torch.dtype) -> StepCoefficients:
-    """Cap the bounds at ``dtype``'s largest finite value.
+def within_range(
+    c: StepCoefficients, dtype: torch.dtype, lr: Scalar | None = None
+) -> StepCoefficients:
+    """Equivalent scalars whose bounds fit ``dtype``, the dtype the rate is computed in.
 
-    Early upper bounds (``final_lr/base_lr * (1 + 1/(gamma*t))``, about 1e5 at t = 1 with the
-    defaults) exceed float16's range, and a tiny gamma exceeds float32's: clamping to an
+    That dtype is float32 or wider: every backend computes float16 and bfloat16 parameters
+    in float32, whose range holds bounds that float16's cannot.
+
+    The bounds relative to lr can leave a dtype's range while the rate stays inside it:
+    ``final_lr/base_lr * (1 + 1/(gamma*t))`` is about 1e5 at t = 1 with the defaults, and a
+    tiny gamma exceeds even float32's range. Out-of-range bounds cannot stay: clamping to an
     out-of-range scalar raises, and an infinite bound turns the 0 * inf of a zero moment
-    into NaN. Capping changes no representable result.
+    into NaN. So both bounds are capped at ``dtype``'s largest finite value M.
+
+    The cap changes a clamped value only where the exact clamped value exceeds M (below M, a
+    bound above M could not have been the one that applied; an overflowed quotient clamps
+    to the same bound either way). That is not yet a changed rate: the rate is the clamped
+    value times ``lr * scale``, which can be small: bounds of 99900 capped at float16's 65504
+    with lr = 1e-6 cut a rate of 0.0999 to 0.0655. So with ``lr`` given, wherever the
+    upper bound or its rate would come within a factor of two of M, the scalars are first
+    rescaled by the power of two 2**e that brings ``lr * scale`` into [0.5, 1): numerator,
+    lower and upper times 2**e, scale divided by it. Scaling by a power of two is exact
+    (short of the subnormal range), so every product a backend forms is the unscaled one
+    times 2**e, bit for bit, and the rate is the same. Then
+
+    * the cap changes no rate up to M/2: a changed clamped value exceeded M, and the rate is
+      that value times ``lr * scale`` >= 1/2;
+    * no rate overflows: clamped values are at most M and ``lr * scale`` is at most 1.
+
+    Elsewhere nothing is rescaled or capped. The exponent e is kept within +/-100, which
+    keeps the scaled numerator in float32's normal range (below ``lr * scale`` = 2**-100 the
+    first guarantee covers rates up to M * lr * scale * 2**100). Without ``lr`` the bounds
+    are only capped, which is exact only where ``lr * scale`` >= 1 or the bounds stay
+    inside the range. ``lr`` may be a float or a tensor; the power of two follows lr's value,
+    not its gradient, so the rate stays differentiable in lr.
     """
     largest = torch.finfo(dtype).max
-    if isinstance(c.upper, Tensor) or isinstance(c.lower, Tensor):
-        return c._replace(
-            lower=torch.clamp(torch.as_tensor(c.lower), max=largest),
-            upper=torch.clamp(torch.as_tensor(c.upper), max=largest),
-        )
-    return c._replace(lower=min(c.lower, largest), upper=min(c.upper, largest))
+    numerator, lower, upper, scale = c.numerator, c.lower, c.upper, c.scale
+    if lr is not None:
+        two = _rescaling(upper, lr * scale, dtype)
+        if isinstance(two, Tensor) or two != 1.0:
+            numerator, lower, upper = numerator * two, lower * two, upper * two
+            scale = scale / two
+    return c._replace(
+        numerator=numerator,
+        lower=_cap(lower, largest),
+        upper=_cap(upper, largest),
+        scale=scale,
+    )
+
+
+_EXPONENT_LIMIT = 100
+
+
+def _rescaling(upper: Scalar, k: Scalar, dtype: torch.dtype) -> Scalar:
+    """2**e with k = m * 2**e, m in [0.5, 1), where ``upper`` or ``upper * k`` comes within a
+    factor of two of ``dtype``'s largest value; 1 elsewhere."""
+    low, high = 2.0**-_EXPONENT_LIMIT, 2.0**_EXPONENT_LIMIT
+    if isinstance(k, Tensor):
+        # In dtype: a float scalar times it then keeps dtype's precision, not k's.
+        k = k.detach().to(dtype)
+        mantissa, _ = torch.frexp(k)
+        # k / mantissa is exactly 2**e: a representable quotient is rounded to itself.
+        two = torch.where(torch.isfinite(k) & (k > 0), k / mantissa, 1.0).clamp(low, high)
+    else:
+        two = min(max(math.ldexp(1.0, math.frexp(k)[1]), low), high) if 0 < k < math.inf else 1.0
+    near = torch.finfo(dtype).max / 2
+    if isinstance(upper, Tensor) or isinstance(k, Tensor):
+        needed = torch.logical_or(torch.as_tensor(upper > near), torch.as_tensor(upper * k > near))
+        return torch.where(needed, two, 1.0)
+    return two if upper > near or upper * k > near else 1.0
+
+
+def _cap(x: Scalar, largest: float) -> Scalar:
+    if not isinstance(x, Tensor):
+        return min(x, largest)
+    # A tensor cannot be clamped to a value beyond its own dtype's range.
+    return torch.clamp(x, max=min(largest, torch.finfo(x.dtype).max))
