@@ -5,18 +5,29 @@ Both paths run the same sequence of operations, so they agree bit for bit on CPU
     g    = -grad if maximize;  g += wd * p (coupled)  |  p *= 1 - lr*wd or 1 - wd (decoupled)
     m    = b1 * m + (1 - b1) * g
     v    = b2 * v + (1 - b2) * g * g;   u = max(vmax, v) (amsbound) else v
-    rate = clamp(numerator * (1 / (sqrt(u) + eps)), lower, upper) * (lr * scale)
+    rate = clamp(numerator * (1 / (sqrt(u) + eps)), lower, upper) * multiplier
     p   -= rate * m;                    p = clamp(p, *box) if box
 
-with the per-step scalars from :func:`dynabound.bounds.step_coefficients`.
+with ``multiplier = lr * scale`` and the per-step scalars from
+:func:`dynabound.bounds.step_coefficients`, put in range by
+:func:`dynabound.bounds.within_range`.
+
+float16 and bfloat16 tensors (complex32 through its float16 real view) are updated in
+float32, as the fused kernels do: each stored value is read into float32 once, and p, m, v
+and vmax are rounded once when stored. In float16 arithmetic ``(1 - b2) * g * g`` is 0 for
+|g| below about 7.7e-3 (eps = 1e-8 is 0 too), so 1/sqrt(v) is inf and the rate jumps to
+its upper bound. The state keeps the parameter's dtype, so a float16 v still stores such a
+term as 0: each step sees it, but the next one has lost it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients, within_range
 
@@ -102,25 +113,113 @@ def adabound(
         )
 
 
-def _coefficients(step, dtype, *, bounds, final_lr, base_lr, gamma, beta1, beta2, **_):
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FIELDS = ("numerator", "lower", "upper", "multiplier")
+
+
+def _arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype a parameter of ``dtype`` is updated in: its own, at least float32."""
+    real = dtype.to_real()
+    return torch.float32 if real in _LOW_PRECISION else real
+
+
+class _Scalars(NamedTuple):
+    """The scalars of one step for a list of tensors.
+
+    Each of the first four fields is one value shared by every tensor (a float or a 0-dim
+    tensor) or a list with one value per tensor, so foreach ops take the scalar overloads
+    when steps agree and the list overloads when they do not.
+    """
+
+    numerator: Any
+    lower: Any
+    upper: Any
+    multiplier: Any
+    eps_used: bool
+
+    def of(self, i: int) -> tuple:
+        return tuple(f[i] if isinstance(f, list) else f for f in self[:4])
+
+    def take(self, indices: Sequence[int]) -> _Scalars:
+        fields = zip(_FIELDS, self[:4], strict=True)
+        return self._replace(
+            **{n: [f[i] for i in indices] for n, f in fields if isinstance(f, list)}
+        )
+
+    def part(self, part: slice) -> _Scalars:
+        fields = zip(_FIELDS, self[:4], strict=True)
+        return self._replace(**{n: f[part] for n, f in fields if isinstance(f, list)})
+
+
+def _step_scalars(
+    steps: list[Tensor], dtypes: list[torch.dtype], capturable: bool, hyper
+) -> _Scalars:
+    """Scalars of the (already counted) steps of tensors updated in ``dtypes``."""
+    if capturable or torch.compiler.is_compiling():
+        return _tensor_step_scalars(steps, dtypes, hyper)
+    # Eager steps live on the CPU: read each once and do the scalar math in Python, once per
+    # distinct (step, dtype); every tensor of a group usually shares one.
+    # A tensor lr stays one in the multiplier (it may require grad); its value picks the
+    # rescaling of within_range.
+    lr = hyper["lr"]
+    lr_value = lr.item() if isinstance(lr, Tensor) else lr
+    keys = [(s.item(), d) for s, d in zip(steps, dtypes, strict=True)]
+    rows = {}
+    for key in keys:
+        if key not in rows:
+            c = _coefficients(key[0], key[1], hyper, lr_value)
+            rows[key] = (c.numerator, c.lower, c.upper, lr * c.scale, c.eps_used)
+    eps_used = next(iter(rows.values()))[4]
+    if len(rows) == 1:
+        return _Scalars(*next(iter(rows.values()))[:4], eps_used)
+    columns = zip(*(rows[key][:4] for key in keys), strict=True)
+    return _Scalars(*(list(column) for column in columns), eps_used)
+
+
+def _tensor_step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], hyper) -> _Scalars:
+    # The steps of one device and arithmetic dtype form one vector, so a step costs a fixed
+    # number of small tensor ops however many tensors there are (each 0-dim step through
+    # the formulas on its own costs about fifteen), and never a host sync.
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (step, dtype) in enumerate(zip(steps, dtypes, strict=True)):
+        groups.setdefault((step.device, dtype), []).append(i)
+    if len(groups) == 1:
+        return _vector_scalars(steps, dtypes[0], hyper)
+    columns: list[list] = [[None] * len(steps) for _ in _FIELDS]
+    for (_, dtype), indices in groups.items():
+        scalars = _vector_scalars([steps[i] for i in indices], dtype, hyper)
+        for column, field in zip(columns, scalars[:4], strict=True):
+            for j, i in enumerate(indices):
+                column[i] = field[j] if isinstance(field, list) else field
+    return _Scalars(*columns, scalars.eps_used)
+
+
+def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, hyper) -> _Scalars:
+    # In float64, as the eager steps' Python floats: float32 would overflow a relative bound
+    # before within_range could rescale it. Then rounded to the arithmetic dtype, as every
+    # use would round them, which lets one shared tensor take the fast foreach overload.
+    step = torch.stack(steps)
+    step = step.to(torch.float64 if step.device.type != "mps" else torch.float32)
+    c = _coefficients(step, dtype, hyper, hyper["lr"])
+    fields = [c.numerator, c.lower, c.upper, hyper["lr"] * c.scale]
+    fields = [f.to(dtype) if isinstance(f, Tensor) else f for f in fields]
+    return _Scalars(
+        *(list(f.unbind()) if isinstance(f, Tensor) and f.dim() == 1 else f for f in fields),
+        c.eps_used,
+    )
+
+
+def _coefficients(step, dtype, hyper, lr):
     c = step_coefficients(
         step,
-        bounds=bounds,
-        final_lr=final_lr,
-        base_lr=base_lr,
-        gamma=gamma,
-        beta1=beta1,
-        beta2=beta2,
+        bounds=hyper["bounds"],
+        final_lr=hyper["final_lr"],
+        base_lr=hyper["base_lr"],
+        gamma=hyper["gamma"],
+        beta1=hyper["beta1"],
+        beta2=hyper["beta2"],
     )
-    return within_range(c, dtype)
-
-
-def _step_value(step_t: Tensor, capturable: bool) -> float | Tensor:
-    # Capturable (and compiled) steps keep every scalar a tensor, so no host sync happens;
-    # eager steps read the CPU step counter once and do the scalar math in Python.
-    if capturable or torch.compiler.is_compiling():
-        return step_t
-    return step_t.item()
+    return within_range(c, dtype, lr)
 
 
 def _single_tensor_adabound(
@@ -135,11 +234,14 @@ def _single_tensor_adabound(
     differentiable: bool,
     **hyper,
 ) -> None:
-    amsbound, lr, wd = hyper["amsbound"], hyper["lr"], hyper["weight_decay"]
+    amsbound, wd = hyper["amsbound"], hyper["weight_decay"]
     beta1, beta2, eps, box = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["box"]
+    for step_t in state_steps:
+        step_t += 1
+    dtypes = [_arithmetic_dtype(p.dtype) for p in params]
+    scalars = _step_scalars(state_steps, dtypes, capturable, hyper)
     for i, param in enumerate(params):
-        grad = grads[i] if not hyper["maximize"] else -grads[i]
-        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        grad, exp_avg, exp_avg_sq = grads[i], exp_avgs[i], exp_avg_sqs[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsbound else None
         if torch.is_complex(param):
             # Real and imaginary parts are independent coordinates, as in torch's Adam.
@@ -147,15 +249,22 @@ def _single_tensor_adabound(
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
             if amsbound:
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
-
-        step_t += 1
-        step = _step_value(step_t, capturable)
+        stored = None
+        if param.dtype in _LOW_PRECISION:
+            stored = (param, exp_avg, exp_avg_sq, max_exp_avg_sq)
+            param, grad, exp_avg, exp_avg_sq = (
+                t.to(torch.float32) for t in (param, grad, exp_avg, exp_avg_sq)
+            )
+            if amsbound:
+                max_exp_avg_sq = max_exp_avg_sq.to(torch.float32)
+        if hyper["maximize"]:
+            grad = -grad
 
         if wd != 0:
             if not hyper["decoupled_weight_decay"]:
                 grad = grad.add(param, alpha=wd)
             else:
-                param.mul_(decoupled_decay_factor(lr, wd, hyper["unscaled_decay"]))
+                param.mul_(decoupled_decay_factor(hyper["lr"], wd, hyper["unscaled_decay"]))
 
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -171,22 +280,31 @@ def _single_tensor_adabound(
         else:
             second_moment = exp_avg_sq
 
-        c = _coefficients(step, param.dtype, **hyper)
+        numerator, lower, upper, multiplier = scalars.of(i)
         denom = second_moment.sqrt()
-        if c.eps_used:
+        if scalars.eps_used:
             denom = denom + eps
-        rate = denom.reciprocal() * c.numerator
-        rate = rate.clamp(c.lower, c.upper) * (lr * c.scale)
+        rate = denom.reciprocal() * numerator
+        rate = rate.clamp(lower, upper) * multiplier
         param.addcmul_(rate, exp_avg, value=-1)
         if box is not None:
             param.clamp_(box[0], box[1])
+        if stored is not None:
+            for target, value in zip(
+                stored, (param, exp_avg, exp_avg_sq, max_exp_avg_sq), strict=True
+            ):
+                if target is not None:
+                    target.copy_(value)
 
 
 def _chunks(sizes: Sequence[int]) -> Iterator[slice]:
     """Consecutive slices whose total size stays within the largest single tensor.
 
     The foreach path allocates one temporary per tensor of a chunk, so this caps the
-    extra memory of a step at the size of the largest parameter.
+    extra memory of a step at the size of the largest parameter. float16 and bfloat16
+    chunks are updated in float32 copies of p, g, m, v (and vmax) instead, the gradient's
+    copy doubling as the temporary: at most 16 bytes per element of the largest parameter
+    (AMSBound 20), eight (ten) times its own size.
     """
     budget = max(sizes, default=0)
     start, total = 0, 0
@@ -220,23 +338,28 @@ def _multi_tensor_adabound(
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if amsbound:
         lists.append(max_exp_avg_sqs)
-    grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(lists)
+    grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(
+        lists, with_indices=True
+    )
     for device_lists, _ in grouped.values():
-        d_params, d_grads, d_avgs, d_avg_sqs, d_steps = device_lists[:5]
+        d_steps = device_lists[4]
+        if not capturable and d_steps[0].is_cpu:
+            torch._foreach_add_(d_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(d_steps, 1)
+    dtypes = [_arithmetic_dtype(p.dtype) for p in params]
+    scalars = _step_scalars(state_steps, dtypes, capturable, {**hyper, "lr": lr})
+
+    for device_lists, indices in grouped.values():
+        d_params, d_grads, d_avgs, d_avg_sqs = device_lists[:4]
         d_max = device_lists[5] if amsbound else []
         if has_complex:
             d_params, d_grads, d_avgs, d_avg_sqs, d_max = (
                 [torch.view_as_real(t) if torch.is_complex(t) else t for t in ts]
                 for ts in (d_params, d_grads, d_avgs, d_avg_sqs, d_max)
             )
-
-        if not capturable and d_steps[0].is_cpu:
-            torch._foreach_add_(d_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(d_steps, 1)
-        dtype = d_params[0].dtype
-        coeffs = [_coefficients(_step_value(s, capturable), dtype, **hyper) for s in d_steps]
-
+        d_scalars = scalars.take(indices)
+        low_precision = d_params[0].dtype in _LOW_PRECISION
         for part in _chunks([p.numel() for p in d_params]):
             _multi_tensor_chunk(
                 d_params[part],
@@ -244,7 +367,8 @@ def _multi_tensor_adabound(
                 d_avgs[part],
                 d_avg_sqs[part],
                 d_max[part] if amsbound else None,
-                coeffs[part],
+                d_scalars.part(part),
+                low_precision=low_precision,
                 lr=lr,
                 wd=wd,
                 beta1=beta1,
@@ -258,13 +382,50 @@ def _multi_tensor_adabound(
 
 
 def _multi_tensor_chunk(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coeffs, *, lr, wd, beta1, beta2,
-    eps, box, maximize, decoupled, unscaled_decay,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, *, low_precision, **options
+) -> None:
+    if not low_precision:
+        _multi_tensor_update(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, scratch=None, **options
+        )
+        return
+    stored = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    work = [_float32_copies(ts) if ts is not None else None for ts in stored]
+    grads = _float32_copies(grads)
+    _multi_tensor_update(
+        work[0], grads, work[1], work[2], work[3], scalars, scratch=grads, **options
+    )
+    for targets, values in zip(stored, work, strict=True):
+        if targets is not None:
+            _copy_(targets, values)
+
+
+def _float32_copies(tensors: list[Tensor]) -> list[Tensor]:
+    copies = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    _copy_(copies, tensors)
+    return copies
+
+
+def _copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    if is_traceable_wrapper_subclass(targets[0]) or is_traceable_wrapper_subclass(sources[0]):
+        # DTensor (FSDP2) has no sharding rule for _foreach_copy_.
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+    else:
+        torch._foreach_copy_(targets, sources)
+
+
+def _multi_tensor_update(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, *, scratch, lr, wd, beta1,
+    beta2, eps, box, maximize, decoupled, unscaled_decay,
 ) -> None:  # fmt: skip
-    # One temporary list at most: the modified gradient, reused as the denominator.
-    scratch = None
+    # One temporary list at most: the modified gradient, reused as the rates. ``scratch``
+    # is a list of gradients the caller owns, which can serve as that temporary.
     if maximize:
-        grads = scratch = torch._foreach_neg(grads)
+        if scratch is None:
+            grads = scratch = torch._foreach_neg(grads)
+        else:
+            torch._foreach_neg_(scratch)
     if wd != 0:
         if not decoupled:
             if scratch is None:
@@ -290,14 +451,29 @@ def _multi_tensor_chunk(
         torch._foreach_zero_(rates)  # DTensor (FSDP2) has no sharding rule for _foreach_copy_
         torch._foreach_add_(rates, second_moments)
         torch._foreach_sqrt_(rates)
-    if coeffs[0].eps_used:
+    if scalars.eps_used:
         torch._foreach_add_(rates, eps)
     torch._foreach_reciprocal_(rates)
-    torch._foreach_mul_(rates, [c.numerator for c in coeffs])
-    torch._foreach_clamp_min_(rates, [c.lower for c in coeffs])
-    torch._foreach_clamp_max_(rates, [c.upper for c in coeffs])
-    torch._foreach_mul_(rates, [lr * c.scale for c in coeffs])
+    _foreach_mul_(rates, scalars.numerator)
+    torch._foreach_clamp_min_(rates, _scalar_list(scalars.lower, rates))
+    torch._foreach_clamp_max_(rates, _scalar_list(scalars.upper, rates))
+    _foreach_mul_(rates, scalars.multiplier)
     torch._foreach_addcmul_(params, rates, exp_avgs, value=-1)
     if box is not None:
         torch._foreach_clamp_min_(params, box[0])
         torch._foreach_clamp_max_(params, box[1])
+
+
+def _foreach_mul_(tensors: list[Tensor], value) -> None:
+    if isinstance(value, Tensor) and (
+        value.device != tensors[0].device or value.dtype != tensors[0].dtype
+    ):
+        # The one-tensor overload would read a CPU scalar on the host (a graph would keep
+        # that value) and take the slow route for another dtype.
+        value = [value] * len(tensors)
+    torch._foreach_mul_(tensors, value)
+
+
+def _scalar_list(value, tensors: list[Tensor]):
+    # The clamps have no overload for one tensor scalar.
+    return [value] * len(tensors) if isinstance(value, Tensor) else value
