@@ -24,6 +24,7 @@ included, all without reading ``found_inf`` on the host.
 from __future__ import annotations
 
 import functools
+import struct
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -74,17 +75,11 @@ def is_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _whole_power(base, exponent):
-        """``base ** exponent`` for a whole-number float64 exponent, by repeated squaring
-        (a few float64 roundings: far below the float32 the scalars are used in)."""
-        result = base * 0.0 + 1.0
-        e = exponent.to(tl.int64)
-        while e > 0:
-            if e % 2 == 1:
-                result = result * base
-            base = base * base
-            e = e // 2
-        return result
+    def _power(base, exponent):
+        """``base ** exponent`` in float64 as exp(exponent * log(base)): its relative error
+        stays near one ulp while exponent * log(base) is small, which is where
+        1 - base**exponent cancels (repeated squaring would grow it with the exponent)."""
+        return tl.exp(exponent * tl.log(base))
 
     @triton.jit
     def _step_scalars(t, beta1, beta2, final_lr, base_lr, gamma, SCHEDULE: tl.constexpr):
@@ -96,7 +91,7 @@ if triton is not None:
             upper = final_lr * (1 + 1 / ((1 - beta2) * t)) / base_lr
             scale = 1 / tl.sqrt(t)
         else:  # "reference": the authors' AdaBound
-            numerator = tl.sqrt(1 - _whole_power(beta2, t)) / (1 - _whole_power(beta1, t))
+            numerator = tl.sqrt(1 - _power(beta2, t)) / (1 - _power(beta1, t))
             lower = final_lr * (1 - 1 / (gamma * t + 1)) / base_lr
             upper = final_lr * (1 + 1 / (gamma * t)) / base_lr
             scale = t * 0.0 + 1.0
@@ -274,22 +269,19 @@ if triton is not None:
 
     @triton.jit
     def _scalars_kernel(
-        steps, out, n, beta1, beta2, final_lr, base_lr, gamma, SCHEDULE: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        """The per-step scalars of a vector of steps (float64): what the update kernel
+        steps, out, n, beta1, beta2, final_lr, base_lr, gamma, SCHEDULE: tl.constexpr
+    ):
+        """The per-step scalars of one step per program (float64): what the update kernel
         computes, exposed so tests can pin it to dynabound.bounds."""
-        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = index < n
-        t = tl.load(steps + index, mask=mask, other=1.0)
+        index = tl.program_id(0)
         numerator, lower, upper, scale = _step_scalars(
-            t, tl.load(beta1), tl.load(beta2), tl.load(final_lr), tl.load(base_lr),
-            tl.load(gamma), SCHEDULE,
+            tl.load(steps + index), tl.load(beta1), tl.load(beta2), tl.load(final_lr),
+            tl.load(base_lr), tl.load(gamma), SCHEDULE,
         )  # fmt: skip
-        tl.store(out + index, numerator, mask=mask)
-        tl.store(out + n + index, lower, mask=mask)
-        tl.store(out + 2 * n + index, upper, mask=mask)
-        tl.store(out + 3 * n + index, scale, mask=mask)
+        tl.store(out + index, numerator)
+        tl.store(out + n + index, lower)
+        tl.store(out + 2 * n + index, upper)
+        tl.store(out + 3 * n + index, scale)
 
     _TL_DTYPES = {
         torch.float32: tl.float32,
@@ -496,8 +488,12 @@ def _coefficient_table(steps: list[Tensor], hyper: dict, compute: torch.dtype) -
 
 def _split_float(value: float) -> tuple[float, float]:
     """Two float32 values whose float64 sum is ``value`` to within 2**-48 relative."""
-    high = float(torch.tensor(value, dtype=torch.float32))
-    return high, float(torch.tensor(value - high, dtype=torch.float32))
+    high = _float32(value)
+    return high, _float32(value - high)
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def fused_adabound_triton(
@@ -640,7 +636,7 @@ def step_scalars(steps: Tensor, *, bounds: str, final_lr, base_lr, gamma, beta1,
         _to_device([float(x)], torch.float64, steps.device)
         for x in (beta1, beta2, final_lr, base_lr, gamma)
     ]
-    _scalars_kernel[(triton.cdiv(n, BLOCK),)](
-        steps, out, n, *scalars, SCHEDULE=PAPER if bounds == "paper" else REFERENCE, BLOCK=BLOCK
+    _scalars_kernel[(n,)](
+        steps, out, n, *scalars, SCHEDULE=PAPER if bounds == "paper" else REFERENCE
     )
     return out.view(4, n).unbind(0)

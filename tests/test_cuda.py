@@ -1,0 +1,207 @@
+"""The fused CUDA kernel on a real GPU: skipped where CUDA or Triton is missing.
+
+Every option and dtype against the single-tensor path, the default's choice of the fused
+kernel, CUDA-graph capture and replay, GradScaler and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynabound import AdaBound, kernels
+
+if not kernels.is_available("cuda"):
+    pytest.skip(
+        f"fused CUDA kernel unavailable: {kernels.unavailable_reason('cuda')}",
+        allow_module_level=True,
+    )
+
+DEVICE = torch.device("cuda")
+SHAPES = [(37,), (5, 3, 2), (), (0,), (70001,), (64, 3, 3, 3), (300, 300)]
+USER_BOUNDS = lambda t: (0.05 * (1 - 1 / (0.01 * t + 1)), 0.05 * (1 + 3 / (0.01 * t)))  # noqa: E731
+OPTIONS = {
+    "default": {},
+    "amsbound": dict(amsbound=True),
+    "coupled_wd": dict(weight_decay=0.1),
+    "adamw_decay": dict(weight_decay=0.1, decoupled_weight_decay=True),
+    "unscaled_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, unscaled_decay=True),
+    "maximize": dict(maximize=True),
+    "paper": dict(bounds="paper"),
+    "callable_bounds": dict(bounds=USER_BOUNDS),
+    "box": dict(box=(-0.3, 0.25)),
+    "everything": dict(amsbound=True, weight_decay=0.05, maximize=True, box=(-1.0, 1.0)),
+    "lr_zero": dict(lr=0.0, base_lr=1e-2),
+    "tensor_lr": dict(lr=torch.tensor(2e-2, device="cuda"), base_lr=1e-2),
+}
+# Storage dtype -> (arithmetic dtype of the reference, tolerance of one rounding).
+DTYPES = {
+    torch.float32: (torch.float32, dict(rtol=1e-6, atol=1e-6)),
+    torch.float64: (torch.float64, dict(rtol=1e-12, atol=1e-12)),
+    torch.bfloat16: (torch.float32, dict(rtol=1.6e-2, atol=1e-5)),
+    torch.float16: (torch.float32, dict(rtol=1e-3, atol=1e-5)),
+}
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE, dtype))
+        for s in SHAPES
+    ]
+
+
+def set_grads(params, step, dtype=None):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        p.grad = g.to(DEVICE, dtype or p.dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", OPTIONS)
+def test_default_fused_matches_single_tensor(name, dtype):
+    """The default (fused) step against the single-tensor path in the arithmetic dtype,
+    resynchronised to the stored values after every step (one rounding per step)."""
+    options = dict(OPTIONS[name])
+    lr = options.pop("lr", 1e-2)
+    compute, tol = DTYPES[dtype]
+    fused_params = make_params(dtype)
+    ref_params = [torch.nn.Parameter(p.detach().to(compute)) for p in fused_params]
+    fused = AdaBound(fused_params, lr=lr, **options)
+    ref_lr = lr.clone() if isinstance(lr, torch.Tensor) else lr
+    ref = AdaBound(ref_params, lr=ref_lr, foreach=False, **options)
+    for step in range(4):
+        set_grads(fused_params, step)
+        for pf, pr in zip(fused_params, ref_params, strict=True):
+            pr.grad = pf.grad.to(compute)
+        fused.step()
+        ref.step()
+        with torch.no_grad():
+            for pf, pr in zip(fused_params, ref_params, strict=True):
+                torch.testing.assert_close(pf.to(compute), pr, **tol)
+                for key, value in ref.state[pr].items():
+                    torch.testing.assert_close(fused.state[pf][key].to(value.dtype), value, **tol)
+                    value.copy_(fused.state[pf][key])
+                pr.copy_(pf)
+    assert all(s["step"].device == DEVICE for s in fused.state.values())
+    assert all(s["step"].item() == 4 for s in fused.state.values())
+
+
+def test_default_picks_the_fused_kernel_and_falls_back_per_group(monkeypatch):
+    from dynabound import optim
+
+    chosen = []
+    real = optim._choose_implementation
+    monkeypatch.setattr(
+        optim, "_choose_implementation", lambda g, p: chosen.append(real(g, p)) or chosen[-1]
+    )
+    strided = torch.nn.Parameter(torch.randn(6, 8, device=DEVICE)[:, ::2])
+    dense = torch.nn.Parameter(torch.randn(8, device=DEVICE))
+    opt = AdaBound([{"params": [dense]}, {"params": [strided]}])
+    for p in (dense, strided):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert chosen == [(False, True), (True, False)]
+
+
+def test_checkpoint_loaded_into_a_default_optimizer_keeps_steps_on_the_device():
+    params = make_params(torch.float32)
+    opt = AdaBound(params, foreach=False)
+    set_grads(params, 0)
+    opt.step()
+    state = opt.state_dict()
+    fresh = AdaBound(params)
+    fresh.load_state_dict(state)
+    assert all(s["step"].device == DEVICE for s in fresh.state.values())
+    set_grads(params, 1)
+    fresh.step()
+
+
+@pytest.mark.parametrize("options", [{}, dict(amsbound=True, bounds="paper", weight_decay=0.1)])
+def test_cuda_graph_capture_and_replay(options):
+    params = make_params(torch.float32)
+    ref_params = make_params(torch.float32)
+    lr = torch.tensor(1e-2, device=DEVICE)
+    opt = AdaBound(params, lr=lr, capturable=True, fused=True, **options)
+    ref = AdaBound(ref_params, lr=1e-2, foreach=False, **options)
+    static = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static, strict=True):
+        p.grad = g
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph builds the launch plan
+        set_grads(ref_params, 0)
+        for g, r in zip(static, ref_params, strict=True):
+            g.copy_(r.grad)
+        opt.step()
+        ref.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(1, 6):
+        set_grads(ref_params, step)
+        for g, r in zip(static, ref_params, strict=True):
+            g.copy_(r.grad)
+        if step == 3:  # a tensor lr changed in place reaches the replayed graph
+            lr.fill_(5e-3)
+            for group in ref.param_groups:
+                group["lr"] = 5e-3
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, r in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert all(s["step"].item() == 6 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_grad_scaler(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).to(DEVICE)
+    ref_model = torch.nn.Linear(16, 4).to(DEVICE)
+    ref_model.load_state_dict(model.state_dict())
+    opt = AdaBound(model.parameters(), lr=1e-2, fused=fused, weight_decay=0.01)
+    ref = AdaBound(ref_model.parameters(), lr=1e-2, foreach=False, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    x = torch.randn(32, 16, device=DEVICE)
+    for step in range(4):
+        opt.zero_grad()
+        ref.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        ref_model(x).square().mean().backward()
+        if step == 2:
+            model.weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if step == 2:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+            continue
+        ref.step()
+    for p, r in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_default_step_matches_eager_and_does_not_recompile_for_a_scheduler():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    params = make_params(torch.float32)
+    ref_params = make_params(torch.float32)
+    opt = AdaBound(params, lr=1e-2)
+    ref = AdaBound(ref_params, lr=1e-2, foreach=False)
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in (opt, ref)]
+    compiled = torch.compile(opt.step)
+    for step in range(6):
+        set_grads(params, step)
+        set_grads(ref_params, step)
+        compiled()
+        ref.step()
+        for s in schedulers:
+            s.step()
+    for p, r in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
