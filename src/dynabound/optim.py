@@ -258,38 +258,43 @@ class AdaBound(Optimizer):
         max_exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
+        # Runs every step over every parameter: group lookups hoisted, p.grad read once.
         has_complex = False
+        amsbound, differentiable = group["amsbound"], group["differentiable"]
+        all_state = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients; "
                     "use dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
-            has_complex |= torch.is_complex(p)
+            has_complex |= p.is_complex()
             params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
+            grads.append(grad)
+            state = all_state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsbound"]:
+                if amsbound:
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            if group["differentiable"] and state["step"].requires_grad:
+            step = state["step"]
+            if differentiable and step.requires_grad:
                 raise RuntimeError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsbound"]:
+            if amsbound:
                 if "max_exp_avg_sq" not in state:  # amsbound switched on after training began
                     state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            state_steps.append(state["step"])
+            state_steps.append(step)
         return has_complex
 
     @_use_grad_for_differentiable
