@@ -2,7 +2,7 @@
 
     python benchmarks/step_time.py                  # CPU, 2 threads, both shape sets
     python benchmarks/step_time.py --quick          # ResNet-34 shapes only, fewer repeats
-    python benchmarks/step_time.py --device cuda    # adds copy bandwidth and a 1B shape set
+    python benchmarks/step_time.py --device cuda    # adds a 1B shape set and CUDA graphs
 
 Every method runs ``optimizer.step()`` on the same parameters and gradients, in the same
 process, interleaved: each repeat times every method once (fresh state, one untimed warm-up
@@ -102,12 +102,31 @@ def methods(device: str) -> dict[str, tuple[str, Callable]]:
         ),
         "dynabound foreach": ("adabound", lambda p: dynabound.AdaBound(p, foreach=True)),
     }
+    out["dynabound default"] = ("adabound", lambda p: dynabound.AdaBound(p))
     if fused_ok:
         out["dynabound fused"] = ("adabound", lambda p: dynabound.AdaBound(p, fused=True))
         out["dynabound AMSBound fused"] = (
             "amsbound",
             lambda p: dynabound.AMSBound(p, fused=True),
         )
+    if device == "cuda":
+        out["torch Adam fused, CUDA graph"] = (
+            "adam",
+            lambda p: GraphedStep(torch.optim.Adam(p, fused=True, capturable=True)),
+        )
+        out["dynabound foreach capturable"] = (
+            "adabound",
+            lambda p: dynabound.AdaBound(p, foreach=True, capturable=True),
+        )
+        out["dynabound foreach capturable, CUDA graph"] = (
+            "adabound",
+            lambda p: GraphedStep(dynabound.AdaBound(p, foreach=True, capturable=True)),
+        )
+        if fused_ok:
+            out["dynabound fused, CUDA graph"] = (
+                "adabound",
+                lambda p: GraphedStep(dynabound.AdaBound(p, fused=True, capturable=True)),
+            )
     try:
         import adabound
 
@@ -134,6 +153,28 @@ def methods(device: str) -> dict[str, tuple[str, Callable]]:
     except ImportError:
         pass
     return out
+
+
+class GraphedStep:
+    """``opt.step()`` captured in a CUDA graph on the first call and replayed afterwards:
+    the device time of a step with no host work at all."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> None:
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: state, kernels, launch plans
+                for _ in range(3):
+                    self.opt.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.opt.step()
+        self.graph.replay()
 
 
 # ---------------------------------------------------------------- measurement

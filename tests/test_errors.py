@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -176,3 +177,33 @@ def test_zero_lr_from_a_warmup_is_a_no_op_update(foreach: bool, kwargs: dict) ->
     opt.step()  # lr is now 5e-3: the warm-up ends and the update resumes
     assert not torch.equal(params[0].detach(), start[0])
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_fused_on_an_unsupported_device_fails_before_any_state_exists() -> None:
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(RuntimeError, match=r"fused=True\) supports parameters on cpu and cuda"):
+        AdaBound([p], fused=True)
+    opt = AdaBound([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    with pytest.raises(RuntimeError, match="meta"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1 and not opt.state
+
+
+def test_default_warns_once_with_the_reason_when_the_cpu_kernel_is_unavailable(
+    monkeypatch,
+) -> None:
+    from dynabound import kernels
+    from dynabound.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", "RuntimeError: ninja is not installed (pip install ninja)")
+    monkeypatch.setattr(kernels, "_warned_unavailable", set())
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdaBound([p])
+    p.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="foreach path: RuntimeError: ninja is not installed"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once is enough
+    assert opt.state[p]["step"].item() == 2
