@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from dynabound.experiments.cli import main
-from dynabound.experiments.runner import read_metrics
+from dynabound.experiments.runner import build_config, read_metrics, train
 from dynabound.experiments.tasks import TASKS
 
 HELP = [
@@ -209,3 +210,23 @@ def test_sweep_grid_and_summary(tmp_path, capsys):
     assert all(r["gamma"] == 1e-3 and 0 <= r["value"] <= 100 for r in results)
     assert (out / "sweep.png").stat().st_size > 10_000
     assert (out / "final_lr=0.05,gamma=0.001" / "checkpoint.pt").is_file()
+
+
+def test_plot_help_names_the_transition_files_that_plot_writes(tmp_path, capsys):
+    # Run directories named unlike their optimizer, so that the two cannot be confused.
+    runs = [tmp_path / "first-try", tmp_path / "second-try"]
+    config = build_config("convex", "adabound", epochs=1, task_args={"steps_per_epoch": 20})
+    for run in runs:
+        train(config, run, quiet=True, figures=False)
+    with pytest.raises(SystemExit):
+        main(["plot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
+    single, each = re.findall(r"transition(?:-<[^>]*>)?\.png", text)
+    placeholder = re.fullmatch(r"transition-<([^>]*)>\.png", each).group(1)
+    assert "RUN_DIR" in placeholder
+
+    assert main(["plot", *map(str, runs), "--out", str(tmp_path / "both" / "curves.png")]) == 0
+    written = sorted(p.name for p in (tmp_path / "both").glob("transition*.png"))
+    assert written == [each.replace(f"<{placeholder}>", run.name) for run in runs]
+    assert main(["plot", str(runs[0]), "--out", str(tmp_path / "one" / "curves.png")]) == 0
+    assert [p.name for p in (tmp_path / "one").glob("transition*.png")] == [single]

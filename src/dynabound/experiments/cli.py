@@ -39,6 +39,10 @@ _HPARAMS = (
 )
 
 
+# What `plot` names the transition plots it draws (its --help quotes these).
+TRANSITION_ONE, TRANSITION_EACH = "transition.png", "transition-{run}.png"
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -197,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper-style curves (and transition plots) from run directories",
         description="Draw train/test accuracy (or perplexity) against epochs, one line per "
         "run, and for runs of dynabound optimizers the transition plot of their recorded "
-        "bound activity (transition-<optimizer>.png next to the figure).",
+        f"bound activity next to the figure: {TRANSITION_ONE} for a single RUN_DIR, else "
+        f"{TRANSITION_EACH.format(run='<RUN_DIR name>')} for each (the last component of "
+        "its path).",
     )
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument(
@@ -467,7 +473,7 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
         for r in runs:
             config, metrics = load_run(r)
             if any("bounds" in m for m in metrics):
-                name = "transition.png" if len(runs) == 1 else f"transition-{r.name}.png"
+                name = TRANSITION_ONE if len(runs) == 1 else TRANSITION_EACH.format(run=r.name)
                 paths.append(plot_run_transition(r, out.parent / name))
     for p in paths:
         print(p)
