@@ -198,6 +198,7 @@ def test_default_warns_once_with_the_reason_when_the_cpu_kernel_is_unavailable(
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_error", "RuntimeError: ninja is not installed (pip install ninja)")
     monkeypatch.setattr(kernels, "_warned_unavailable", set())
+    monkeypatch.setattr(kernels, "_fusable_by_type", {})
     p = torch.nn.Parameter(torch.ones(3))
     opt = AdaBound([p])
     p.grad = torch.ones(3)

@@ -62,22 +62,35 @@ def can_fuse(params: list[Tensor]) -> bool:
     supported dtypes and dense layouts. Never raises; meant for picking a default, so it
     runs every step and is kept to one pass over the parameters."""
     devices = {p.device for p in params}
-    if not all(is_available(d) for d in devices):
+    allowed = {d: _fusable_dtypes(d.type) for d in devices}
+    if not all(allowed.values()):
         return False
-    allowed = {d: _fusable_dtypes(d) for d in devices}
     if len(allowed) == 1:  # the usual case: no per-parameter device lookup
         (dtypes,) = allowed.values()
         return all(p.dtype in dtypes and dense_layout(p) for p in params)
     return all(p.dtype in allowed[p.device] and dense_layout(p) for p in params)
 
 
-def _fusable_dtypes(device: torch.device) -> frozenset[torch.dtype]:
+# Device type -> the dtypes its kernel takes, once the kernel is known to work: a dict
+# lookup per step (and a constant for torch.compile), not a call into the kernel library.
+_fusable_by_type: dict[str, frozenset[torch.dtype]] = {}
+
+
+def _fusable_dtypes(device_type: str) -> frozenset[torch.dtype]:
+    """The parameter dtypes the kernel for ``device_type`` takes; empty when none works."""
+    known = _fusable_by_type.get(device_type)
+    if known is not None:
+        return known
+    if device_type not in DEVICE_TYPES or not is_available(device_type):
+        return frozenset()
     real = _FUSABLE
-    if device.type == "cpu":
+    if device_type == "cpu":
         from . import cpu
 
         real = cpu.supported_dtypes()
-    return frozenset(real) | {c for c in _COMPLEX if c.to_real() in real}
+    dtypes = frozenset(real) | {c for c in _COMPLEX if c.to_real() in real}
+    _fusable_by_type[device_type] = dtypes
+    return dtypes
 
 
 def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
@@ -155,7 +168,7 @@ def default_kernel_ready(device_type: str) -> bool:
     kernel is unavailable, with the reason."""
     if device_type not in DEVICE_TYPES:
         return False
-    if is_available(device_type):
+    if _fusable_dtypes(device_type):
         return True
     if device_type not in _warned_unavailable:
         _warned_unavailable.add(device_type)
