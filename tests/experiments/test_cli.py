@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from dynabound.experiments.cli import main
 from dynabound.experiments.runner import build_config, read_metrics, train
@@ -210,6 +211,90 @@ def test_sweep_grid_and_summary(tmp_path, capsys):
     assert all(r["gamma"] == 1e-3 and 0 <= r["value"] <= 100 for r in results)
     assert (out / "sweep.png").stat().st_size > 10_000
     assert (out / "final_lr=0.05,gamma=0.001" / "checkpoint.pt").is_file()
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"dynabound {command}: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("threads", ["-3", "0"])
+@pytest.mark.parametrize(
+    "argv", [["run", "digits", "--optim", "adam"], ["compare", "digits"], ["demo", "--quick"]]
+)
+def test_threads_must_be_a_positive_integer(argv, threads, tmp_path, capsys):
+    assert main([*argv, "--threads", threads, "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys, argv[0])
+    assert line.endswith(f"--threads must be a positive integer, got {threads}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "CUDA is not available"),
+        ("cuda:1", "CUDA is not available"),
+        ("gpu", "must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_an_unusable_device_is_refused_before_any_work(
+    device, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The demo's convex part runs on the CPU whatever --device says: it must not start.
+    assert main(["demo", "--quick", "--device", device, "--out", str(tmp_path / "demo")]) == 2
+    assert message in _one_error_line(capsys, "demo")
+    assert not (tmp_path / "demo").exists()
+    run = ["run", "digits", "--optim", "adam", "--device", device, "--out", str(tmp_path / "r")]
+    assert main(run) == 2
+    assert message in _one_error_line(capsys, "run")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-0.1"], "lr"),
+        (["--gamma", "0"], "gamma"),
+        (["--gamma", "-1"], "gamma"),
+        (["--beta1", "1.5"], "beta"),
+        (["--beta2", "-0.1"], "beta"),
+        (["--final-lr", "-1"], "final"),
+        (["--eps", "-1"], "eps"),
+        (["--lr-decay", "0"], "--lr-decay"),
+        (["--milestones", "0"], "--milestones"),
+        (["--epochs", "0"], "epochs"),
+        (["--hidden", "0"], "--hidden"),
+    ],
+)
+def test_bad_values_are_reported_before_missing_data(flags, message, tmp_path, capsys):
+    argv = ["run", "mnist", "--optim", "adabound", "--data-dir", str(tmp_path / "none")]
+    assert main([*argv, *flags, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    line = _one_error_line(capsys, "run")
+    assert message in line.lower() and "mnist" not in line.lower()
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_task_options_are_reported_before_missing_data(tmp_path, capsys):
+    argv = ["run", "ptb", "--optim", "adam", "--data-dir", str(tmp_path / "none"), "--quiet"]
+    for flags, message in (
+        (["--bptt", "0"], "--bptt must be positive"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--tie", "--embed", "8", "--hidden", "16"], "--tie needs --embed equal to --hidden"),
+    ):
+        assert main([*argv, *flags, "--out", str(tmp_path / "r")]) == 2
+        assert message in _one_error_line(capsys, "run")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_checks_every_grid_point_before_training_any(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "digits", "--final-lr", "0.1", "--gamma", "1e-3", "-1", "--epochs", "1"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 2
+    assert "gamma" in _one_error_line(capsys, "sweep")
+    assert not out.exists()
 
 
 def test_plot_help_names_the_transition_files_that_plot_writes(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +331,24 @@ def test_a_run_directory_in_use_is_refused_and_a_stale_lock_is_taken_over(mnist_
     (tmp_path / ".lock").write_text(str(dead.pid))
     assert train(config, tmp_path, quiet=True, figures=False).epochs_done == 1
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_get_the_umasks_permissions(umask, mnist_dir, tmp_path):
+    def interrupt(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (2, 1):
+            raise KeyboardInterrupt
+
+    previous = os.umask(umask)
+    try:
+        config = _mnist_config(mnist_dir, epochs=2)
+        train(config, tmp_path, quiet=True, on_batch=interrupt)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        train({}, tmp_path, resume=True, quiet=True)  # rewrites all three, draws the figures
+        modes_after = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert modes == dict.fromkeys(("config.json", "metrics.jsonl", "checkpoint.pt"), expected)
+    names = ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png", "transition.png")
+    assert modes_after == dict.fromkeys(names, expected)

@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 
+from .devices import check_device
 from .optimizers import PAPER_SIX, display_name
-from .plots import plot_convex, plot_run_transition, plot_runs, probe_run
-from .runner import CHECKPOINT, CONFIG, build_config, read_metrics, restore, train
+from .plots import plot_convex, plot_run_transition, plot_runs
+from .probe import probe_run
+from .rundir import CHECKPOINT, CONFIG, read_metrics
+from .runner import build_config, restore, train
 from .tasks.convex import ConvexTask
 
 __all__ = ["run_demo"]
@@ -57,6 +60,7 @@ def run_demo(
     device: str = "cpu",
 ) -> Path | None:
     """Run the demo into ``out`` and return the path of ``report.md`` (None if interrupted)."""
+    check_device(device)  # before the convex part, which runs on the CPU whatever is asked
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = sys.stderr.isatty() and not quiet

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .optimizers import DISPLAY_NAMES
-from .runner import load_run
+from .rundir import load_run
 
 __all__ = [
     "COLOURS",
+    "default_title",
     "plot_convex",
     "plot_run_transition",
     "plot_runs",
@@ -127,7 +128,7 @@ def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = 
         else:
             _zoom_accuracy(ax, [[m.get(key) for m in ms] for _, ms in runs])
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title or _default_title(configs))
+    fig.suptitle(title or default_title(configs))
     return _save(fig, path)
 
 
@@ -158,7 +159,7 @@ def _zoom_accuracy(ax: Any, curves: list[list[float]]) -> None:
         ax.set_ylim(max(0.0, low - pad), min(100.5, high + pad))
 
 
-def _default_title(configs: Sequence[dict[str, Any]]) -> str:
+def default_title(configs: Sequence[dict[str, Any]]) -> str:
     c = configs[0]
     extra = ""
     if c["task"] == "cifar10":
@@ -208,7 +209,7 @@ def plot_run_transition(run_dir: PathLike, path: PathLike) -> Path:
     if not by_step:
         raise ValueError(f"{run_dir} has no bound activity (not a dynabound optimizer?)")
     records = [by_step[step] for step in sorted(by_step)]
-    title = f"{_default_title([config])}: {run_label(config)} bound activity"
+    title = f"{default_title([config])}: {run_label(config)} bound activity"
     return plot_transition(records, path, x="step", log_x=True, title=title)
 
 
@@ -263,40 +264,3 @@ def plot_sweep(
             axes[0][1].set_yscale("log")
     fig.suptitle(title or "sensitivity to final_lr and gamma")
     return _save(fig, path)
-
-
-def probe_run(
-    run_dir: PathLike,
-    path: PathLike | None = None,
-    *,
-    kernel: str = "sample",
-    device: str = "cpu",
-) -> Path:
-    """The paper's Figure 1 for a run: per-element effective learning rates of its final
-    checkpoint (nine 3x3 kernels or weight blocks and the last biases, log colour scale)."""
-    from dynabound.diagnostics import (
-        bound_activity,
-        effective_lr,
-        plot_rate_heatmap,
-        select_figure1_params,
-    )
-
-    from .optimizers import is_dynabound
-    from .runner import restore
-
-    task, model, optimizer, ckpt = restore(run_dir, device=device)
-    rates = effective_lr(optimizer)
-    if not rates:
-        raise ValueError(f"{run_dir}: the checkpoint's optimizer has not taken a step yet")
-    blocks = select_figure1_params(model, rates, kernel=kernel)
-    bounds = None
-    if is_dynabound(optimizer):
-        activity = bound_activity(optimizer)
-        bounds = (activity.lower_bound, activity.upper_bound)
-    config = ckpt["config"]
-    title = (
-        f"{_default_title([config])}: {run_label(config)} per-element learning rates "
-        f"after epoch {ckpt['epoch']} (step {ckpt['global_step']})"
-    )
-    out = Path(path) if path is not None else Path(run_dir) / "figure1.png"
-    return plot_rate_heatmap(blocks, out, title=title, bounds=bounds)

@@ -20,6 +20,7 @@ __all__ = [
     "DistInfo",
     "EpochContext",
     "Task",
+    "check_positive",
     "derive_seed",
 ]
 
@@ -106,6 +107,10 @@ class Task:
         return {}
 
     @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        """Raise ValueError for a bad task option, before any data is loaded."""
+
+    @classmethod
     def run_name(cls, config: dict[str, Any]) -> str:
         return f"{cls.name}-{config['optim']}"
 
@@ -153,6 +158,14 @@ class Task:
         from ..plots import plot_runs
 
         return [plot_runs([run_dir], run_dir / "curves.png")]
+
+
+def check_positive(args: dict[str, Any], *keys: str) -> None:
+    """Each of ``keys`` that is set in ``args`` must be a positive number."""
+    for key in keys:
+        value = args.get(key)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
 
 
 def _all_reduce_sums(values: list[float], dist: DistInfo, device: torch.device) -> list[float]:

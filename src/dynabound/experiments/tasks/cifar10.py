@@ -11,7 +11,7 @@ from torch import nn
 from ..data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, normalize, random_crop_flip
 from ..models import densenet121, resnet18, resnet34
 from ..optimizers import PAPER_SIX
-from .base import ClassificationTask, EpochContext
+from .base import ClassificationTask, EpochContext, check_positive
 
 __all__ = ["CIFAR10Task"]
 
@@ -46,6 +46,10 @@ class CIFAR10Task(ClassificationTask):
     @classmethod
     def task_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
         return {"model": ns.model, "synthetic": ns.synthetic}
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        check_positive(args, "synthetic")
 
     @classmethod
     def preset_model(cls, task_args: dict[str, Any]) -> str | None:

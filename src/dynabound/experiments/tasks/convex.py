@@ -146,22 +146,32 @@ class ConvexTask(Task):
         problem = "sequence" if args.get("sequence") else args.get("problem") or "theorem"
         return f"convex-{problem}-{config['optim']}"
 
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        cls.problem_sequence(args)
+        steps = args.get("steps_per_epoch")
+        if steps is not None and steps < 1:
+            raise ValueError(f"--steps-per-epoch must be positive, got {steps}")
+
+    @classmethod
+    def problem_sequence(cls, args: dict[str, Any]) -> torch.Tensor:
+        """One period of the gradients the options describe."""
+        if args.get("sequence") is not None:
+            return parse_sequence(args["sequence"])
+        problem = dict(PROBLEMS[args.get("problem") or "theorem"])
+        for key in ("C", "period", "slope"):
+            if args.get(key) is not None:
+                problem[key] = args[key]
+        C, period, slope = float(problem["C"]), int(problem["period"]), float(problem["slope"])
+        if period < 2 or C <= 0 or slope < 0:
+            raise ValueError("convex problem needs period >= 2, C > 0 and slope >= 0")
+        return torch.tensor([C] + [-slope] * (period - 1), dtype=torch.float64)
+
     def __init__(self, config, device, dist):
         super().__init__(config, device, dist)
-        problem = dict(PROBLEMS[self.args.get("problem") or "theorem"])
-        for key in ("C", "period", "slope"):
-            if self.args.get(key) is not None:
-                problem[key] = self.args[key]
-        if self.args.get("sequence") is not None:
-            self.sequence = parse_sequence(self.args["sequence"])
-        else:
-            C, period, slope = float(problem["C"]), int(problem["period"]), float(problem["slope"])
-            if period < 2 or C <= 0 or slope < 0:
-                raise ValueError("convex problem needs period >= 2, C > 0 and slope >= 0")
-            self.sequence = torch.tensor([C] + [-slope] * (period - 1), dtype=torch.float64)
+        self.check_args(self.args)
+        self.sequence = self.problem_sequence(self.args)
         self.steps_per_epoch = int(self.args.get("steps_per_epoch") or 1000)
-        if self.steps_per_epoch < 1:
-            raise ValueError("steps per epoch must be positive")
         self.sum_gx = 0.0  # sum of g_t * x_t so far
         self.sum_g = 0.0
 

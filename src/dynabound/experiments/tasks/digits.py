@@ -10,7 +10,7 @@ from torch import nn
 from ..data import load_digits_split
 from ..models import MLP
 from ..optimizers import PAPER_SIX
-from .base import ClassificationTask
+from .base import ClassificationTask, check_positive
 
 __all__ = ["DigitsTask"]
 
@@ -31,6 +31,10 @@ class DigitsTask(ClassificationTask):
     @classmethod
     def task_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
         return {"hidden": ns.hidden}
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        check_positive(args, "hidden")
 
     def load_data(self) -> None:
         split = load_digits_split(test_fraction=0.25, seed=0)

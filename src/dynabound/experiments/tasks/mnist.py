@@ -10,7 +10,7 @@ from torch import nn
 from ..data import MNIST_MEAN, MNIST_STD, load_mnist, normalize
 from ..models import MLP
 from ..optimizers import PAPER_SIX
-from .base import ClassificationTask
+from .base import ClassificationTask, check_positive
 
 __all__ = ["MNISTTask"]
 
@@ -33,6 +33,10 @@ class MNISTTask(ClassificationTask):
     @classmethod
     def task_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
         return {"hidden": ns.hidden}
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        check_positive(args, "hidden")
 
     def load_data(self) -> None:
         data = load_mnist(self.config["data_dir"], download=self.config.get("download", False))

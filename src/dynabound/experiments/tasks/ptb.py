@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import batchify, bptt_batches, load_corpus
 from ..models import LSTMLanguageModel, detach_hidden
-from .base import EpochContext, Task
+from .base import EpochContext, Task, check_positive
 
 __all__ = ["PTBTask"]
 
@@ -71,6 +71,17 @@ class PTBTask(Task):
             "clip": ns.clip,
             "eval_batch_size": ns.eval_batch_size,
         }
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        check_positive(args, "layers", "embed", "hidden", "bptt", "eval_batch_size")
+        dropout, clip = args.get("dropout"), args.get("clip")
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {dropout}")
+        if clip is not None and not clip >= 0:
+            raise ValueError(f"--clip must be 0 (off) or positive, got {clip}")
+        if args.get("tie") and args.get("embed", 200) != args.get("hidden", 200):
+            raise ValueError("--tie needs --embed equal to --hidden")
 
     @classmethod
     def run_name(cls, config: dict[str, Any]) -> str:

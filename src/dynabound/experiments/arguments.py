@@ -1,0 +1,245 @@
+"""The ``dynabound`` command's arguments: the parser, and the checks argparse cannot make."""
+
+from __future__ import annotations
+
+import argparse
+
+from .optimizers import OPTIMIZERS
+from .tasks import TASKS
+
+__all__ = [
+    "HPARAMS",
+    "TRANSITION_EACH",
+    "TRANSITION_ONE",
+    "build_parser",
+    "check_arguments",
+    "flag",
+]
+
+EPILOG = """\
+examples:
+  dynabound demo                                  # offline, CPU, a few minutes
+  dynabound run mnist --optim adabound --data-dir data --download
+  dynabound run mnist --optim adabound --resume   # continue after Ctrl-C
+  dynabound compare cifar10 --model resnet34 --data-dir data
+  torchrun --nproc-per-node 4 -m dynabound.experiments run cifar10 --optim adabound
+  dynabound sweep cifar10 --final-lr 0.01 0.03 0.1 0.3 --gamma 1e-4 1e-3 1e-2
+  dynabound plot runs/mnist-compare/*
+  dynabound probe runs/cifar10-resnet34-adam
+"""
+
+HPARAMS = (
+    ("lr", float, "learning rate (Adam-phase lr for the bounded methods)"),
+    ("momentum", float, "SGDM momentum"),
+    ("beta1", float, "first-moment coefficient"),
+    ("beta2", float, "second-moment coefficient"),
+    ("final_lr", float, "AdaBound/AMSBound: the SGD rate both bounds converge to"),
+    ("gamma", float, "AdaBound/AMSBound: convergence speed of the bounds"),
+    ("eps", float, "denominator term"),
+    ("weight_decay", float, "weight decay (L2; decoupled for AdamW/AdaBoundW)"),
+)
+
+
+# What `plot` names the transition plots it draws (its --help quotes these).
+TRANSITION_ONE, TRANSITION_EACH = "transition.png", "transition-{run}.png"
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output and hardware")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
+
+
+def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
+    if mode == "run":
+        p.add_argument(
+            "--optim",
+            choices=OPTIMIZERS,
+            default=None,
+            help="optimizer (required unless resuming a run in --out)",
+        )
+    elif mode == "compare":
+        p.add_argument(
+            "--optims",
+            nargs="+",
+            choices=OPTIMIZERS,
+            default=None,
+            help=f"optimizers to compare (default: {' '.join(task.optimizers)})",
+        )
+    else:
+        p.add_argument(
+            "--optim",
+            choices=("adabound", "amsbound", "adaboundw", "amsboundw"),
+            default="adabound",
+            help="bounded optimizer to sweep (default adabound)",
+        )
+    h = p.add_argument_group(
+        "hyperparameters", "default: the paper's presets for this task (see presets.py)"
+    )
+    for key, typ, text in HPARAMS:
+        if mode == "sweep" and key in ("final_lr", "gamma"):
+            h.add_argument(
+                flag(key),
+                type=typ,
+                nargs="+",
+                required=True,
+                dest=key,
+                help=f"values to sweep: {text}",
+            )
+        else:
+            h.add_argument(flag(key), type=typ, default=None, dest=key, help=text)
+    h.add_argument(
+        "--bounds",
+        choices=("reference", "paper"),
+        default=None,
+        help="bounded methods: the authors' code (reference) or Algorithm 2 (paper)",
+    )
+    t = p.add_argument_group("training")
+    d = task.defaults
+    t.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"global batch size, split between processes (default {d['batch_size']})",
+    )
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help=f"epochs after which lr is multiplied by --lr-decay (default {d['milestones']})",
+    )
+    t.add_argument("--lr-decay", type=float, default=None, help="default 0.1")
+    t.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA)",
+    )
+    t.add_argument(
+        "--no-bounds-record",
+        action="store_true",
+        help="do not record bound activity in metrics.jsonl",
+    )
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data-dir", default=None, help="where the data set lives (default ./data)")
+    io.add_argument("--download", action="store_true", help="download missing data files")
+    io.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default runs/<task>-<optimizer>)"
+        if mode == "run"
+        else "parent directory of the runs (default runs/<task>-"
+        + ("compare)" if mode == "compare" else "sweep-<optimizer>)"),
+    )
+    if mode == "run":
+        io.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its last finished epoch",
+        )
+    task.add_arguments(p.add_argument_group(f"{task.name} options"))
+    _add_common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynabound",
+        description="Reproduce the AdaBound paper's experiments (Luo et al., ICLR 2019): "
+        "train with progress bars, resumable checkpoints and metrics files, and draw the "
+        "paper's figures.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo: convex counterexample + six optimizers on digits (CPU, minutes)",
+        description="Runs offline on CPU: (1) the online convex counterexample where Adam "
+        "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
+        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training "
+        "an MLP on scikit-learn's handwritten digits. Writes DIR/report.md with a results "
+        "table and PNG figures.",
+    )
+    demo.add_argument(
+        "--out", default="dynabound-demo", help="output directory (default ./dynabound-demo)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a few seconds: tiny budgets (for tests)"
+    )
+    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: fastest for these small models)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
+
+    for mode, text in (
+        ("run", "train one optimizer on one task"),
+        ("compare", "train every optimizer with the paper's presets, then draw the comparison"),
+        ("sweep", "sensitivity of AdaBound/AMSBound to final_lr and gamma (paper's appendix)"),
+    ):
+        p = sub.add_parser(mode, help=text, description=text + ". Choose a task for its options.")
+        tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+        for name, task in TASKS.items():
+            tp = tasks.add_parser(name, help=task.description, description=task.description)
+            _add_training(tp, task, mode)
+
+    plot = sub.add_parser(
+        "plot",
+        help="paper-style curves (and transition plots) from run directories",
+        description="Draw train/test accuracy (or perplexity) against epochs, one line per "
+        "run, and for runs of dynabound optimizers the transition plot of their recorded "
+        f"bound activity next to the figure: {TRANSITION_ONE} for a single RUN_DIR, else "
+        f"{TRANSITION_EACH.format(run='<RUN_DIR name>')} for each (the last component of "
+        "its path).",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument(
+        "--out",
+        default=None,
+        help="figure path (default RUN_DIR/curves.png for one run, else ./curves.png)",
+    )
+    plot.add_argument("--title", default=None)
+    plot.add_argument("--no-transition", action="store_true", help="skip the transition plots")
+
+    probe = sub.add_parser(
+        "probe",
+        help="the paper's Figure 1 heatmap of per-element learning rates from a checkpoint",
+        description="Load RUN_DIR/checkpoint.pt, rebuild the model and optimizer, and draw "
+        "the per-element effective learning rates of nine 3x3 kernels (or weight blocks) and "
+        "the last layer's biases on a log colour scale, as in the paper's Figure 1.",
+    )
+    probe.add_argument("run", metavar="RUN_DIR")
+    probe.add_argument("--out", default=None, help="figure path (default RUN_DIR/figure1.png)")
+    probe.add_argument(
+        "--kernel",
+        choices=("sample", "mean"),
+        default="sample",
+        help="one sampled kernel per layer (paper) or the mean over channels",
+    )
+    probe.add_argument("--device", default="cpu")
+    return parser
+
+
+def check_arguments(ns: argparse.Namespace) -> None:
+    """Refuse what argparse's types cannot see, before a command does any work."""
+    from .devices import check_device
+
+    threads = getattr(ns, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    if hasattr(ns, "device"):
+        check_device(ns.device)

@@ -1,0 +1,162 @@
+"""A run directory on disk: its files, how they are written, read back and locked.
+
+``config.json`` (the run's configuration), ``metrics.jsonl`` (one JSON object per finished
+epoch, appended), ``checkpoint.pt`` (replaced atomically: at the start, inside epochs and
+after every epoch) and ``.lock`` (the pid of the process training there). Every other module
+of the harness reads and writes run directories through this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "FORMAT",
+    "METRICS",
+    "RunLock",
+    "append_metrics",
+    "atomic_write",
+    "load_checkpoint",
+    "load_run",
+    "read_metrics",
+    "remove_stale_temporaries",
+    "save_checkpoint",
+    "write_config",
+    "write_metrics",
+]
+
+CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
+LOCK = ".lock"
+FORMAT = "dynabound-run/1"
+_TEMPORARY = ".{name}.{pid}.{token}.tmp"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through ``write(file)`` so that a reader, or a kill at any moment,
+    sees either the old content or the new, never a mix."""
+    path = Path(path)
+    # Next to the target, so that os.replace is an atomic rename on the same file system.
+    tmp = path.with_name(
+        _TEMPORARY.format(name=path.name, pid=os.getpid(), token=secrets.token_hex(4))
+    )
+    # Created like any other new file (0666 less the umask); tempfile.mkstemp would make
+    # it 0600 whatever the umask, and the rename keeps the mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the half-written temporaries a killed process left behind; call it only
+    while holding the run's lock, when no other writer can exist."""
+    for name in (CONFIG, METRICS, CHECKPOINT):
+        for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(Path(run_dir) / CONFIG, lambda fh: fh.write(text), mode="w")
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` with ``records``."""
+    text = "".join(json.dumps(m) + "\n" for m in records)
+    atomic_write(Path(run_dir) / METRICS, lambda fh: fh.write(text), mode="w")
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / METRICS, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The epochs recorded in a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config, metrics) of a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
+    config = json.loads((run_dir / CONFIG).read_text())
+    return config, read_metrics(run_dir / METRICS)
+
+
+def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, **payload}
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    # Checkpoints hold numpy and Python RNG states, which the weights-only loader refuses;
+    # they are files this program wrote, so the full loader is used.
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a dynabound run checkpoint")
+    return ckpt
+
+
+class RunLock:
+    """``run_dir/.lock`` holding our pid: two processes must not train into one run
+    directory. A lock whose process has died (a ``kill -9``) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ValueError(f"{run_dir} is in use by process {pid}") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return
+        raise ValueError(f"cannot lock {run_dir}")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
