@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 from dynabound.experiments.runner import (
-    CHECKPOINT,
     METRICS,
     build_config,
     load_run,
@@ -23,52 +21,7 @@ from dynabound.experiments.runner import (
 )
 from dynabound.experiments.tasks import ClassificationTask, DistInfo
 
-from .fixtures import write_corpus, write_mnist
-
-TIMING = {"epoch_time", "time"}
-PTB_VOCAB = "the cat dog sat on mat a ran far away <unk> N".split()
-
-
-def _strip_timing(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
-
-
-def _checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / CHECKPOINT, weights_only=False)
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for index in sa:
-        for key, value in sa[index].items():
-            assert torch.equal(value, sb[index][key]), (index, key)
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mnist")
-    write_mnist(root, n_train=64, n_test=16)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(1)
-
-    def lines(n: int) -> list[str]:
-        words = torch.randint(0, len(PTB_VOCAB), (n, 6), generator=g)
-        return [" " + " ".join(PTB_VOCAB[i] for i in row) + " " for row in words.tolist()]
-
-    root = tmp_path_factory.mktemp("ptb")
-    write_corpus(
-        root, train=[" " + " ".join(PTB_VOCAB) + " "] + lines(20), valid=lines(6), test=lines(6)
-    )
-    return root
+from .runs import assert_same_state, checkpoint, finish, launch, strip_timing
 
 
 def _mnist_config(data: Path, optim: str = "adabound", epochs: int = 4) -> dict:
@@ -108,8 +61,8 @@ def test_resume_is_bit_identical(kind, mnist_dir, ptb_dir, tmp_path):
     assert half.epochs_done == 2
     resumed = train({"epochs": 4}, tmp_path / "half", resume=True, quiet=True, figures=False)
     assert resumed.epochs_done == 4
-    assert _strip_timing(read_metrics(tmp_path / "half" / METRICS)) == _strip_timing(full.metrics)
-    _assert_same_state(_checkpoint(tmp_path / "full"), _checkpoint(tmp_path / "half"))
+    assert strip_timing(read_metrics(tmp_path / "half" / METRICS)) == strip_timing(full.metrics)
+    assert_same_state(checkpoint(tmp_path / "full"), checkpoint(tmp_path / "half"))
 
 
 def test_interrupt_mid_epoch_then_resume(mnist_dir, tmp_path):
@@ -122,13 +75,13 @@ def test_interrupt_mid_epoch_then_resume(mnist_dir, tmp_path):
 
     cut = train(config, tmp_path / "cut", quiet=True, on_batch=interrupt, figures=False)
     assert cut.interrupted and cut.epochs_done == 2
-    assert _checkpoint(tmp_path / "cut")["epoch"] == 2
+    assert checkpoint(tmp_path / "cut")["epoch"] == 2
     assert [m["epoch"] for m in read_metrics(tmp_path / "cut" / METRICS)] == [1, 2]
     assert not list((tmp_path / "cut").glob(".*.tmp")), "a temporary file was left behind"
     done = train(config, tmp_path / "cut", resume=True, quiet=True, figures=False)
     assert not done.interrupted
-    assert _strip_timing(done.metrics) == _strip_timing(reference.metrics)
-    _assert_same_state(_checkpoint(tmp_path / "ref"), _checkpoint(tmp_path / "cut"))
+    assert strip_timing(done.metrics) == strip_timing(reference.metrics)
+    assert_same_state(checkpoint(tmp_path / "ref"), checkpoint(tmp_path / "cut"))
 
 
 def test_interrupt_in_first_epoch_leaves_resumable_run(mnist_dir, tmp_path):
@@ -137,7 +90,7 @@ def test_interrupt_in_first_epoch_leaves_resumable_run(mnist_dir, tmp_path):
 
     config = _mnist_config(mnist_dir, epochs=1)
     assert train(config, tmp_path, quiet=True, on_batch=interrupt).interrupted
-    assert _checkpoint(tmp_path)["epoch"] == 0
+    assert checkpoint(tmp_path)["epoch"] == 0
     assert train(config, tmp_path, resume=True, quiet=True, figures=False).epochs_done == 1
 
 
@@ -235,12 +188,6 @@ def test_distributed_shards_partition_each_global_batch():
     assert set(torch.cat(odd).tolist()) == set(range(n))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_ddp_matches_single_process(ptb_dir, tmp_path):
     """What ``torchrun --nproc-per-node 2 -m dynabound.experiments run ptb`` does, on CPU."""
     args = [
@@ -266,37 +213,7 @@ def test_two_process_gloo_ddp_matches_single_process(ptb_dir, tmp_path):
         "--threads",
         "1",
     ]
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dynabound.experiments",
-                    *args,
-                    "--out",
-                    str(tmp_path / "ddp"),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+    finish(launch(*args, "--out", str(tmp_path / "ddp")))
     config = build_config(
         "ptb",
         "adabound",
@@ -313,7 +230,7 @@ def test_two_process_gloo_ddp_matches_single_process(ptb_dir, tmp_path):
         for key in ("train_loss", "valid_loss", "test_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
         assert a["steps"] == b["steps"]
-    ddp, ref = _checkpoint(tmp_path / "ddp"), _checkpoint(tmp_path / "single")
+    ddp, ref = checkpoint(tmp_path / "ddp"), checkpoint(tmp_path / "single")
     assert len(ddp["rng"]) == 2  # both ranks' generators are saved
     for key, tensor in ref["model"].items():
         torch.testing.assert_close(ddp["model"][key], tensor, rtol=1e-4, atol=1e-6)
@@ -342,7 +259,8 @@ def test_run_files_get_the_umasks_permissions(umask, mnist_dir, tmp_path):
     previous = os.umask(umask)
     try:
         config = _mnist_config(mnist_dir, epochs=2)
-        train(config, tmp_path, quiet=True, on_batch=interrupt)
+        train(config, tmp_path, quiet=True, checkpoint_steps=1, on_batch=interrupt)
+        assert checkpoint(tmp_path)["inside"] is not None  # written inside the epoch
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
         train({}, tmp_path, resume=True, quiet=True)  # rewrites all three, draws the figures
         modes_after = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}

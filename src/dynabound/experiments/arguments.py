@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .optimizers import OPTIMIZERS
+from .savepoints import CHECKPOINT_EVERY
 from .tasks import TASKS
 
 __all__ = [
@@ -20,7 +21,7 @@ EPILOG = """\
 examples:
   dynabound demo                                  # offline, CPU, a few minutes
   dynabound run mnist --optim adabound --data-dir data --download
-  dynabound run mnist --optim adabound --resume   # continue after Ctrl-C
+  dynabound run mnist --optim adabound --resume   # continue after Ctrl-C or a kill
   dynabound compare cifar10 --model resnet34 --data-dir data
   torchrun --nproc-per-node 4 -m dynabound.experiments run cifar10 --optim adabound
   dynabound sweep cifar10 --final-lr 0.01 0.03 0.1 0.3 --gamma 1e-4 1e-3 1e-2
@@ -145,8 +146,25 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
         io.add_argument(
             "--resume",
             action="store_true",
-            help="continue the run in --out from its last finished epoch",
+            help="continue the run in --out from its checkpoint, inside an epoch if it was "
+            "saved there; the result is the same as if the run had never stopped",
         )
+    io.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=CHECKPOINT_EVERY,
+        metavar="SECONDS",
+        help="also save the checkpoint inside epochs this often, so that a kill -9 costs "
+        "at most this much training; 0: only after each epoch. Ctrl-C and SIGTERM save "
+        f"the current step before stopping whatever this is (default {CHECKPOINT_EVERY:g})",
+    )
+    io.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also save the checkpoint every N optimizer steps (default: by time only)",
+    )
     task.add_arguments(p.add_argument_group(f"{task.name} options"))
     _add_common(p)
 
@@ -241,5 +259,11 @@ def check_arguments(ns: argparse.Namespace) -> None:
     threads = getattr(ns, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads}")
+    every = getattr(ns, "checkpoint_every", None)
+    if every is not None and not every >= 0:  # also refuses NaN
+        raise ValueError(f"--checkpoint-every must be 0 or more seconds, got {every}")
+    steps = getattr(ns, "checkpoint_steps", None)
+    if steps is not None and steps < 1:
+        raise ValueError(f"--checkpoint-steps must be a positive integer, got {steps}")
     if hasattr(ns, "device"):
         check_device(ns.device)

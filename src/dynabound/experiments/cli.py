@@ -75,7 +75,14 @@ def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> 
 def _train_one(config: dict[str, Any], out: Path, resume: bool, ns: argparse.Namespace):
     from .runner import train
 
-    return train(config, out, resume=resume, quiet=ns.quiet)
+    return train(
+        config,
+        out,
+        resume=resume,
+        quiet=ns.quiet,
+        checkpoint_every=ns.checkpoint_every,
+        checkpoint_steps=ns.checkpoint_steps,
+    )
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ def probe_run(
     kernel: str = "sample",
     device: str = "cpu",
 ) -> Path:
-    """The paper's Figure 1 for a run: per-element effective learning rates of its final
+    """The paper's Figure 1 for a run: per-element effective learning rates of its latest
     checkpoint (nine 3x3 kernels or weight blocks and the last biases, log colour scale)."""
     from dynabound.diagnostics import (
         bound_activity,
@@ -38,9 +38,15 @@ def probe_run(
         activity = bound_activity(optimizer)
         bounds = (activity.lower_bound, activity.upper_bound)
     config = ckpt["config"]
+    inside = ckpt.get("inside")
+    when = (
+        f"{inside['batch']} steps into epoch {inside['epoch']}"
+        if inside
+        else f"after epoch {ckpt['epoch']}"
+    )
     title = (
         f"{default_title([config])}: {run_label(config)} per-element learning rates "
-        f"after epoch {ckpt['epoch']} (step {ckpt['global_step']})"
+        f"{when} (step {ckpt['global_step']})"
     )
     out = Path(path) if path is not None else Path(run_dir) / "figure1.png"
     return plot_rate_heatmap(blocks, out, title=title, bounds=bounds)

@@ -1,12 +1,17 @@
-"""The training loop: atomic checkpoints, exact resume, metrics, DDP.
+"""The training loop: exact resume from inside an epoch, metrics, DDP.
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
-``checkpoint.pt`` (rewritten atomically after every epoch, and at epoch 0 before training)
-and the figures drawn when the run finishes. Resuming restores the model, optimizer,
-scheduler, task state, epoch and step counters and every random generator (torch, CUDA,
-numpy, Python; per rank under DDP). The data order of an epoch is drawn from a generator
-seeded by (seed, epoch), so it needs no saved state. A resumed CPU run is bit-identical to
-an uninterrupted one.
+A run saves ``checkpoint.pt`` before training, after every epoch and inside epochs: every
+``checkpoint_every`` seconds of training (60 by default), every ``checkpoint_steps``
+optimizer steps if asked, and when Ctrl-C or SIGTERM stops it (the first signal stops the
+run at the next step boundary, after saving that step; a second one stops it at once). A
+``kill -9`` therefore costs at most ``checkpoint_every`` seconds of training.
+
+Resuming restores the model, optimizer, scheduler, task state, epoch and step counters and
+every random generator (torch, CUDA, numpy, Python; per rank under DDP), and inside an
+epoch also the batch position, the task's running sums and carried state (an LSTM's hidden
+state, an augmentation generator) and the bound activity recorded so far in the epoch. The
+data order of an epoch is drawn from a generator seeded by (seed, epoch), so it needs no
+saved state. A resumed CPU run is bit-identical to an uninterrupted one.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised here (NCCL on CUDA,
 gloo on CPU), the model is wrapped in DistributedDataParallel, ``batch_size`` is the global
@@ -15,13 +20,12 @@ batch split between the ranks, and only rank 0 writes files or prints.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import RESUMABLE_CHANGES, build_config, check_hparams, check_resume_config
+from .console import Console
 from .devices import ensure_distributed, resolve_device, shutdown_distributed
 from .optimizers import build_optimizer, is_dynabound
 from .rundir import (
@@ -47,11 +52,13 @@ from .rundir import (
     write_config,
     write_metrics,
 )
+from .savepoints import CHECKPOINT_EVERY, SaveSchedule, StopSignals
 from .tasks import DistInfo, EpochContext, Task, get_task
-from .tasks.base import derive_seed
+from .tasks.base import EpochState, derive_seed
 
 __all__ = [
     "CHECKPOINT",
+    "CHECKPOINT_EVERY",
     "CONFIG",
     "METRICS",
     "RESUMABLE_CHANGES",
@@ -72,7 +79,12 @@ class RunResult:
     run_dir: Path
     metrics: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
-    epochs_done: int = 0
+    epochs_done: int = 0  # finished epochs in the checkpoint on disk
+    steps_done: int = 0  # optimizer steps in the checkpoint on disk (inside an epoch too)
+
+
+class _StopRequested(Exception):
+    """Unwinds an epoch after the step that a stop request was saved at."""
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -100,51 +112,213 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --- progress and output ------------------------------------------------------------------------
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
-class _Console:
-    def __init__(self, lines: bool, bars: bool):
-        self.enabled = lines
-        self.bars = bars
-        self._tqdm = None
-        if self.bars:
-            try:
-                from tqdm.auto import tqdm
+class _Run:
+    """One process's share of a run: the objects a checkpoint saves and restores."""
 
-                self._tqdm = tqdm
-            except ImportError:
-                self.bars = False
+    def __init__(
+        self,
+        config: dict[str, Any],
+        run_dir: Path,
+        task_cls: type[Task],
+        dist: DistInfo,
+        device: torch.device,
+        console: Console,
+        ckpt: dict[str, Any] | None,
+    ):
+        self.config, self.run_dir, self.dist, self.device = config, run_dir, dist, device
+        self.console = console
+        self.amp = device.type == "cuda" if config.get("amp") is None else bool(config["amp"])
+        if device.type == "cuda":
+            # Fixed input shapes: let cuDNN pick the fastest kernels (GPU runs are not promised
+            # to be bit-reproducible; CPU runs are).
+            torch.backends.cudnn.benchmark = True
+        seed = int(config["seed"])
+        _seed_all(derive_seed(seed, "init"))
+        self.task = task_cls(config, device, dist)
+        self.task.load_data()
+        self.spec = self.task.model_spec
+        if ckpt is not None and ckpt["model_spec"] != json.loads(json.dumps(self.spec)):
+            raise ValueError(
+                f"the data no longer matches the run: {ckpt['model_spec']} != {self.spec}"
+            )
+        self.model = self.task.build_model(self.spec).to(device)
+        if device.type == "cuda" and any(m.__class__ is nn.Conv2d for m in self.model.modules()):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(
+            config["optim"], self.model.parameters(), config["hparams"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=config["milestones"], gamma=config["lr_decay"]
+        )
+        self.train_model: nn.Module = self.model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def bar(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
-        if not self.bars:
-            return _NoBar(iterable)
-        return self._tqdm(iterable, dynamic_ncols=True, **kwargs)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bars:
-            self._tqdm.write(text)
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        _seed_all(derive_seed(seed, "train", dist.rank))
+        self.record_bounds = (
+            config.get("record_bounds", True) and is_dynabound(self.optimizer) and dist.is_main
+        )
+        self.metrics: list[dict[str, Any]] = []
+        self.epochs_done, self.global_step, self.elapsed = 0, 0, 0.0
+        self.inside: dict[str, Any] | None = None  # where a mid-epoch checkpoint left off
+        self.saved_epochs = self.saved_steps = 0
+        self.saved_inside: dict[str, Any] | None = None
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._restore(ckpt)
         else:
-            print(text, flush=True)
+            if dist.is_main:
+                write_config(run_dir, config)
+                write_metrics(run_dir, [])
+            self.save()  # so that a Ctrl-C during the first epoch still leaves a resumable run
 
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.task.load_state_dict(ckpt["task"])
+        states = ckpt["rng"]
+        _set_rng_state(states[self.dist.rank % len(states)], self.device)
+        self.epochs_done, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.elapsed = ckpt["elapsed"]
+        self.inside = ckpt.get("inside")
+        self.saved_epochs, self.saved_steps = self.epochs_done, self.global_step
+        self.saved_inside = self.inside
+        kept = [m for m in read_metrics(self.run_dir / METRICS) if m["epoch"] <= self.epochs_done]
+        self.metrics = kept
+        if self.dist.is_main:
+            write_metrics(self.run_dir, kept)
+            write_config(self.run_dir, self.config)
 
-class _NoBar:
-    def __init__(self, iterable: Iterable[Any] | None):
-        self.iterable = iterable
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` of every rank, in rank order."""
+        if not self.dist.enabled:
+            return [value]
+        import torch.distributed as tdist
 
-    def __iter__(self):
-        return iter(self.iterable)
+        values: list[Any] = [None] * self.dist.world_size
+        tdist.all_gather_object(values, value)
+        return values
 
-    def update(self, n: int = 1) -> None:
-        pass
+    def save(self, global_step: int | None = None, inside: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint: after ``epochs_done`` epochs, or ``inside`` the next one
+        at ``global_step``. Every rank must call this at the same step."""
+        step = self.global_step if global_step is None else global_step
+        states = self._gather(_rng_state(self.device))
+        if inside is not None:
+            inside = {**inside, "task": self._gather(_to_cpu(inside["task"]))}
+        if self.dist.is_main:
+            payload = {
+                "epoch": self.epochs_done,
+                "global_step": step,
+                "elapsed": self.elapsed,
+                "inside": inside,
+                "config": self.config,
+                "model_spec": self.spec,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "task": self.task.state_dict(),
+                "rng": states,
+            }
+            save_checkpoint(self.run_dir, payload)
+        self.saved_epochs, self.saved_steps, self.saved_inside = self.epochs_done, step, inside
 
-    def close(self) -> None:
-        pass
+    def epoch(
+        self,
+        epoch: int,
+        schedule: SaveSchedule,
+        signals: StopSignals,
+        on_batch: Callable[[int, int], None] | None,
+    ) -> dict[str, Any]:
+        """Train and evaluate one epoch (from where a checkpoint left it), save, and return
+        its metrics record."""
+        inside = self.inside if self.inside and self.inside["epoch"] == epoch else None
+        self.inside = None
+        early = list(inside["bounds_by_step"]) if inside else []
+        lr = inside["lr"] if inside else float(self.optimizer.param_groups[0]["lr"])
+        spent_before = inside["time"] if inside else 0.0
+        if self.record_bounds:
+            from dynabound.diagnostics import bound_activity
+        t0 = time.perf_counter()
 
+        def progress(iterable: Any, **kwargs: Any) -> Any:
+            return self.console.bar(iterable, leave=False, unit="step", **kwargs)
 
-# --- the run ------------------------------------------------------------------------------------
+        def step_done(i: int, state: Callable[[], EpochState]) -> None:
+            step = ctx.global_step
+            # The Adam-to-SGD transition often finishes inside the first epoch, so bound
+            # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
+            if self.record_bounds and step & (step - 1) == 0:
+                early.append(bound_activity(self.optimizer).summary())
+            save, stop = schedule.after_step(step, signals.requested)
+            if save:
+                where = {
+                    "epoch": epoch,
+                    "batch": i + 1,
+                    "lr": lr,
+                    "time": spent_before + time.perf_counter() - t0,
+                    "bounds_by_step": list(early),
+                    "task": state(),
+                }
+                self.save(step, where)
+                schedule.saved()
+            if stop:
+                raise _StopRequested
+            if on_batch is not None:
+                on_batch(epoch, i)
+
+        ctx = EpochContext(
+            epoch=epoch,
+            seed=int(self.config["seed"]),
+            device=self.device,
+            dist=self.dist,
+            amp=self.amp,
+            raw_model=self.model,
+            progress=progress,
+            on_batch=step_done,
+            global_step=self.global_step,
+            start_batch=inside["batch"] if inside else 0,
+            resume_state=inside["task"][self.dist.rank] if inside else None,
+        )
+        record: dict[str, Any] = {"epoch": epoch}
+        record.update(self.task.train_epoch(self.train_model, self.optimizer, ctx))
+        record.update(self.task.evaluate(self.train_model, ctx))
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        epoch_time = spent_before + time.perf_counter() - t0
+        self.global_step, self.elapsed = ctx.global_step, self.elapsed + epoch_time
+        record.update(lr=lr, epoch_time=epoch_time, time=self.elapsed, steps=self.global_step)
+        if self.record_bounds:
+            record["bounds"] = bound_activity(self.optimizer).summary()
+            if early:
+                record["bounds_by_step"] = early
+        self.metrics.append(record)
+        if self.dist.is_main:
+            append_metrics(self.run_dir, record)
+        self.epochs_done = epoch
+        self.save()
+        schedule.saved()
+        return record
+
+    def where_saved(self) -> str:
+        if self.saved_inside is not None:
+            where = self.saved_inside
+            return f"{where['batch']} steps into epoch {where['epoch']}"
+        return f"epoch {self.saved_epochs}"
 
 
 def train(
@@ -156,23 +330,28 @@ def train(
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     figures: bool = True,
+    checkpoint_every: float | None = CHECKPOINT_EVERY,
+    checkpoint_steps: int | None = None,
 ) -> RunResult:
     """Train ``config`` in ``run_dir``; with ``resume`` continue the run saved there.
 
     ``progress`` shows tqdm bars (default: when stderr is a terminal and not ``quiet``);
-    ``quiet`` silences the per-epoch lines. ``on_batch(epoch, batch)`` is called after
-    every optimizer step. A KeyboardInterrupt stops training, keeps the checkpoint of the
-    last finished epoch and returns with ``interrupted=True``.
+    ``quiet`` silences the per-epoch lines. ``on_batch(epoch, batch)`` is
+    called after every optimizer step (after any checkpoint of that step). The checkpoint is
+    also written inside epochs every ``checkpoint_every`` seconds and every
+    ``checkpoint_steps`` optimizer steps (None or 0: not on that account). A
+    KeyboardInterrupt, SIGINT or SIGTERM stops training and returns with
+    ``interrupted=True``; the checkpoint then holds the step the signal was handled at, or
+    for a KeyboardInterrupt raised elsewhere the last one saved.
     """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
     ckpt = None
     if resume:
-        if not ckpt_path.is_file():
-            raise ValueError(f"nothing to resume: {ckpt_path} does not exist")
-        ckpt = load_checkpoint(ckpt_path, torch.device("cpu"))
+        if not (run_dir / CHECKPOINT).is_file():
+            raise ValueError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
+        ckpt = load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))
         config = check_resume_config(ckpt["config"], config)
-    elif ckpt_path.exists():
+    elif (run_dir / CHECKPOINT).exists():
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
@@ -183,21 +362,23 @@ def train(
             f"task {cls.name!r} runs in a single process; do not launch it with torchrun"
         )
     check_hparams(config["optim"], config["hparams"])
+    inside = ckpt.get("inside") if ckpt is not None else None
+    if inside is not None and len(inside["task"]) != dist.world_size:
+        raise ValueError(
+            f"{run_dir / CHECKPOINT} was saved inside epoch {inside['epoch']} by "
+            f"{len(inside['task'])} process(es); resume it with as many"
+        )
     if progress is None:
         progress = sys.stderr.isatty() and not quiet
-    console = _Console(lines=dist.is_main and not quiet, bars=dist.is_main and bool(progress))
-    amp = device.type == "cuda" if config.get("amp") is None else bool(config["amp"])
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels (GPU runs are not promised
-        # to be bit-reproducible; CPU runs are).
-        torch.backends.cudnn.benchmark = True
-
+    console = Console(lines=dist.is_main and not quiet, bars=dist.is_main and bool(progress))
     created = dist.is_main and not run_dir.exists()
     lock = RunLock(run_dir) if dist.is_main else None
     try:
         if lock is not None:
             remove_stale_temporaries(run_dir)
-        return _train(config, run_dir, ckpt, cls, dist, device, console, amp, on_batch, figures)
+        run = _Run(config, run_dir, cls, dist, device, console, ckpt)
+        schedule = SaveSchedule(checkpoint_every, checkpoint_steps, dist, device)
+        return _fit(run, schedule, on_batch, figures)
     finally:
         if lock is not None:
             lock.release()
@@ -205,171 +386,60 @@ def train(
             run_dir.rmdir()  # a run that failed before writing anything leaves no trace
 
 
-def _train(
-    config: dict[str, Any],
-    run_dir: Path,
-    ckpt: dict[str, Any] | None,
-    cls: type[Task],
-    dist: DistInfo,
-    device: torch.device,
-    console: _Console,
-    amp: bool,
+def _fit(
+    run: _Run,
+    schedule: SaveSchedule,
     on_batch: Callable[[int, int], None] | None,
     figures: bool,
 ) -> RunResult:
-    """The run itself, once its directory is locked."""
-    seed = int(config["seed"])
-    _seed_all(derive_seed(seed, "init"))
-    task: Task = cls(config, device, dist)
-    task.load_data()
-    spec = task.model_spec
-    if ckpt is not None and ckpt["model_spec"] != json.loads(json.dumps(spec)):
-        raise ValueError(f"the data no longer matches the run: {ckpt['model_spec']} != {spec}")
-    model = task.build_model(spec).to(device)
-    if device.type == "cuda" and any(m.__class__ is nn.Conv2d for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config["optim"], model.parameters(), config["hparams"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=config["milestones"], gamma=config["lr_decay"]
-    )
-    train_model: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
-    _seed_all(derive_seed(seed, "train", dist.rank))
-
-    metrics: list[dict[str, Any]] = []
-    start, global_step, elapsed = 1, 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        task.load_state_dict(ckpt["task"])
-        states = ckpt["rng"]
-        _set_rng_state(states[dist.rank % len(states)], device)
-        start, global_step, elapsed = ckpt["epoch"] + 1, ckpt["global_step"], ckpt["elapsed"]
-        metrics = [m for m in read_metrics(run_dir / METRICS) if m["epoch"] <= ckpt["epoch"]]
-        if dist.is_main:
-            write_metrics(run_dir, metrics)
-            write_config(run_dir, config)
-    elif dist.is_main:
-        write_config(run_dir, config)
-        write_metrics(run_dir, [])
-
-    def save(epoch: int) -> None:
-        states = [_rng_state(device)]
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            states = [None] * dist.world_size
-            tdist.all_gather_object(states, _rng_state(device))
-        if not dist.is_main:
-            return
-        payload = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "elapsed": elapsed,
-            "config": config,
-            "model_spec": spec,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "task": task.state_dict(),
-            "rng": states,
-        }
-        save_checkpoint(run_dir, payload)
-
-    if ckpt is None:
-        save(0)  # so that a Ctrl-C during the first epoch still leaves a resumable run
-
-    epochs = int(config["epochs"])
+    console, dist, run_dir = run.console, run.dist, run.run_dir
+    epochs = int(run.config["epochs"])
+    start = run.epochs_done + 1
     if start <= epochs:
-        verb = "resuming" if ckpt is not None else "training"
+        verb = "resuming" if run.resumed else "training"
         console.line(
-            f"{verb} {cls.name} with {config['optim']} on {device}"
+            f"{verb} {run.task.name} with {run.config['optim']} on {run.device}"
             + (f" x{dist.world_size} processes" if dist.enabled else "")
             + f": epochs {start}..{epochs} -> {run_dir}"
         )
-    record_bounds = config.get("record_bounds", True) and is_dynabound(optimizer) and dist.is_main
-    if record_bounds:
-        from dynabound.diagnostics import bound_activity
-
-    def batch_hook(ctx: EpochContext, early: list[dict[str, float]], i: int) -> None:
-        # The Adam-to-SGD transition often finishes inside the first epoch, so bound
-        # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
-        step = ctx.global_step
-        if record_bounds and step & (step - 1) == 0:
-            early.append(bound_activity(optimizer).summary())
-        if on_batch is not None:
-            on_batch(ctx.epoch, i)
-
-    saved = start - 1  # the epoch the checkpoint on disk holds
-    epoch_bar = console.bar(total=epochs, initial=start - 1, desc=cls.name, unit="epoch")
+    epoch_bar = console.bar(total=epochs, initial=start - 1, desc=run.task.name, unit="epoch")
     interrupted = False
-    try:
-        for epoch in range(start, epochs + 1):
-            early_bounds: list[dict[str, float]] = []
-            ctx = EpochContext(
-                epoch=epoch,
-                seed=seed,
-                device=device,
-                dist=dist,
-                amp=amp,
-                raw_model=model,
-                progress=lambda it, **kw: console.bar(it, leave=False, unit="step", **kw),
-                on_batch=lambda i: None,
-                global_step=global_step,
-            )
-            ctx.on_batch = functools.partial(batch_hook, ctx, early_bounds)
-            lr = float(optimizer.param_groups[0]["lr"])
-            t0 = time.perf_counter()
-            record: dict[str, Any] = {"epoch": epoch}
-            record.update(task.train_epoch(train_model, optimizer, ctx))
-            record.update(task.evaluate(train_model, ctx))
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_time = time.perf_counter() - t0
-            global_step, elapsed = ctx.global_step, elapsed + epoch_time
-            record.update(lr=lr, epoch_time=epoch_time, time=elapsed, steps=global_step)
-            if record_bounds:
-                record["bounds"] = bound_activity(optimizer).summary()
-                if early_bounds:
-                    record["bounds_by_step"] = early_bounds
-            metrics.append(record)
-            if dist.is_main:
-                append_metrics(run_dir, record)
-            save(epoch)
-            saved = epoch
-            epoch_bar.update(1)
-            console.line(f"epoch {epoch:>3}/{epochs} | {task.summary(record)} | {epoch_time:.1f}s")
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        epoch_bar.close()
-    # An interrupt while saving leaves the previous checkpoint; the epoch without one is
-    # redone on resume, so it does not count as done.
-    metrics = [m for m in metrics if m["epoch"] <= saved]
-    done = saved
+    with StopSignals() as signals:
+        try:
+            for epoch in range(start, epochs + 1):
+                record = run.epoch(epoch, schedule, signals, on_batch)
+                epoch_bar.update(1)
+                console.line(
+                    f"epoch {epoch:>3}/{epochs} | {run.task.summary(record)} | "
+                    f"{record['epoch_time']:.1f}s"
+                )
+                if epoch < epochs and schedule.stop_at_epoch_end(signals.requested):
+                    raise _StopRequested
+        except (KeyboardInterrupt, _StopRequested):
+            interrupted = True
+        finally:
+            epoch_bar.close()
+    # An interrupt while saving leaves the previous checkpoint; the metrics of an epoch it
+    # does not hold are written again on resume, so they do not count as done.
+    metrics = [m for m in run.metrics if m["epoch"] <= run.saved_epochs]
+    result = RunResult(run_dir, metrics, interrupted, run.saved_epochs, run.saved_steps)
     if interrupted:
         if dist.is_main:
             print(
-                f"\ninterrupted: {run_dir / CHECKPOINT} holds epoch {done}; continue with "
-                f"--resume --out {run_dir}",
+                f"\ninterrupted: {run_dir / CHECKPOINT} holds {run.where_saved()} "
+                f"(step {run.saved_steps}); continue with --resume --out {run_dir}",
                 file=sys.stderr,
                 flush=True,
             )
-        return RunResult(run_dir, metrics, True, done)
+        return result
     if figures and dist.is_main and metrics and start <= epochs:
-        paths = task.figures(run_dir, metrics)
+        paths = run.task.figures(run_dir, metrics)
         if any("bounds" in m for m in metrics):
             from .plots import plot_run_transition
 
             paths.append(plot_run_transition(run_dir, run_dir / "transition.png"))
         console.line("figures: " + ", ".join(str(p) for p in paths))
-    return RunResult(run_dir, metrics, False, done)
+    return result
 
 
 def restore(

@@ -19,6 +19,7 @@ __all__ = [
     "ClassificationTask",
     "DistInfo",
     "EpochContext",
+    "EpochState",
     "Task",
     "check_positive",
     "derive_seed",
@@ -49,9 +50,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+EpochState = dict[str, Any]
+
+
 @dataclass
 class EpochContext:
-    """What a task's epoch loop gets from the runner."""
+    """What a task's epoch loop gets from the runner.
+
+    After every optimizer step the loop calls ``on_batch(i, state)``: ``i`` is the batch
+    index in the epoch and ``state()`` returns everything the rest of the epoch depends on
+    besides the model, optimizer and global RNGs (running sums, a carried hidden state, a
+    generator's state). The runner calls it only when it saves a mid-epoch checkpoint. A
+    run resumed from such a checkpoint starts the epoch at batch ``start_batch`` with that
+    ``resume_state``, and must then continue exactly as if it had never stopped.
+    """
 
     epoch: int  # 1-based
     seed: int
@@ -60,8 +72,10 @@ class EpochContext:
     amp: bool
     raw_model: nn.Module  # the model without its DDP wrapper
     progress: Callable[..., Iterable[Any]]
-    on_batch: Callable[[int], None]
+    on_batch: Callable[[int, Callable[[], EpochState]], None]
     global_step: int = 0
+    start_batch: int = 0
+    resume_state: EpochState | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -70,8 +84,9 @@ class EpochContext:
         return contextlib.nullcontext()
 
     def generator(self, *purpose: Any) -> torch.Generator:
-        """A CPU generator seeded from (seed, epoch, purpose): the data order of an epoch
-        depends only on these, so resuming at an epoch boundary needs no saved state."""
+        """A CPU generator seeded from (seed, epoch, purpose): an epoch's data order depends
+        only on these and needs no saved state; a generator drawn from batch by batch
+        (augmentation) goes into the epoch state for a mid-epoch resume."""
         return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, *purpose))
 
 
@@ -147,7 +162,8 @@ class Task:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Task state carried across epochs (saved in the checkpoint)."""
+        """Task state carried across epochs (saved in the checkpoint); state inside an
+        epoch goes through ``on_batch`` instead."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -232,8 +248,28 @@ class ClassificationTask(Task):
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
         count = 0
-        batches = self._batches(order, size)
-        for i, idx in enumerate(ctx.progress(batches, total=total, desc=f"epoch {ctx.epoch}")):
+        if ctx.resume_state is not None:
+            loss_sum = ctx.resume_state["loss_sum"].to(ctx.device).clone()
+            correct = ctx.resume_state["correct"].to(ctx.device).clone()
+            count = int(ctx.resume_state["count"])
+            augment.set_state(ctx.resume_state["augment"])
+
+        def state() -> dict[str, Any]:
+            return {
+                "loss_sum": loss_sum.clone(),
+                "correct": correct.clone(),
+                "count": count,
+                "augment": augment.get_state(),
+            }
+
+        first = ctx.start_batch
+        batches = ctx.progress(
+            self._batches(order[first * size :], size),
+            total=total,
+            initial=first,
+            desc=f"epoch {ctx.epoch}",
+        )
+        for i, idx in enumerate(batches, start=first):
             idx = idx.to(self.train_x.device)
             x = self.prepare(self.train_x[idx], True, augment).to(ctx.device, non_blocking=True)
             y = self.train_y[idx].to(ctx.device, non_blocking=True)
@@ -249,7 +285,7 @@ class ClassificationTask(Task):
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             count += y.numel()
-            ctx.on_batch(i)
+            ctx.on_batch(i, state)
         loss_sum, correct, count = _all_reduce_sums(
             [float(loss_sum), float(correct), float(count)], ctx.dist, ctx.device
         )

@@ -206,15 +206,23 @@ class ConvexTask(Task):
     ) -> dict[str, float]:
         x = ctx.raw_model.x
         n = self.steps_per_epoch
-        first = ctx.global_step + 1
+        done = ctx.start_batch
+        first = ctx.global_step - done + 1  # t of the epoch's first step
         grads = self.gradients(first, n)
         xs = torch.empty(n, dtype=torch.float64)
+        if ctx.resume_state is not None:
+            xs[:done] = ctx.resume_state["xs"]
         bounded = is_dynabound(optimizer)
         alpha = [group.get("alpha", group["lr"]) for group in optimizer.param_groups]
         for group, a in zip(optimizer.param_groups, alpha, strict=True):
             group["alpha"] = a  # kept in the group so that a resumed run has it
         x.grad = torch.zeros_like(x)
-        steps = ctx.progress(range(n), total=n, desc=f"epoch {ctx.epoch}")
+        k = done - 1
+
+        def state() -> dict[str, Any]:
+            return {"xs": xs[: k + 1].clone()}
+
+        steps = ctx.progress(range(done, n), total=n, initial=done, desc=f"epoch {ctx.epoch}")
         for k in steps:
             t = first + k
             with torch.no_grad():
@@ -228,7 +236,7 @@ class ConvexTask(Task):
                 with torch.no_grad():
                     x.clamp_(-1.0, 1.0)
             ctx.global_step += 1
-            ctx.on_batch(k)
+            ctx.on_batch(k, state)
         sum_gx = self.sum_gx + torch.cumsum(grads * xs, 0)
         sum_g = self.sum_g + torch.cumsum(grads, 0)
         steps_done = torch.arange(first, first + n, dtype=torch.float64)

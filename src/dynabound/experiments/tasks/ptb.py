@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from typing import Any
 
@@ -125,8 +126,27 @@ class PTBTask(Task):
         total = math.ceil((self.train.shape[0] - 1) / self.bptt)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         tokens = 0
-        windows = bptt_batches(self.train, self.bptt)
-        for i, (x, y) in enumerate(ctx.progress(windows, total=total, desc=f"epoch {ctx.epoch}")):
+        if ctx.resume_state is not None:
+            # The hidden state carried from the last window into the next one.
+            hidden = tuple(h.to(ctx.device).clone() for h in ctx.resume_state["hidden"])
+            loss_sum = ctx.resume_state["loss_sum"].to(ctx.device).clone()
+            tokens = int(ctx.resume_state["tokens"])
+
+        def state() -> dict[str, Any]:
+            return {
+                "hidden": tuple(h.detach().clone() for h in hidden),
+                "loss_sum": loss_sum.clone(),
+                "tokens": tokens,
+            }
+
+        first = ctx.start_batch
+        windows = ctx.progress(
+            itertools.islice(bptt_batches(self.train, self.bptt), first, None),
+            total=total,
+            initial=first,
+            desc=f"epoch {ctx.epoch}",
+        )
+        for i, (x, y) in enumerate(windows, start=first):
             hidden = detach_hidden(hidden)
             optimizer.zero_grad(set_to_none=True)
             with ctx.autocast():
@@ -139,7 +159,7 @@ class PTBTask(Task):
             ctx.global_step += 1
             loss_sum += loss.detach() * y.numel()
             tokens += y.numel()
-            ctx.on_batch(i)
+            ctx.on_batch(i, state)
         loss_value, tokens = float(loss_sum), float(tokens)
         if ctx.dist.enabled:
             import torch.distributed as tdist
