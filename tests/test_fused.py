@@ -519,3 +519,38 @@ def test_bounds_beyond_float32_range_give_no_nan(path):
     assert torch.isfinite(p).all()
     assert torch.equal(p.detach()[1:], torch.zeros(4))
     assert p.detach()[0] < 0
+
+
+def test_first_build_says_what_is_happening(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    def stop(**kwargs):
+        raise RuntimeError("compiler stopped by the test")
+
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.setattr(cpu, "is_built", lambda name: False)
+    monkeypatch.setattr(cpp_extension, "load_inline", stop)
+    assert not cpu.is_available()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiling the fused CPU kernel" in err
+    assert "python -m dynabound.kernels build" in err
+    assert "compiler stopped by the test" in cpu.unavailable_reason()
+
+
+def test_build_command_reports_the_kernels():
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    )
+    for command in ("status", "build"):
+        done = subprocess.run(
+            [sys.executable, "-m", "dynabound.kernels", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("cpu: ") and "\ncuda: " in done.stdout
+    assert "cpu: fused kernel ready" in done.stdout
