@@ -334,7 +334,9 @@ class AdaBound(Optimizer):
                 state_steps,
                 foreach=foreach,
                 fused=fused,
-                capturable=group["capturable"],
+                # Step counters on a GPU (kept there for the default fused path) are read
+                # as tensors on a fallback path too: reading them from the host would sync.
+                capturable=group["capturable"] or not (fused or state_steps[0].is_cpu),
                 differentiable=group["differentiable"],
                 has_complex=has_complex,
                 grad_scale=getattr(self, "grad_scale", None),
