@@ -269,6 +269,7 @@ def test_an_unusable_device_is_refused_before_any_work(
         (["--hidden", "0"], "--hidden"),
         (["--checkpoint-every", "-1"], "--checkpoint-every"),
         (["--checkpoint-steps", "0"], "--checkpoint-steps"),
+        (["--progress-every", "nan"], "--progress-every"),
     ],
 )
 def test_bad_values_are_reported_before_missing_data(flags, message, tmp_path, capsys):

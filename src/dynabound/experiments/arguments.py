@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .console import PROGRESS_EVERY
 from .optimizers import OPTIMIZERS
 from .savepoints import CHECKPOINT_EVERY
 from .tasks import TASKS
@@ -55,7 +56,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
     )
-    g.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress bars or lines, no per-epoch lines"
+    )
+    g.add_argument(
+        "--progress-every",
+        type=float,
+        default=PROGRESS_EVERY,
+        metavar="SECONDS",
+        help="when the output is not a terminal (a log file), print a progress line (step, "
+        "running loss, steps/s, ETA) this often inside an epoch; 0: never "
+        f"(default {PROGRESS_EVERY:g})",
+    )
 
 
 def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
@@ -259,9 +271,10 @@ def check_arguments(ns: argparse.Namespace) -> None:
     threads = getattr(ns, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads}")
-    every = getattr(ns, "checkpoint_every", None)
-    if every is not None and not every >= 0:  # also refuses NaN
-        raise ValueError(f"--checkpoint-every must be 0 or more seconds, got {every}")
+    for key in ("checkpoint_every", "progress_every"):
+        value = getattr(ns, key, None)
+        if value is not None and not value >= 0:  # also refuses NaN
+            raise ValueError(f"{flag(key)} must be 0 or more seconds, got {value}")
     steps = getattr(ns, "checkpoint_steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--checkpoint-steps must be a positive integer, got {steps}")

@@ -82,6 +82,7 @@ def _train_one(config: dict[str, Any], out: Path, resume: bool, ns: argparse.Nam
         quiet=ns.quiet,
         checkpoint_every=ns.checkpoint_every,
         checkpoint_steps=ns.checkpoint_steps,
+        progress_every=ns.progress_every,
     )
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import RESUMABLE_CHANGES, build_config, check_hparams, check_resume_config
-from .console import Console
+from .console import PROGRESS_EVERY, Console, ProgressLines
 from .devices import ensure_distributed, resolve_device, shutdown_distributed
 from .optimizers import build_optimizer, is_dynabound
 from .rundir import (
@@ -61,6 +61,7 @@ __all__ = [
     "CHECKPOINT_EVERY",
     "CONFIG",
     "METRICS",
+    "PROGRESS_EVERY",
     "RESUMABLE_CHANGES",
     "RunResult",
     "build_config",
@@ -240,6 +241,7 @@ class _Run:
         self,
         epoch: int,
         schedule: SaveSchedule,
+        lines: ProgressLines,
         signals: StopSignals,
         on_batch: Callable[[int, int], None] | None,
     ) -> dict[str, Any]:
@@ -255,6 +257,7 @@ class _Run:
         t0 = time.perf_counter()
 
         def progress(iterable: Any, **kwargs: Any) -> Any:
+            lines.begin_epoch(epoch, kwargs.get("total"), kwargs.get("initial", 0))
             return self.console.bar(iterable, leave=False, unit="step", **kwargs)
 
         def step_done(i: int, state: Callable[[], EpochState]) -> None:
@@ -263,6 +266,7 @@ class _Run:
             # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
             if self.record_bounds and step & (step - 1) == 0:
                 early.append(bound_activity(self.optimizer).summary())
+            lines.step(i + 1, lambda: self.task.running_loss(state()))
             save, stop = schedule.after_step(step, signals.requested)
             if save:
                 where = {
@@ -332,11 +336,13 @@ def train(
     figures: bool = True,
     checkpoint_every: float | None = CHECKPOINT_EVERY,
     checkpoint_steps: int | None = None,
+    progress_every: float | None = PROGRESS_EVERY,
 ) -> RunResult:
     """Train ``config`` in ``run_dir``; with ``resume`` continue the run saved there.
 
     ``progress`` shows tqdm bars (default: when stderr is a terminal and not ``quiet``);
-    ``quiet`` silences the per-epoch lines. ``on_batch(epoch, batch)`` is
+    without bars, a progress line is printed every ``progress_every`` seconds inside an
+    epoch; ``quiet`` silences both and the per-epoch lines. ``on_batch(epoch, batch)`` is
     called after every optimizer step (after any checkpoint of that step). The checkpoint is
     also written inside epochs every ``checkpoint_every`` seconds and every
     ``checkpoint_steps`` optimizer steps (None or 0: not on that account). A
@@ -371,6 +377,11 @@ def train(
     if progress is None:
         progress = sys.stderr.isatty() and not quiet
     console = Console(lines=dist.is_main and not quiet, bars=dist.is_main and bool(progress))
+    lines = ProgressLines(
+        progress_every if console.enabled and not console.bars else None,
+        int(config["epochs"]),
+        console.line,
+    )
     created = dist.is_main and not run_dir.exists()
     lock = RunLock(run_dir) if dist.is_main else None
     try:
@@ -378,7 +389,7 @@ def train(
             remove_stale_temporaries(run_dir)
         run = _Run(config, run_dir, cls, dist, device, console, ckpt)
         schedule = SaveSchedule(checkpoint_every, checkpoint_steps, dist, device)
-        return _fit(run, schedule, on_batch, figures)
+        return _fit(run, schedule, lines, on_batch, figures)
     finally:
         if lock is not None:
             lock.release()
@@ -389,6 +400,7 @@ def train(
 def _fit(
     run: _Run,
     schedule: SaveSchedule,
+    lines: ProgressLines,
     on_batch: Callable[[int, int], None] | None,
     figures: bool,
 ) -> RunResult:
@@ -407,7 +419,7 @@ def _fit(
     with StopSignals() as signals:
         try:
             for epoch in range(start, epochs + 1):
-                record = run.epoch(epoch, schedule, signals, on_batch)
+                record = run.epoch(epoch, schedule, lines, signals, on_batch)
                 epoch_bar.update(1)
                 console.line(
                     f"epoch {epoch:>3}/{epochs} | {run.task.summary(record)} | "

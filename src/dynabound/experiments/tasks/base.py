@@ -155,6 +155,11 @@ class Task:
     def evaluate(self, model: nn.Module, ctx: EpochContext) -> dict[str, float]:
         raise NotImplementedError
 
+    def running_loss(self, state: EpochState) -> float | None:
+        """The mean training loss so far in an epoch, from its ``on_batch`` state (None when
+        the task keeps none), for the progress lines."""
+        return None
+
     def summary(self, metrics: dict[str, Any]) -> str:
         """The per-epoch line after the epoch number."""
         return " ".join(
@@ -290,6 +295,9 @@ class ClassificationTask(Task):
             [float(loss_sum), float(correct), float(count)], ctx.dist, ctx.device
         )
         return {"train_loss": loss_sum / count, "train_acc": 100.0 * correct / count}
+
+    def running_loss(self, state: EpochState) -> float | None:
+        return float(state["loss_sum"]) / state["count"] if state["count"] else None
 
     def channels_last(self, ctx: EpochContext) -> bool:
         return False

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import batchify, bptt_batches, load_corpus
 from ..models import LSTMLanguageModel, detach_hidden
-from .base import EpochContext, Task, check_positive
+from .base import EpochContext, EpochState, Task, check_positive
 
 __all__ = ["PTBTask"]
 
@@ -169,6 +169,9 @@ class PTBTask(Task):
             loss_value, tokens = t.tolist()
         train_loss = loss_value / tokens
         return {"train_loss": train_loss, "train_ppl": _ppl(train_loss)}
+
+    def running_loss(self, state: EpochState) -> float | None:
+        return float(state["loss_sum"]) / state["tokens"] if state["tokens"] else None
 
     @torch.no_grad()
     def _nll(self, model: nn.Module, data: torch.Tensor, ctx: EpochContext) -> float:
