@@ -56,6 +56,7 @@ def test_demo_quick_writes_report_and_figures(demo):
         assert f"| {name} |" in report
     figures = [
         "convex.png",
+        "section3.png",
         "digits.png",
         "figure1-adam.png",
         "figure1-adabound.png",
@@ -64,12 +65,20 @@ def test_demo_quick_writes_report_and_figures(demo):
     for name in figures:
         assert f"]({name})" in report
         assert (demo / name).stat().st_size > 10_000, name
-    x = {
-        line.split("|")[1].strip(): float(line.split("|")[2])
-        for line in report.splitlines()
-        if line.startswith("| A") and "|" in line[2:] and line.count("|") == 4
-    }
+
+    def final_x(section: str) -> dict[str, float]:
+        return {
+            line.split("|")[1].strip(): float(line.split("|")[2])
+            for line in section.splitlines()
+            if line.startswith("| A") and "|" in line[2:] and line.count("|") == 4
+        }
+
+    sections = report.split("\n## ")
+    x = final_x(next(s for s in sections if s.startswith("1. ")))
     assert x["Adam"] > 0.9 and x["AdaBound"] < -0.5  # the counterexample already shows
+    # Section 3 example: Adam on x >= 0; the bounded methods overshoot at step 2.
+    x3 = final_x(next(s for s in sections if s.startswith("2. ")))
+    assert len(x3) == 4 and x3["Adam"] > 0 and x3["AdaBound"] < 0 and x3["AMSBound"] < 0
 
 
 def test_plot_and_probe_on_saved_runs(demo, tmp_path, capsys):
