@@ -9,10 +9,12 @@ interpreter (a subprocess: ``TRITON_INTERPRET`` must be set before Triton is imp
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -157,6 +159,17 @@ def test_the_plan_is_built_once_and_rebuilt_only_when_tensors_move(cuda_path):
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors
     opt.step()
     assert builds["plan"] == 3
+
+
+def test_cached_plans_keep_no_tensor_alive(cuda_path):
+    params = model(6)
+    alive = [weakref.ref(p) for p in params]
+    opt = AdaBound(params, fused=True, amsbound=True)
+    opt.step()
+    state = weakref.ref(opt.state[params[0]]["exp_avg"])
+    del opt, params
+    gc.collect()
+    assert all(ref() is None for ref in alive) and state() is None
 
 
 def test_a_gradient_in_another_layout_is_refused_before_anything_changes(cuda_path):

@@ -292,19 +292,20 @@ if triton is not None:
 
 
 class _Plan(NamedTuple):
-    """Device tables for one set of tensors of one dtype (everything but the gradients)."""
+    """Device tables for one set of tensors of one dtype (everything but the gradients).
 
-    base: Tensor  # the first parameter: offsets count elements from its address
+    It holds no reference to the tensors it describes (a cached plan must not keep a
+    discarded model alive); addresses count from the first parameter's and the first step
+    counter's, which the key guarantees are where they were."""
+
     offsets: Tensor  # int64 [n, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq
     numels: Tensor  # int64 [n]
     block_tensor: Tensor  # int32 [blocks]: which tensor a block updates
     block_start: Tensor  # int64 [blocks]: its first element
     n_blocks: int
-    steps: Tensor  # the first step counter: step offsets count float32 elements from it
-    step_offsets: Tensor  # int64 [n]
+    step_offsets: Tensor  # int64 [n]: float32 elements from the first step counter
     aligned: bool  # every address 16-byte aligned
     strides: list[tuple[int, ...]]  # the parameters' strides, which gradients must share
-    params: list[Tensor]  # for validating gradients against
 
 
 class _GradTable(NamedTuple):
@@ -386,7 +387,7 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> 
                 "fused AdaBound on CUDA needs float32 step counters on the parameters' device "
                 f"(the optimizer creates them there), got a {s.dtype} counter on {s.device}"
             )
-    base, itemsize = _as_real(params[0]), _as_real(params[0]).element_size()
+    itemsize = _as_real(params[0]).element_size()
     offsets = [(a - rows[0][0]) // itemsize if a else 0 for row in rows for a in row]
     step_base = state_steps[0].data_ptr()
     step_offsets = [(s.data_ptr() - step_base) // 4 for s in state_steps]
@@ -396,17 +397,14 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> 
     first = torch.cumsum(counts, 0) - counts
     start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * CHUNK
     return _Plan(
-        base=base,
         offsets=_to_device(offsets, torch.int64, device),
         numels=_to_device(numels, torch.int64, device),
         block_tensor=_to_device(owner.tolist(), torch.int32, device),
         block_start=_to_device(start.tolist(), torch.int64, device),
         n_blocks=int(owner.numel()),
-        steps=state_steps[0],
         step_offsets=_to_device(step_offsets, torch.int64, device),
         aligned=all(a % 16 == 0 for row in rows for a in row),
         strides=[_as_real(p).stride() for p in params],
-        params=list(params),
     )
 
 
@@ -420,23 +418,24 @@ def _check_addresses(p: Tensor, addresses: list[int]) -> None:
         raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
 
 
-def _grad_table(plan: _Plan, grads: list[Tensor], has_complex: bool) -> _GradTable:
-    """Gradient offsets from the plan's base; gradients must share their parameter's
+def _grad_table(plan: _Plan, params: list[Tensor], grads: list[Tensor]) -> _GradTable:
+    """Gradient offsets from the first parameter; gradients must share their parameter's
     dtype and layout (autograd's always do; the check catches ones assigned by hand)."""
-    if has_complex:
+    if params[0].is_complex():
         grads = [_as_real(g) for g in grads]
     if [g.stride() for g in grads] != plan.strides:
-        _raise_for_gradients(plan, grads)
-    key = (id(plan.base), plan.base.data_ptr(), *[g.data_ptr() for g in grads])
-    return _cached(_grad_tables, key, lambda: _build_grad_table(plan, grads))
+        _raise_for_gradients(params, grads)
+    base = params[0]
+    key = (base.dtype, base.data_ptr(), *[g.data_ptr() for g in grads])
+    return _cached(_grad_tables, key, lambda: _build_grad_table(params, grads))
 
 
-def _build_grad_table(plan: _Plan, grads: list[Tensor]) -> _GradTable:
-    for p, g in zip(plan.params, grads, strict=True):
+def _build_grad_table(params: list[Tensor], grads: list[Tensor]) -> _GradTable:
+    for p, g in zip(params, grads, strict=True):
         if g.dtype != _as_real(p).dtype or g.device != p.device:
-            _raise_for_gradients(plan, grads)
+            _raise_for_gradients(params, grads)
         _check_addresses(_as_real(p), [g.data_ptr()])
-    base, itemsize = plan.base.data_ptr(), plan.base.element_size()
+    base, itemsize = params[0].data_ptr(), _as_real(params[0]).element_size()
     addresses = [g.data_ptr() for g in grads]
     offsets = [(a - base) // itemsize for a in addresses]
     return _GradTable(
@@ -445,8 +444,8 @@ def _build_grad_table(plan: _Plan, grads: list[Tensor]) -> _GradTable:
     )
 
 
-def _raise_for_gradients(plan: _Plan, grads: list[Tensor]) -> None:
-    for p, g in zip(plan.params, grads, strict=True):
+def _raise_for_gradients(params: list[Tensor], grads: list[Tensor]) -> None:
+    for p, g in zip(params, grads, strict=True):
         p = _as_real(p)
         if g.dtype != p.dtype or g.device != p.device:
             raise RuntimeError(
@@ -550,7 +549,8 @@ def fused_adabound_triton(
         if real not in _TL_DTYPES:
             raise RuntimeError(f"dynabound's fused CUDA kernel does not support {real}")
         plan = _plan(lists[0], lists[2], lists[3], lists[4] if amsbound else [], lists[5])
-        launches.append((real, plan, _grad_table(plan, lists[1], has_complex), lists[5]))
+        grad_table = _grad_table(plan, lists[0], lists[1])
+        launches.append((real, plan, grad_table, _as_real(lists[0][0]), lists[5]))
 
     schedule = (
         TABLE if callable(hyper["bounds"]) else (PAPER if hyper["bounds"] == "paper" else REFERENCE)
@@ -558,28 +558,28 @@ def fused_adabound_triton(
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
     wd = hyper["weight_decay"]
-    for real, plan, grad_table, steps in launches:
+    for real, plan, grad_table, base, steps in launches:
         compute = torch.float64 if real == torch.float64 else torch.float32
         coef = _coefficient_table(steps, hyper, compute) if schedule == TABLE else plan.offsets
         if plan.n_blocks == 0:
             continue
-        itemsize = plan.base.element_size()
+        itemsize = base.element_size()
         _adabound_kernel[(plan.n_blocks,)](
-            plan.base,
+            base,
             plan.offsets,
             grad_table.offsets,
             plan.numels,
             plan.block_tensor,
             plan.block_start,
-            plan.steps,
+            steps[0],
             plan.step_offsets,
             coef,
             _hyper_table(hyper, box, compute, device),
             lr_hi,
             lr_lo,
-            lr_tensor if lr_tensor is not None else plan.steps,
-            found_inf if found_inf is not None else plan.steps,
-            grad_scale if grad_scale is not None else plan.steps,
+            lr_tensor if lr_tensor is not None else steps[0],
+            found_inf if found_inf is not None else steps[0],
+            grad_scale if grad_scale is not None else steps[0],
             len(steps),
             DTYPE=_TL_DTYPES[real],
             COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
@@ -604,12 +604,12 @@ def fused_adabound_triton(
         if found_inf is not None:
             torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
     else:
-        for _, plan, _, steps in launches:
+        for _, plan, _, _, steps in launches:
             _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
-                plan.steps,
+                steps[0],
                 plan.step_offsets,
                 len(steps),
-                found_inf if found_inf is not None else plan.steps,
+                found_inf if found_inf is not None else steps[0],
                 HAS_FOUND_INF=found_inf is not None,
                 BLOCK=BLOCK,
             )
