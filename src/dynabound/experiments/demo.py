@@ -240,9 +240,10 @@ def _report(
         + "; "
         + _ended_below_zero(section3_rows)
         + " With these settings AdaBound and AMSBound overshoot at their second step, in "
-        "their Adam phase (before the bounds matter), and AMSGrad drifts down and crosses "
-        "after step 652 (a shorter run ends with it still on x >= 0). Adam too crosses at "
-        "its second step once its step size alpha exceeds 1.136 (here 0.5): its failure "
+        "their Adam phase (before the bounds matter; an Adam without bias correction would "
+        "take the same step), and AMSGrad drifts down and crosses after step 652 (a shorter "
+        "run ends with it still on x >= 0). torch's Adam, bias-corrected, crosses at its "
+        "second step too once its step size alpha exceeds 1.136 (here 0.5): its failure "
         "depends on a small alpha.",
         "",
         "![section 3 example](section3.png)",

@@ -78,11 +78,14 @@ piece by piece (``best_fixed_point``): -100 T on [-1, 0), and min(0, sum of slop
 
 Adam and AMSGrad, AdaBound and AMSBound run as for the other problems, with final_lr 0.5.
 With the defaults Adam stays on x >= 0 and the other three end at x < 0, as the paper says,
-but two details decide more than the theorem suggests (docs/figures/section3-results.md):
+but the first steps decide more than the theorem suggests (docs/figures/section3-results.md).
 AdaBound and AMSBound cross at their second step, where Algorithm 2's Adam phase (no bias
-correction) gives the +2 a rate of 0.5/sqrt(0.49), well inside the early bounds, so the
-overshoot is not the bounds' doing; and torch's bias-corrected Adam crosses at that same step
-once alpha > 1.136, so "for any initial step size" does not hold here.
+correction) gives the +2 a rate of 0.5/sqrt(0.49), well inside the early bounds: the
+overshoot is not the bounds' doing, and an Adam without bias correction (the one the theorems
+analyse) would take the same step and cross too. The Adam here is torch's, whose bias
+correction shortens that step; it crosses there once alpha > 1.136. Whatever x_1 in [0, 1],
+a large enough alpha carries the first +2 step past 0, so "for any initial step size" cannot
+hold for these losses as written here.
 """
 
 from __future__ import annotations
