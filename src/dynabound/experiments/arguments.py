@@ -124,6 +124,17 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
         help=f"global batch size, split between processes (default {d['batch_size']})",
     )
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    if mode == "compare":
+        t.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            default=None,
+            metavar="SEED",
+            help="train every optimizer once per seed, in OUT/<optimizer>/seed-<SEED>, and "
+            "write the mean, standard deviation and count per optimizer to "
+            "OUT/aggregate.md and OUT/aggregate.json (instead of --seed)",
+        )
     t.add_argument(
         "--milestones",
         type=int,
@@ -278,5 +289,11 @@ def check_arguments(ns: argparse.Namespace) -> None:
     steps = getattr(ns, "checkpoint_steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--checkpoint-steps must be a positive integer, got {steps}")
+    seeds = getattr(ns, "seeds", None)
+    if seeds is not None:
+        if ns.seed is not None:
+            raise ValueError("give either --seed or --seeds, not both")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds must not repeat a seed, got {' '.join(map(str, seeds))}")
     if hasattr(ns, "device"):
         check_device(ns.device)

@@ -126,19 +126,23 @@ def _accepts(optim: str, key: str) -> bool:
     return key in ALLOWED[optim]
 
 
-def _run_collection(
-    ns: argparse.Namespace, task: type, jobs: list[tuple[str, dict[str, Any], Path]]
-) -> tuple[list[Path], bool]:
-    """Train each (optim, overrides, run_dir), resuming runs already started there."""
+Job = tuple[str, dict[str, Any], int | None, Path]  # optim, overrides, seed (None: --seed), dir
+
+
+def _run_collection(ns: argparse.Namespace, task: type, jobs: list[Job]) -> tuple[list[Path], bool]:
+    """Train each (optim, overrides, seed, run_dir) in turn, resuming runs already started
+    there; a finished run is only read back, so rerunning a collection costs no training."""
     from .runner import CHECKPOINT, build_config
 
     # Every configuration is built (and so checked) before the first run starts.
-    configs = [
-        build_config(task.name, optim, hparams=overrides, **_config_kwargs(ns, task))
-        for optim, overrides, _ in jobs
-    ]
+    configs = []
+    for optim, overrides, seed, _ in jobs:
+        kwargs = _config_kwargs(ns, task)
+        if seed is not None:
+            kwargs["seed"] = seed
+        configs.append(build_config(task.name, optim, hparams=overrides, **kwargs))
     done = []
-    for config, (_, _, run_dir) in zip(configs, jobs, strict=True):
+    for config, (_, _, _, run_dir) in zip(configs, jobs, strict=True):
         resume = (run_dir / CHECKPOINT).is_file()
         result = _train_one(config, run_dir, resume, ns)
         if result.interrupted:
@@ -196,7 +200,14 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     overrides = _hparam_overrides(ns)
     probe_config = build_config(task.name, optims[0], **_config_kwargs(ns, task))
     out = Path(ns.out) if ns.out else _default_out(task, probe_config, "compare")
-    jobs = [(o, {k: v for k, v in overrides.items() if _accepts(o, k)}, out / o) for o in optims]
+    accepted = {o: {k: v for k, v in overrides.items() if _accepts(o, k)} for o in optims}
+    if ns.seeds is None:
+        jobs: list[Job] = [(o, accepted[o], None, out / o) for o in optims]
+    else:
+        # Seed by seed: a collection stopped early holds whole seeds of every optimizer.
+        jobs = [
+            (o, accepted[o], seed, out / o / f"seed-{seed}") for seed in ns.seeds for o in optims
+        ]
     done, interrupted = _run_collection(ns, task, jobs)
     if interrupted:
         return 130
@@ -221,7 +232,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     for gamma in ns.gamma:
         for final_lr in ns.final_lr:
             values = {**overrides, "final_lr": final_lr, "gamma": gamma}
-            jobs.append((ns.optim, values, out / f"final_lr={final_lr:g},gamma={gamma:g}"))
+            jobs.append((ns.optim, values, None, out / f"final_lr={final_lr:g},gamma={gamma:g}"))
     done, interrupted = _run_collection(ns, task, jobs)
     if interrupted:
         return 130
