@@ -242,18 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
         "plot",
         help="paper-style curves (and transition plots) from run directories",
         description="Draw train/test accuracy (or perplexity) against epochs, one line per "
-        "run, and for runs of dynabound optimizers the transition plot of their recorded "
-        f"bound activity next to the figure: {TRANSITION_ONE} for a single RUN_DIR, else "
+        "run; runs that differ only by their seed (compare --seeds) are drawn as their mean "
+        "with a band (see --band). For runs of dynabound optimizers the transition plot of "
+        "their recorded bound activity is drawn next to the figure: "
+        f"{TRANSITION_ONE} for a single RUN_DIR, else "
         f"{TRANSITION_EACH.format(run='<RUN_DIR name>')} for each (the last component of "
-        "its path).",
+        "its path, or its last two joined by '-' where runs share the last one).",
     )
-    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or directories holding them (a compare's or sweep's --out)",
+    )
     plot.add_argument(
         "--out",
         default=None,
         help="figure path (default RUN_DIR/curves.png for one run, else ./curves.png)",
     )
     plot.add_argument("--title", default=None)
+    plot.add_argument(
+        "--band",
+        choices=("minmax", "std"),
+        default="minmax",
+        help="the band around the mean of runs that differ only by their seed: from the "
+        "lowest to the highest run at each epoch (minmax, default) or mean ± one sample "
+        "standard deviation (std)",
+    )
+    plot.add_argument(
+        "--each",
+        action="store_true",
+        help="one line per run, also for runs that differ only by their seed",
+    )
     plot.add_argument("--no-transition", action="store_true", help="skip the transition plots")
 
     probe = sub.add_parser(

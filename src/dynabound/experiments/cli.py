@@ -109,17 +109,6 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _final(metrics: list[dict[str, Any]], metric: str) -> tuple[float, float]:
-    """(final, best) test metric of a run."""
-    if metric == "regret":
-        values = [m["avg_regret"] for m in metrics]
-        return values[-1], min(values)
-    key = "test_ppl" if metric == "perplexity" else "test_acc"
-    values = [m[key] for m in metrics]
-    best = min(values) if metric == "perplexity" else max(values)
-    return values[-1], best
-
-
 def _accepts(optim: str, key: str) -> bool:
     from .optimizers import ALLOWED
 
@@ -144,6 +133,9 @@ def _run_collection(ns: argparse.Namespace, task: type, jobs: list[Job]) -> tupl
     done = []
     for config, (_, _, _, run_dir) in zip(configs, jobs, strict=True):
         resume = (run_dir / CHECKPOINT).is_file()
+        if resume and _finished(config, run_dir):
+            done.append(run_dir)
+            continue
         result = _train_one(config, run_dir, resume, ns)
         if result.interrupted:
             return done, True
@@ -151,9 +143,23 @@ def _run_collection(ns: argparse.Namespace, task: type, jobs: list[Job]) -> tupl
     return done, False
 
 
+def _finished(config: dict[str, Any], run_dir: Path) -> bool:
+    """Whether ``run_dir``'s checkpoint holds all of ``config``'s epochs, with the same
+    configuration (a different one is refused, as a resume would refuse it). A finished run
+    is neither loaded nor written again: rerunning a long collection costs no data loading."""
+    from .config import check_resume_config
+    from .rundir import CHECKPOINT, load_checkpoint
+
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    check_resume_config(ckpt["config"], config)
+    epochs = int(config["epochs"])
+    return ckpt["config"]["epochs"] == epochs and ckpt["epoch"] >= epochs
+
+
 def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
     from .plots import run_label
     from .runner import load_run
+    from .seeds import final_and_best
 
     runs = [load_run(d) for d in run_dirs]
     configs = [c for c, _ in runs]
@@ -171,11 +177,12 @@ def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str
     for (config, metrics), d in zip(runs, run_dirs, strict=True):
         if not metrics:
             continue
-        final, best = _final(metrics, metric)
+        final, best = final_and_best(metrics, metric)
         label = run_label(config, configs)
         rows.append(
             {
                 "optimizer": label,
+                "seed": config["seed"],
                 "run": str(d),
                 "final": final,
                 "best": best,
@@ -217,7 +224,23 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
         (out / "results.md").write_text(table)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
         print(table + f"\nfigure: {figure}\ntable: {out / 'results.md'}")
+        if ns.seeds is not None:
+            _write_aggregate(task, done, out)
     return 0
+
+
+def _write_aggregate(task: type, run_dirs: list[Path], out: Path) -> None:
+    """OUT/aggregate.json and OUT/aggregate.md: per optimizer, mean ± std and count of the
+    final and best test metric over the seeds."""
+    from .plots import run_label
+    from .seeds import aggregate, aggregate_table, load_groups
+
+    rows = aggregate(load_groups(run_dirs), task.metric, label=run_label)
+    table = aggregate_table(rows)
+    (out / "aggregate.md").write_text(table)
+    (out / "aggregate.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\nover seeds (std: sample standard deviation, n - 1):\n{table}")
+    print(f"aggregate: {out / 'aggregate.md'}, {out / 'aggregate.json'}")
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
@@ -269,21 +292,30 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
 def _cmd_plot(ns: argparse.Namespace) -> int:
     from .plots import plot_run_transition, plot_runs
+    from .rundir import find_runs
     from .runner import load_run
 
-    runs = [Path(r) for r in ns.runs]
+    runs = [run for r in ns.runs for run in find_runs(r)]
     default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
     out = Path(ns.out) if ns.out else default
-    paths = [plot_runs(runs, out, title=ns.title)]
+    paths = [plot_runs(runs, out, title=ns.title, band=None if ns.each else ns.band)]
     if not ns.no_transition:
+        names = _transition_names(runs)
         for r in runs:
             config, metrics = load_run(r)
             if any("bounds" in m for m in metrics):
-                name = TRANSITION_ONE if len(runs) == 1 else TRANSITION_EACH.format(run=r.name)
+                name = TRANSITION_ONE if len(runs) == 1 else TRANSITION_EACH.format(run=names[r])
                 paths.append(plot_run_transition(r, out.parent / name))
     for p in paths:
         print(p)
     return 0
+
+
+def _transition_names(runs: list[Path]) -> dict[Path, str]:
+    """Each run's last path component, or its last two joined by "-" where runs share the
+    last one (adabound/seed-1 and amsbound/seed-1)."""
+    last = [r.name for r in runs]
+    return {r: r.name if last.count(r.name) == 1 else f"{r.parent.name}-{r.name}" for r in runs}
 
 
 def _cmd_probe(ns: argparse.Namespace) -> int:

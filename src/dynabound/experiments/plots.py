@@ -14,8 +14,10 @@ from typing import Any
 
 from .optimizers import DISPLAY_NAMES
 from .rundir import load_run
+from .seeds import SeedGroup, group_runs
 
 __all__ = [
+    "BANDS",
     "COLOURS",
     "default_title",
     "plot_convex",
@@ -91,10 +93,24 @@ def _load(run_dirs: Sequence[PathLike]) -> list[tuple[dict[str, Any], list[dict[
     return runs
 
 
-def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = None) -> Path:
-    """Train and test accuracy (or perplexity) against epochs, one line per run."""
+# What the band around a mean curve spans, as the figure's title says it.
+BANDS = {"minmax": "band: lowest to highest run", "std": "band: mean ± 1 sample std"}
+
+
+def plot_runs(
+    run_dirs: Sequence[PathLike],
+    path: PathLike,
+    title: str | None = None,
+    band: str | None = "minmax",
+) -> Path:
+    """Train and test accuracy (or perplexity) against epochs, one line per run; runs that
+    differ only by their seed are drawn as their mean with a shaded ``band`` ("minmax": the
+    lowest to the highest run at each epoch, "std": mean ± one sample standard deviation;
+    None: one line per run all the same)."""
     from matplotlib.ticker import MaxNLocator
 
+    if band is not None and band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
     runs = _load(run_dirs)
     tasks = {c["task"] for c, _ in runs}
     if len(tasks) > 1:
@@ -103,6 +119,13 @@ def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = 
         return plot_convex(run_dirs, path, title=title)
     metric = "perplexity" if tasks == {"ptb"} else "accuracy"
     panels = _PANELS[metric]
+    if band is not None:
+        try:
+            groups = group_runs([(c, m, Path(d)) for (c, m), d in zip(runs, run_dirs, strict=True)])
+        except ValueError:  # repeats with one seed: not a sample of seeds, draw each
+            groups = []
+        if any(len(g) > 1 for g in groups):
+            return _plot_bands(groups, path, title, band, metric)
     fig, axes = _figure(1, len(panels))
     configs = [c for c, _ in runs]
     styles = _line_styles(configs)
@@ -129,6 +152,58 @@ def plot_runs(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = 
             _zoom_accuracy(ax, [[m.get(key) for m in ms] for _, ms in runs])
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title or default_title(configs))
+    return _save(fig, path)
+
+
+def _band(group: SeedGroup, key: str, band: str) -> tuple[list[int], Any, Any, Any]:
+    """(epochs, mean, low, high) of ``key`` over the group's runs, on the epochs that every
+    run has reached (an unfinished run shortens the curve rather than bias its end)."""
+    import numpy as np
+
+    length = min(len(m) for m in group.metrics)
+    epochs = [group.metrics[0][i]["epoch"] for i in range(length)]
+    values = np.array(
+        [[m[i].get(key, math.nan) for i in range(length)] for m in group.metrics], dtype=float
+    )
+    mean = values.mean(axis=0)
+    if band == "minmax" or len(group) < 2:
+        return epochs, mean, values.min(axis=0), values.max(axis=0)
+    std = values.std(axis=0, ddof=1)
+    return epochs, mean, mean - std, mean + std
+
+
+def _plot_bands(
+    groups: Sequence[SeedGroup], path: PathLike, title: str | None, band: str, metric: str
+) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    panels = _PANELS[metric]
+    fig, axes = _figure(1, len(panels))
+    firsts = [g.config for g in groups]
+    edges: dict[str, list[Any]] = {key: [] for key, _ in panels}
+    for group, style in zip(groups, _line_styles(firsts), strict=True):
+        if not all(group.metrics):
+            continue  # a run without a finished epoch has nothing to draw
+        label = run_label(group.config, firsts)
+        if len(group) > 1:
+            label += f" (n={len(group)})"
+        for ax, (key, _) in zip(axes[0], panels, strict=True):
+            epochs, mean, low, high = _band(group, key, band)
+            ax.plot(epochs, mean, label=label, linewidth=1.4, **style)
+            if len(group) > 1:
+                ax.fill_between(epochs, low, high, color=style["color"], alpha=0.2, linewidth=0)
+            edges[key] += [list(low), list(high)]
+    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        else:
+            _zoom_accuracy(ax, edges[key])
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title or f"{default_title(firsts)}: mean over seeds, {BANDS[band]}")
     return _save(fig, path)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "RunLock",
     "append_metrics",
     "atomic_write",
+    "find_runs",
     "load_checkpoint",
     "load_run",
     "read_metrics",
@@ -108,6 +109,28 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict
         raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
     config = json.loads((run_dir / CONFIG).read_text())
     return config, read_metrics(run_dir / METRICS)
+
+
+def find_runs(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` if it is a run directory, else the run directories below it (a compare's or
+    sweep's output: OUT/<optimizer>, OUT/<optimizer>/seed-<SEED>), sorted by path with
+    numbers in order (seed-2 before seed-10)."""
+    import re
+
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a run directory (no {CONFIG})")
+    found = [p.parent for p in path.rglob(CONFIG)]
+    if not found:
+        raise ValueError(f"{path} holds no run directories (no {CONFIG} below it)")
+
+    def key(p: Path) -> list[Any]:
+        parts = re.split(r"(\d+)", str(p.relative_to(path)))
+        return [int(x) if x.isdigit() else x for x in parts]
+
+    return sorted(found, key=key)
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
