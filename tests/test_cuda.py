@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from option_sets import EVERY_OPTION
 
 from dynabound import AdaBound, kernels
 
@@ -19,21 +20,7 @@ if not kernels.is_available("cuda"):
 
 DEVICE = torch.device("cuda")
 SHAPES = [(37,), (5, 3, 2), (), (0,), (70001,), (64, 3, 3, 3), (300, 300)]
-USER_BOUNDS = lambda t: (0.05 * (1 - 1 / (0.01 * t + 1)), 0.05 * (1 + 3 / (0.01 * t)))  # noqa: E731
-OPTIONS = {
-    "default": {},
-    "amsbound": dict(amsbound=True),
-    "coupled_wd": dict(weight_decay=0.1),
-    "adamw_decay": dict(weight_decay=0.1, decoupled_weight_decay=True),
-    "unscaled_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, unscaled_decay=True),
-    "maximize": dict(maximize=True),
-    "paper": dict(bounds="paper"),
-    "callable_bounds": dict(bounds=USER_BOUNDS),
-    "box": dict(box=(-0.3, 0.25)),
-    "everything": dict(amsbound=True, weight_decay=0.05, maximize=True, box=(-1.0, 1.0)),
-    "lr_zero": dict(lr=0.0, base_lr=1e-2),
-    "tensor_lr": dict(lr=torch.tensor(2e-2, device="cuda"), base_lr=1e-2),
-}
+OPTIONS = EVERY_OPTION | {"tensor_lr": dict(lr=torch.tensor(2e-2, device="cuda"), base_lr=1e-2)}
 # Storage dtype -> (arithmetic dtype of the reference, tolerance of one rounding).
 DTYPES = {
     torch.float32: (torch.float32, dict(rtol=1e-6, atol=1e-6)),

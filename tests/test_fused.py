@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from option_sets import EVERY_OPTION
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -23,21 +24,7 @@ from dynabound.kernels import cpu
 
 SHAPES = [(37,), (5, 3, 2), (), (0,), (2, 0, 3), (70001,), (64, 3, 3, 3)]
 STEPS = 5
-USER_BOUNDS = lambda t: (0.05 * (1 - 1 / (0.01 * t + 1)), 0.05 * (1 + 3 / (0.01 * t)))  # noqa: E731
-
-CONFIGS = {
-    "default": {},
-    "amsbound": dict(amsbound=True),
-    "coupled_wd": dict(weight_decay=0.1),
-    "adamw_decay": dict(weight_decay=0.1, decoupled_weight_decay=True),
-    "unscaled_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, unscaled_decay=True),
-    "maximize": dict(maximize=True),
-    "paper": dict(bounds="paper"),
-    "callable_bounds": dict(bounds=USER_BOUNDS),
-    "box": dict(box=(-0.3, 0.25)),
-    "everything": dict(amsbound=True, weight_decay=0.05, maximize=True, box=(-1.0, 1.0)),
-    "lr_zero": dict(lr=0.0, base_lr=1e-2),
-}
+CONFIGS = EVERY_OPTION
 
 
 @pytest.fixture(scope="module", autouse=True)

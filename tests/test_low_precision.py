@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from option_sets import EVERY_OPTION
 from test_conventions import LiveTemporaries
 
 from dynabound import AdaBound, kernels
@@ -22,19 +23,7 @@ from dynabound.bounds import StepCoefficients, within_range
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(37,), (5, 3, 2), (), (0,), (4099,)]
 STEPS = 4
-USER_BOUNDS = lambda t: (0.05 * (1 - 1 / (0.01 * t + 1)), 0.05 * (1 + 3 / (0.01 * t)))  # noqa: E731
-
-CONFIGS = {
-    "default": {},
-    "amsbound": dict(amsbound=True),
-    "coupled_wd": dict(weight_decay=0.1),
-    "adamw_decay": dict(weight_decay=0.1, decoupled_weight_decay=True),
-    "unscaled_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, unscaled_decay=True),
-    "maximize": dict(maximize=True),
-    "paper": dict(bounds="paper"),
-    "callable_bounds": dict(bounds=USER_BOUNDS),
-    "box": dict(box=(-0.3, 0.25)),
-    "lr_zero": dict(lr=0.0, base_lr=1e-2),
+CONFIGS = EVERY_OPTION | {
     # final_lr / base_lr = 1e5: the bounds relative to lr exceed float16's 65504.
     "ratio_beyond_float16": dict(lr=1e-6, final_lr=0.1, gamma=1000.0),
     "paper_ratio_beyond_float16": dict(bounds="paper", lr=1e-6, final_lr=0.1),
