@@ -56,6 +56,18 @@ def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s
 
 def spawn_two(fn: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> None:
     """Run ``fn(rank, *args)`` on ranks 0 and 1; ``fn`` must be importable (module level)."""
+    for attempt in range(3):
+        try:
+            _spawn_two_once(fn, args, timeout_s)
+            return
+        except mp.ProcessRaisedException as exc:
+            # Between free_port() and the bind, another test process (pytest-xdist runs
+            # several) may take the port: try a fresh one.
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
+
+
+def _spawn_two_once(fn: Callable[..., None], args: tuple, timeout_s: float) -> None:
     context = mp.start_processes(
         _entry,
         args=(fn, free_port(), args, timeout_s / 2),
