@@ -541,3 +541,31 @@ def test_build_command_reports_the_kernels():
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("cpu: ") and "\ncuda: " in done.stdout
     assert "cpu: fused kernel ready" in done.stdout
+
+
+def test_cpu_plan_is_cached_and_a_gradient_layout_change_is_seen(monkeypatch):
+    """Steps reuse the validated kernel calls while the tensors stay put; a gradient with
+    another layout at the same address is read through a copy, not through stale strides."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(cpu, "_plans", OrderedDict())
+    collected = []
+    real_collect = cpu._collect
+    monkeypatch.setattr(cpu, "_collect", lambda *a: collected.append(1) or real_collect(*a))
+
+    gen = torch.Generator().manual_seed(3)
+    fused_params = [torch.nn.Parameter(torch.randn(5, 7, generator=gen))]
+    fused = AdaBound(fused_params, lr=1e-2, fused=True)
+    ref_params = [torch.nn.Parameter(fused_params[0].detach().clone())]
+    ref = AdaBound(ref_params, lr=1e-2, foreach=False)
+    buffer = torch.empty(35)
+    for step in range(4):
+        buffer.copy_(torch.randn(35, generator=gen))
+        # Steps 0-1: row-major; steps 2-3: the same memory read column-major.
+        grad = buffer.view(5, 7) if step < 2 else buffer.view(7, 5).t()
+        fused_params[0].grad = grad
+        ref_params[0].grad = grad.clone()
+        fused.step()
+        ref.step()
+        torch.testing.assert_close(fused_params[0], ref_params[0], **TIGHT[torch.float32])
+    assert len(collected) == 3  # built at step 0, reused at step 1, not cached with a copy
