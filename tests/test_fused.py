@@ -569,3 +569,12 @@ def test_cpu_plan_is_cached_and_a_gradient_layout_change_is_seen(monkeypatch):
         ref.step()
         torch.testing.assert_close(fused_params[0], ref_params[0], **TIGHT[torch.float32])
     assert len(collected) == 3  # built at step 0, reused at step 1, not cached with a copy
+
+
+def test_unsupported_dtype_is_refused_before_the_step_counters_move():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float8_e4m3fn), requires_grad=False)
+    p.grad = torch.zeros(4, dtype=torch.float8_e4m3fn)
+    opt = AdaBound([p], fused=True)
+    with pytest.raises(RuntimeError, match="does not support torch.float8_e4m3fn"):
+        opt.step()
+    assert opt.state[p]["step"].item() == 0
