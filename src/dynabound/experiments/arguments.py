@@ -24,9 +24,11 @@ examples:
   dynabound run mnist --optim adabound --data-dir data --download
   dynabound run mnist --optim adabound --resume   # continue after Ctrl-C or a kill
   dynabound compare cifar10 --model resnet34 --data-dir data
+  dynabound compare mnist --seeds 1 2 3 4 5 --data-dir data   # mean ± std over seeds
   torchrun --nproc-per-node 4 -m dynabound.experiments run cifar10 --optim adabound
   dynabound sweep cifar10 --final-lr 0.01 0.03 0.1 0.3 --gamma 1e-4 1e-3 1e-2
   dynabound plot runs/mnist-compare/*
+  dynabound plot runs/mnist-compare               # every run below; seeds as mean + band
   dynabound probe runs/cifar10-resnet34-adam
 """
 
