@@ -20,8 +20,8 @@ computed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,6 +106,20 @@ def step_coefficients(
         lower, upper = reference_bounds(step, final_lr, gamma)
     numerator = _sqrt(1 - beta2**step) / (1 - beta1**step)
     return StepCoefficients(numerator, lower / base_lr, upper / base_lr, 1.0, True)
+
+
+def step_coefficients_from(step: Scalar, hyper: Mapping[str, Any]) -> StepCoefficients:
+    """:func:`step_coefficients` with the hyperparameters taken from a mapping that holds
+    them under their own names (the functional paths' and kernels' keyword arguments)."""
+    return step_coefficients(
+        step,
+        bounds=hyper["bounds"],
+        final_lr=hyper["final_lr"],
+        base_lr=hyper["base_lr"],
+        gamma=hyper["gamma"],
+        beta1=hyper["beta1"],
+        beta2=hyper["beta2"],
+    )
 
 
 def decoupled_decay_factor(lr: Scalar, weight_decay: float, unscaled: bool) -> Scalar:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients, within_range
+from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
 
 __all__ = ["adabound"]
 
@@ -210,16 +210,7 @@ def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, hyper) -> _Scalars:
 
 
 def _coefficients(step, dtype, hyper, lr):
-    c = step_coefficients(
-        step,
-        bounds=hyper["bounds"],
-        final_lr=hyper["final_lr"],
-        base_lr=hyper["base_lr"],
-        gamma=hyper["gamma"],
-        beta1=hyper["beta1"],
-        beta2=hyper["beta2"],
-    )
-    return within_range(c, dtype, lr)
+    return within_range(step_coefficients_from(step, hyper), dtype, lr)
 
 
 def _single_tensor_adabound(

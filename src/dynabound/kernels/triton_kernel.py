@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..bounds import step_coefficients, within_range
+from ..bounds import step_coefficients_from, within_range
 from . import dense_layout
 
 try:
@@ -469,15 +469,7 @@ def _hyper_table(hyper: dict, box, compute: torch.dtype, device: torch.device) -
 
 def _coefficient_table(steps: list[Tensor], hyper: dict, compute: torch.dtype) -> Tensor:
     """Rows numerator, lower, upper, scale (a column per tensor) for a bound function."""
-    c = step_coefficients(
-        torch.stack(steps).to(torch.float64),
-        bounds=hyper["bounds"],
-        final_lr=hyper["final_lr"],
-        base_lr=hyper["base_lr"],
-        gamma=hyper["gamma"],
-        beta1=hyper["beta1"],
-        beta2=hyper["beta2"],
-    )
+    c = step_coefficients_from(torch.stack(steps).to(torch.float64), hyper)
     c = within_range(c, compute)
     table = torch.empty((4, len(steps)), dtype=torch.float64, device=steps[0].device)
     for row, value in enumerate((c.numerator, c.lower, c.upper, c.scale)):
