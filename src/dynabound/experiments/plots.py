@@ -107,7 +107,6 @@ def plot_runs(
     differ only by their seed are drawn as their mean with a shaded ``band`` ("minmax": the
     lowest to the highest run at each epoch, "std": mean ± one sample standard deviation;
     None: one line per run all the same)."""
-    from matplotlib.ticker import MaxNLocator
 
     if band is not None and band not in BANDS:
         raise ValueError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
@@ -141,7 +140,19 @@ def plot_runs(
                 linewidth=1.4,
                 **style,
             )
-    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
+    _label_epoch_axes(axes[0], panels, metric, {
+        key: [[m.get(key) for m in ms] for _, ms in runs] for key, _ in panels
+    })  # fmt: skip
+    fig.suptitle(title or default_title(configs))
+    return _save(fig, path)
+
+
+def _label_epoch_axes(axes, panels, metric: str, series: dict[str, list]) -> None:
+    """Labels, grid and scale of per-epoch panels; accuracy panels zoom onto ``series``
+    (the values drawn in each panel), perplexity ones use a log scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -149,10 +160,8 @@ def plot_runs(
         if metric == "perplexity":
             ax.set_yscale("log")
         else:
-            _zoom_accuracy(ax, [[m.get(key) for m in ms] for _, ms in runs])
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title or default_title(configs))
-    return _save(fig, path)
+            _zoom_accuracy(ax, series[key])
+    axes[-1].legend(fontsize=8)
 
 
 def _band(group: SeedGroup, key: str, band: str) -> tuple[list[int], Any, Any, Any]:
@@ -175,7 +184,6 @@ def _band(group: SeedGroup, key: str, band: str) -> tuple[list[int], Any, Any, A
 def _plot_bands(
     groups: Sequence[SeedGroup], path: PathLike, title: str | None, band: str, metric: str
 ) -> Path:
-    from matplotlib.ticker import MaxNLocator
 
     panels = _PANELS[metric]
     fig, axes = _figure(1, len(panels))
@@ -193,16 +201,7 @@ def _plot_bands(
             if len(group) > 1:
                 ax.fill_between(epochs, low, high, color=style["color"], alpha=0.2, linewidth=0)
             edges[key] += [list(low), list(high)]
-    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if metric == "perplexity":
-            ax.set_yscale("log")
-        else:
-            _zoom_accuracy(ax, edges[key])
-    axes[0][-1].legend(fontsize=8)
+    _label_epoch_axes(axes[0], panels, metric, edges)
     fig.suptitle(title or f"{default_title(firsts)}: mean over seeds, {BANDS[band]}")
     return _save(fig, path)
 
