@@ -1,6 +1,7 @@
 """dynabound: AdaBound and AMSBound (Luo et al., ICLR 2019) for PyTorch and JAX."""
 
 from .optim import AdaBound, AdaBoundW, AMSBound, AMSBoundW
+from .scaling import scale_batch_size
 
-__all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW"]
+__all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW", "scale_batch_size"]
 __version__ = "0.1.0"

@@ -327,3 +327,19 @@ def test_plot_help_names_the_transition_files_that_plot_writes(tmp_path, capsys)
     assert written == [each.replace(f"<{placeholder}>", run.name) for run in runs]
     assert main(["plot", str(runs[0]), "--out", str(tmp_path / "one" / "curves.png")]) == 0
     assert [p.name for p in (tmp_path / "one").glob("transition*.png")] == [single]
+
+
+def test_scale_from_batch_scales_the_presets_and_resumes(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["run", "digits", "--optim", "adabound", "--epochs", "1", "--batch-size", "64"]
+    argv += ["--scale-from-batch", "128", "--lr", "2e-3", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["scale_from_batch"] == 128 and config["tuned_hparams"]["lr"] == 2e-3
+    assert config["hparams"]["lr"] == pytest.approx(2e-3 / 2**0.5)
+    assert config["hparams"]["final_lr"] == pytest.approx(0.05)
+    # The same command with --resume: the given --lr is again the one for batch 128.
+    assert main([*argv[:5], "2", *argv[6:], "--resume"]) == 0
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+    assert main(["compare", "digits", "--optims", "sgdm", "--scale-from-batch", "8"]) == 2
+    assert "no batch-size scaling rule for sgdm" in capsys.readouterr().err

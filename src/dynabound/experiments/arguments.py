@@ -125,6 +125,17 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
         default=None,
         help=f"global batch size, split between processes (default {d['batch_size']})",
     )
+    if mode in ("run", "compare"):
+        t.add_argument(
+            "--scale-from-batch",
+            type=int,
+            default=None,
+            metavar="B",
+            help="take the hyperparameters (presets and values given) as tuned for batch size "
+            "B and scale them to --batch-size: Adam-family by the square root rule (lr x "
+            "sqrt(k), 1-beta x k, eps / sqrt(k), k = batch size / B), the bounded methods "
+            "also final_lr and gamma x k (see dynabound.scale_batch_size)",
+        )
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     if mode == "compare":
         t.add_argument(
@@ -294,6 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="one sampled kernel per layer (paper) or the mean over channels",
     )
     probe.add_argument("--device", default="cpu")
+
+    convert = sub.add_parser(
+        "convert-checkpoint",
+        help="rewrite run checkpoints of the earlier format so that they load safely",
+        description="Run checkpoints are loaded with torch.load(weights_only=True), which "
+        "refuses those written before format dynabound-run/2 (they held numpy's generator "
+        "state as a numpy array). This rewrites them in the current format. A file the "
+        "weights-only loader refuses is unpickled in full only with --trust, which runs any "
+        "code the file holds: use it only for files you wrote or trust.",
+    )
+    convert.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or directories holding them (a compare's or sweep's --out)",
+    )
+    convert.add_argument(
+        "--trust",
+        action="store_true",
+        help="unpickle the checkpoints in full (they can run code when loaded)",
+    )
     return parser
 
 
@@ -311,6 +343,9 @@ def check_arguments(ns: argparse.Namespace) -> None:
     steps = getattr(ns, "checkpoint_steps", None)
     if steps is not None and steps < 1:
         raise ValueError(f"--checkpoint-steps must be a positive integer, got {steps}")
+    scale_from = getattr(ns, "scale_from_batch", None)
+    if scale_from is not None and scale_from < 1:
+        raise ValueError(f"--scale-from-batch must be a positive batch size, got {scale_from}")
     seeds = getattr(ns, "seeds", None)
     if seeds is not None:
         if ns.seed is not None:

@@ -1,4 +1,4 @@
-"""The ``dynabound`` command: demo, run, compare, sweep, plot, probe."""
+"""The ``dynabound`` command: demo, run, compare, sweep, plot, probe, convert-checkpoint."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _config_kwargs(ns: argparse.Namespace, task: type) -> dict[str, Any]:
         "device": ns.device or "auto",
         "amp": ns.amp,
         "record_bounds": not ns.no_bounds_record,
+        "scale_from_batch": getattr(ns, "scale_from_batch", None),
     }
 
 
@@ -61,8 +62,19 @@ def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> 
     ):
         if value is not None:
             given[key] = value
+    scale_from = getattr(ns, "scale_from_batch", None)
+    if scale_from is not None:
+        given["scale_from_batch"] = scale_from
     overrides = _hparam_overrides(ns)
-    if overrides:
+    if overrides and saved.get("scale_from_batch") is not None:
+        from .config import scaled_hparams
+
+        # Values given are for the batch size the run was scaled from, as when it started.
+        tuned = {**saved["tuned_hparams"], **overrides}
+        given["hparams"] = scaled_hparams(
+            saved["optim"], tuned, saved["scale_from_batch"], saved["batch_size"]
+        )
+    elif overrides:
         given["hparams"] = {**saved["hparams"], **overrides}
     args = {k: v for k, v in task.task_args(ns).items() if v is not None}
     if args:
@@ -333,6 +345,15 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 130 if report is None else 0
 
 
+def _cmd_convert_checkpoint(ns: argparse.Namespace) -> int:
+    from .rundir import CHECKPOINT, FORMAT, convert_checkpoint, find_runs
+
+    for run_dir in [run for r in ns.runs for run in find_runs(r)]:
+        converted = convert_checkpoint(run_dir, trust=ns.trust)
+        print(f"{run_dir / CHECKPOINT}: {'converted to' if converted else 'already in'} {FORMAT}")
+    return 0
+
+
 def _is_main() -> bool:
     import os
 
@@ -362,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep": _cmd_sweep,
         "plot": _cmd_plot,
         "probe": _cmd_probe,
+        "convert-checkpoint": _cmd_convert_checkpoint,
     }
     _interrupt_on_sigterm()
     try:
