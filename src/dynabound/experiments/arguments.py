@@ -37,10 +37,15 @@ HPARAMS = (
     ("momentum", float, "SGDM momentum"),
     ("beta1", float, "first-moment coefficient"),
     ("beta2", float, "second-moment coefficient"),
+    ("beta3", float, "Adan: coefficient of its second moment (its beta2 is the difference's)"),
     ("final_lr", float, "AdaBound/AMSBound: the SGD rate both bounds converge to"),
     ("gamma", float, "AdaBound/AMSBound: convergence speed of the bounds"),
     ("eps", float, "denominator term"),
     ("weight_decay", float, "weight decay (L2; decoupled for AdamW/AdaBoundW)"),
+    ("pole", float, "AdamSSM: pole of the pair added to the second-moment filter"),
+    ("zero", float, "AdamSSM: zero of that pair (zero = pole is Adam)"),
+    ("clip_norm", float, "δ-GClip: gradient norm above which the step is clipped (its gamma)"),
+    ("delta", float, "δ-GClip: floor of the clipped step, as a fraction of lr"),
 )
 
 

@@ -1,20 +1,25 @@
 """Build the optimizers the paper compares from a name and a dict of hyperparameters.
 
 Names: ``sgdm``, ``adagrad``, ``adam``, ``amsgrad``, ``adamw``, ``adabound``, ``amsbound``,
-``adaboundw``, ``amsboundw``. Hyperparameters use one vocabulary for every optimizer
-(``lr``, ``momentum``, ``beta1``, ``beta2``, ``final_lr``, ``gamma``, ``eps``,
-``weight_decay``, ``bounds``, ``box``, ``unscaled_decay``, ``nesterov``); passing one that an
-optimizer does not take is a ValueError, so a typo never goes unnoticed.
+``adaboundw``, ``amsboundw``, and the comparators of :mod:`.comparators` (``adan``,
+``adamssm``, ``gclip``, ``signsgd``, ``signum``). Hyperparameters use one vocabulary for
+every optimizer (``lr``, ``momentum``, ``beta1``, ``beta2``, ``beta3``, ``final_lr``,
+``gamma``, ``eps``, ``weight_decay``, ``bounds``, ``box``, ``unscaled_decay``, ``nesterov``,
+``pole``, ``zero``, ``clip_norm``, ``delta``); passing one that an optimizer does not take is
+a ValueError, so a typo never goes unnoticed.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from dynabound import AdaBound, AdaBoundW, AMSBound, AMSBoundW
+
+from .comparators import COMPARATORS
 
 __all__ = [
     "DISPLAY_NAMES",
@@ -36,6 +41,7 @@ DISPLAY_NAMES = {
     "amsbound": "AMSBound",
     "adaboundw": "AdaBoundW",
     "amsboundw": "AMSBoundW",
+    **{name: display for name, (_, display, _) in COMPARATORS.items()},
 }
 OPTIMIZERS = tuple(DISPLAY_NAMES)
 PAPER_SIX = ("sgdm", "adagrad", "adam", "amsgrad", "adabound", "amsbound")
@@ -53,6 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "amsbound": _BOUND_KEYS,
     "adaboundw": _BOUND_KEYS | {"unscaled_decay"},
     "amsboundw": _BOUND_KEYS | {"unscaled_decay"},
+    **{name: set(keys) for name, (_, _, keys) in COMPARATORS.items()},
 }
 _DYNABOUND_CLASSES = {
     "adabound": AdaBound,
@@ -112,6 +119,8 @@ def build_optimizer(
             weight_decay=h.get("weight_decay", 0.0),
             initial_accumulator_value=0.0,
         )
+    if key in COMPARATORS:
+        return _build_comparator(key, params, h)
     betas = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
     if key in ("adam", "amsgrad", "adamw"):
         cls = torch.optim.AdamW if key == "adamw" else torch.optim.Adam
@@ -128,3 +137,14 @@ def build_optimizer(
     return _DYNABOUND_CLASSES[key](
         params, betas=betas, box=tuple(box) if box is not None else None, **h
     )
+
+
+def _build_comparator(key: str, params: Iterable[Any], h: dict[str, Any]) -> torch.optim.Optimizer:
+    """A comparator from the harness's names; the betas, given one by one here, become the
+    class's ``betas`` tuple (a missing one takes the class default)."""
+    cls = COMPARATORS[key][0]
+    names = [f"beta{i}" for i in (1, 2, 3) if f"beta{i}" in COMPARATORS[key][2]]
+    if names:
+        defaults = inspect.signature(cls).parameters["betas"].default
+        h["betas"] = tuple(h.pop(n, d) for n, d in zip(names, defaults, strict=True))
+    return cls(params, **h)

@@ -19,6 +19,12 @@ Sources, in order of authority:
   here). A 400-step check on the real data (1-layer, 200 units) gave validation
   perplexities of about 400 for Adam, SGDM and AdaBound with these values, against 650
   for AdaBound with final_lr 1.
+* Comparators (comparators.py), the same on every task, without weight decay: Adan
+  lr 1e-3 with its paper's betas (0.02, 0.08, 0.01 in the paper's notation, 0.98, 0.92,
+  0.99 here) and eps 1e-8; AdamSSM Adam's values with pole 0.9 and zero 0.5 (this
+  project's choice: the paper's could not be confirmed); delta-GClip the authors' ViT
+  settings, lr 0.2, clip_norm (their gamma) 1 and delta 1e-3; signSGD and Signum lr 1e-4,
+  Signum momentum 0.9 (Bernstein et al.'s Signum settings).
 * Convex counterexample: Reddi et al.'s step size alpha/sqrt(t) with alpha 0.5 and, for the
   bounded methods, the paper's theory variant (``bounds="paper"``, projection onto [-1, 1]);
   the betas and the bounded methods' final_lr belong to the problem and are set by the task.
@@ -49,6 +55,11 @@ _BASE: dict[str, dict[str, Any]] = {
         "gamma": 1e-3,
         "weight_decay": 0.05,
     },
+    "adan": {"lr": 1e-3, "beta1": 0.98, "beta2": 0.92, "beta3": 0.99, "eps": 1e-8},
+    "adamssm": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "pole": 0.9, "zero": 0.5},
+    "gclip": {"lr": 0.2, "clip_norm": 1.0, "delta": 1e-3},
+    "signsgd": {"lr": 1e-4},
+    "signum": {"lr": 1e-4, "momentum": 0.9},
 }
 _BASE["amsboundw"] = dict(_BASE["adaboundw"])
 
