@@ -4,12 +4,20 @@
 epoch, appended), ``checkpoint.pt`` (replaced atomically: at the start, inside epochs and
 after every epoch) and ``.lock`` (the pid of the process training there). Every other module
 of the harness reads and writes run directories through this one.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts, and is loaded with
+``torch.load(weights_only=True)``: resuming a run directory someone else shared cannot run
+code from it. One written in the earlier format (``dynabound-run/1``, which held numpy's
+generator state as a numpy array) is refused with a message; :func:`convert_checkpoint`
+rewrites it on request, for a file the user trusts.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +31,10 @@ __all__ = [
     "FORMAT",
     "METRICS",
     "RunLock",
+    "UnsafeCheckpointError",
     "append_metrics",
     "atomic_write",
+    "convert_checkpoint",
     "find_runs",
     "load_checkpoint",
     "load_run",
@@ -37,7 +47,9 @@ __all__ = [
 
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
 LOCK = ".lock"
-FORMAT = "dynabound-run/1"
+# The checkpoint's layout; a change that older code cannot read gets a new number.
+FORMAT = "dynabound-run/2"
+FORMAT_1 = "dynabound-run/1"
 _TEMPORARY = ".{name}.{pid}.{token}.tmp"
 
 
@@ -138,13 +150,88 @@ def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write(Path(run_dir) / CHECKPOINT, lambda fh: torch.save(payload, fh))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint the weights-only loader refuses: loading it would run code from it."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        held = _unsafe_globals(path)
+        super().__init__(
+            f"{path} cannot be loaded safely: it holds objects other than tensors, numbers, "
+            f"strings, lists and dicts{f' ({held})' if held else ''}, and unpickling those "
+            f"can run any code. A checkpoint written before format {FORMAT} holds numpy's "
+            f"generator state that way; if you trust this file, convert it once with "
+            f"`dynabound convert-checkpoint {path.parent} --trust`"
+        )
+
+
+def _unsafe_globals(path: Path) -> str:
+    """What the file would import when unpickled, found without unpickling it."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:  # torch < 2.5
+        return ""
+    try:
+        return ", ".join(sorted(scan(path)))
+    except Exception:
+        return ""
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    # Checkpoints hold numpy and Python RNG states, which the weights-only loader refuses;
-    # they are files this program wrote, so the full loader is used.
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(path) from exc
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_1:
+        raise ValueError(
+            f"{path} was written in the earlier format {FORMAT_1}; convert it once with "
+            f"`dynabound convert-checkpoint {path.parent}`"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dynabound run checkpoint")
     return ckpt
+
+
+def convert_checkpoint(run_dir: str | os.PathLike[str], *, trust: bool = False) -> bool:
+    """Rewrite ``run_dir``'s checkpoint from format ``dynabound-run/1`` into the current one;
+    False if it is current already. A file the weights-only loader refuses is unpickled in
+    full only with ``trust``: that runs whatever code the file holds."""
+    from .generators import numpy_state, python_state
+
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no {CHECKPOINT}")
+    lock = RunLock(run_dir)
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if not trust:
+                raise UnsafeCheckpointError(path) from exc
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+            return False
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_1:
+            raise ValueError(f"{path} is not a dynabound run checkpoint")
+        rng = [
+            {**s, "numpy": numpy_state(s["numpy"]), "python": python_state(s["python"])}
+            for s in ckpt["rng"]
+        ]
+        buffer = io.BytesIO()
+        torch.save({**ckpt, "format": FORMAT, "rng": rng}, buffer)
+        data = buffer.getvalue()
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{path} holds objects besides the generator states that a safe checkpoint "
+                "cannot hold; it was left unchanged"
+            ) from exc
+        atomic_write(path, lambda fh: fh.write(data))
+        return True
+    finally:
+        lock.release()
 
 
 class RunLock:

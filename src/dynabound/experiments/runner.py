@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -30,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .config import RESUMABLE_CHANGES, build_config, check_hparams, check_resume_config
 from .console import PROGRESS_EVERY, Console, ProgressLines
 from .devices import ensure_distributed, resolve_device, shutdown_distributed
+from .generators import rng_state, seed_all, set_rng_state
 from .optimizers import build_optimizer, is_dynabound
 from .rundir import (
     CHECKPOINT,
@@ -88,31 +87,6 @@ class _StopRequested(Exception):
     """Unwinds an epoch after the step that a stop request was saved at."""
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
@@ -144,7 +118,7 @@ class _Run:
             # to be bit-reproducible; CPU runs are).
             torch.backends.cudnn.benchmark = True
         seed = int(config["seed"])
-        _seed_all(derive_seed(seed, "init"))
+        seed_all(derive_seed(seed, "init"))
         self.task = task_cls(config, device, dist)
         self.task.load_data()
         self.spec = self.task.model_spec
@@ -167,7 +141,7 @@ class _Run:
 
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        _seed_all(derive_seed(seed, "train", dist.rank))
+        seed_all(derive_seed(seed, "train", dist.rank))
         self.record_bounds = (
             config.get("record_bounds", True) and is_dynabound(self.optimizer) and dist.is_main
         )
@@ -191,7 +165,7 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.task.load_state_dict(ckpt["task"])
         states = ckpt["rng"]
-        _set_rng_state(states[self.dist.rank % len(states)], self.device)
+        set_rng_state(states[self.dist.rank % len(states)], self.device)
         self.epochs_done, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.elapsed = ckpt["elapsed"]
         self.inside = ckpt.get("inside")
@@ -217,7 +191,7 @@ class _Run:
         """Write the checkpoint: after ``epochs_done`` epochs, or ``inside`` the next one
         at ``global_step``. Every rank must call this at the same step."""
         step = self.global_step if global_step is None else global_step
-        states = self._gather(_rng_state(self.device))
+        states = self._gather(rng_state(self.device))
         if inside is not None:
             inside = {**inside, "task": self._gather(_to_cpu(inside["task"]))}
         if self.dist.is_main:
