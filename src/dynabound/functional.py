@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from . import state_formats as formats
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
 
 __all__ = ["adabound"]
@@ -63,12 +64,22 @@ def adabound(
     bounds: BoundsSpec,
     box: tuple[float, float] | None,
     maximize: bool,
+    state_dtype: torch.dtype | str | None = None,
+    stochastic_rounding: bool = False,
+    rounding_seeds: list[int] | None = None,
 ) -> None:
     """Apply one AdaBound/AMSBound step in place, like ``torch.optim._functional.adam``.
 
     ``state_steps`` are incremented here. ``max_exp_avg_sqs`` is only read with
     ``amsbound=True``. ``fused`` selects the fused kernels of :mod:`dynabound.kernels`;
     ``foreach`` the multi-tensor path; otherwise the single-tensor reference runs.
+
+    ``state_dtype`` is the moments' format (:mod:`dynabound.state_formats`): with
+    ``"8bit"`` each moment is a :class:`~dynabound.state_formats.Quantized` pair, with
+    ``torch.bfloat16`` a bfloat16 tensor. ``stochastic_rounding`` rounds bfloat16
+    parameters stochastically. ``rounding_seeds`` (one integer per parameter, default its
+    index) seed the random bits of both; foreach falls back to the single-tensor path for
+    them.
     """
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -91,6 +102,11 @@ def adabound(
         maximize=maximize,
     )
     tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    encoded = dict(
+        state_dtype=state_dtype,
+        stochastic_rounding=stochastic_rounding,
+        rounding_seeds=rounding_seeds,
+    )
     if fused:
         from .kernels import fused_adabound
 
@@ -100,12 +116,17 @@ def adabound(
             has_complex=has_complex,
             grad_scale=grad_scale,
             found_inf=found_inf,
+            **encoded,
             **hyper,
         )
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale and found_inf are only supported by the fused paths")
-    if foreach:
+    if state_dtype is not None or (
+        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
+    ):
+        _single_tensor_encoded(*tensors, capturable=capturable, **encoded, **hyper)
+    elif foreach:
         _multi_tensor_adabound(*tensors, capturable=capturable, has_complex=has_complex, **hyper)
     else:
         _single_tensor_adabound(
@@ -225,8 +246,7 @@ def _single_tensor_adabound(
     differentiable: bool,
     **hyper,
 ) -> None:
-    amsbound, wd = hyper["amsbound"], hyper["weight_decay"]
-    beta1, beta2, eps, box = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["box"]
+    amsbound = hyper["amsbound"]
     for step_t in state_steps:
         step_t += 1
     dtypes = [_arithmetic_dtype(p.dtype) for p in params]
@@ -248,38 +268,10 @@ def _single_tensor_adabound(
             )
             if amsbound:
                 max_exp_avg_sq = max_exp_avg_sq.to(torch.float32)
-        if hyper["maximize"]:
-            grad = -grad
-
-        if wd != 0:
-            if not hyper["decoupled_weight_decay"]:
-                grad = grad.add(param, alpha=wd)
-            else:
-                param.mul_(decoupled_decay_factor(hyper["lr"], wd, hyper["unscaled_decay"]))
-
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if amsbound:
-            if differentiable:
-                # maximum saves its inputs for backward: compare against a copy, not the
-                # state tensor that is overwritten next.
-                second_moment = torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq)
-                max_exp_avg_sq.copy_(second_moment)
-            else:
-                torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-                second_moment = max_exp_avg_sq
-        else:
-            second_moment = exp_avg_sq
-
-        numerator, lower, upper, multiplier = scalars.of(i)
-        denom = second_moment.sqrt()
-        if scalars.eps_used:
-            denom = denom + eps
-        rate = denom.reciprocal() * numerator
-        rate = rate.clamp(lower, upper) * multiplier
-        param.addcmul_(rate, exp_avg, value=-1)
-        if box is not None:
-            param.clamp_(box[0], box[1])
+        _update_tensor(
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars.of(i), scalars.eps_used,
+            differentiable, hyper,
+        )  # fmt: skip
         if stored is not None:
             for target, value in zip(
                 stored, (param, exp_avg, exp_avg_sq, max_exp_avg_sq), strict=True
@@ -287,6 +279,129 @@ def _single_tensor_adabound(
                 if target is not None:
                     target.copy_(value)
 
+
+def _update_tensor(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, eps_used, differentiable,
+    hyper,
+) -> None:  # fmt: skip
+    """The element-wise update of one tensor in its arithmetic dtype, in place."""
+    amsbound, wd = hyper["amsbound"], hyper["weight_decay"]
+    beta1, beta2, eps, box = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["box"]
+    if hyper["maximize"]:
+        grad = -grad
+
+    if wd != 0:
+        if not hyper["decoupled_weight_decay"]:
+            grad = grad.add(param, alpha=wd)
+        else:
+            param.mul_(decoupled_decay_factor(hyper["lr"], wd, hyper["unscaled_decay"]))
+
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if amsbound:
+        if differentiable:
+            # maximum saves its inputs for backward: compare against a copy, not the
+            # state tensor that is overwritten next.
+            second_moment = torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq)
+            max_exp_avg_sq.copy_(second_moment)
+        else:
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+
+    numerator, lower, upper, multiplier = coefficients
+    denom = second_moment.sqrt()
+    if eps_used:
+        denom = denom + eps
+    rate = denom.reciprocal() * numerator
+    rate = rate.clamp(lower, upper) * multiplier
+    param.addcmul_(rate, exp_avg, value=-1)
+    if box is not None:
+        param.clamp_(box[0], box[1])
+
+
+def _single_tensor_encoded(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    capturable: bool,
+    state_dtype,
+    stochastic_rounding: bool,
+    rounding_seeds: list[int] | None,
+    **hyper,
+) -> None:
+    """The single-tensor step with moments in a low-precision format or stochastically
+    rounded bfloat16 parameters: decode into float32, update, encode.
+
+    Everything runs on 1-dim views in memory order, the order of the fused kernels' blocks
+    and random bits. The random bits depend on the step's value, read on the host.
+    """
+    amsbound = hyper["amsbound"]
+    for step_t in state_steps:
+        step_t += 1
+    scalars = _step_scalars(state_steps, [torch.float32] * len(params), capturable, hyper)
+    for i, param in enumerate(params):
+        if param.dtype.to_real() not in (torch.float32, *_LOW_PRECISION):
+            raise RuntimeError(
+                f"state_dtype={state_dtype!r} and stochastic rounding need float32, bfloat16 "
+                f"or float16 parameters (complex64 too), got {param.dtype}"
+            )
+        if not formats.covers_memory_densely(param):
+            raise RuntimeError(
+                "low-precision optimizer state needs parameters stored without gaps "
+                "(contiguous, channels-last or any permutation of them)"
+            )
+        grad = grads[i]
+        if grad.stride() != param.stride():
+            grad = torch.empty_like(param).copy_(grad)  # in the parameter's memory order
+        seed = rounding_seeds[i] if rounding_seeds is not None else i
+        step = int(state_steps[i].item())
+        moments = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsbound else None]
+        stored_param = formats.memory_flat(param)
+        work_param = stored_param.to(torch.float32, copy=True)
+        work_grad = formats.memory_flat(grad).to(torch.float32)
+        work = [_read_moment(t, signed=k == 0) for k, t in enumerate(moments)]
+        _update_tensor(
+            work_param, work_grad, *work, scalars.of(i), scalars.eps_used, False, hyper
+        )
+        bits = formats.random_bits(
+            formats.step_key(seed, step, formats.STREAM_STATE), work_param.numel(), param.device
+        )
+        noise = (bits & 0xFFFF, bits >> 16, bits >> 16)  # exp_avg, exp_avg_sq, max_exp_avg_sq
+        for k, (target, value) in enumerate(zip(moments, work, strict=True)):
+            if target is not None:
+                _write_moment(target, value, noise[k], k == 0, state_dtype)
+        if stochastic_rounding and stored_param.dtype is torch.bfloat16:
+            key = formats.step_key(seed, step, formats.STREAM_PARAM)
+            noise = formats.random_bits(key, work_param.numel(), param.device) & 0xFFFF
+            stored_param.copy_(formats.round_bfloat16(work_param, noise))
+        else:
+            stored_param.copy_(work_param)
+
+
+def _read_moment(moment, signed: bool) -> Tensor | None:
+    """A moment as a new 1-dim float32 tensor in memory order."""
+    if moment is None:
+        return None
+    if isinstance(moment, formats.Quantized):
+        return formats.decode(formats.memory_flat(moment.codes), moment.scales, signed)
+    return formats.memory_flat(moment).to(torch.float32, copy=True)
+
+
+def _write_moment(moment, value: Tensor, noise: Tensor, signed: bool, state_dtype) -> None:
+    if isinstance(moment, formats.Quantized):
+        codes, scales = formats.encode(value, signed, noise)
+        formats.memory_flat(moment.codes).copy_(codes)
+        moment.scales.copy_(scales)
+    elif state_dtype is torch.bfloat16:  # stochastically, for bfloat16 parameters too
+        formats.memory_flat(moment).copy_(formats.round_bfloat16(value, noise))
+    else:  # the parameter's own dtype, rounded to nearest as without a state format
+        formats.memory_flat(moment).copy_(value)
 
 def _chunks(sizes: Sequence[int]) -> Iterator[slice]:
     """Consecutive slices whose total size stays within the largest single tensor.

@@ -19,6 +19,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
 from . import kernels
+from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound
 
@@ -38,6 +39,8 @@ _BACKFILL: dict[str, Any] = {
     "fused": None,
     "capturable": False,
     "differentiable": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
 }
 
 
@@ -80,6 +83,13 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if group["fused"] and group["differentiable"]:
         raise RuntimeError("`fused` does not support `differentiable`")
+    formats.check_state_dtype(group["state_dtype"])
+    encoded = group["state_dtype"] is not None or group["stochastic_rounding"]
+    if encoded and (group["differentiable"] or group["capturable"]):
+        raise ValueError(
+            f"{name}: state_dtype and stochastic_rounding do not support differentiable or "
+            "capturable (the random bits are drawn from the step's value on the host)"
+        )
     for p in group["params"]:
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
@@ -90,6 +100,17 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                 f"{name}(fused=True) supports parameters on {' and '.join(kernels.DEVICE_TYPES)}"
                 f" devices, got one on {p.device}; use fused=False"
             )
+        if group["state_dtype"] is not None:
+            if p.dtype.to_real() not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{name}: state_dtype={group['state_dtype']!r} needs float32, bfloat16 or "
+                    f"float16 parameters (complex64 too), got {p.dtype}"
+                )
+            if not formats.covers_memory_densely(p):
+                raise ValueError(
+                    f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
+                    "without gaps (contiguous, channels-last or another dense layout)"
+                )
 
 
 class AdaBound(Optimizer):
@@ -131,6 +152,14 @@ class AdaBound(Optimizer):
         box: optional ``(low, high)``: project parameters onto this box after each step.
         base_lr: the lr that ``final_lr`` refers to; defaults to each group's lr when the
             group is added. Kept in the param group and saved with ``state_dict``.
+        state_dtype: how the moments are stored: ``None`` (the parameter's dtype),
+            ``torch.bfloat16`` (2 bytes each) or ``"8bit"`` (1 byte plus a float32 scale per
+            256 elements); arithmetic stays float32, and encoded moments are rounded
+            stochastically (see :mod:`dynabound.state_formats`). ``load_state_dict``
+            converts a state saved in another format.
+        stochastic_rounding: round bfloat16 parameters stochastically after each update
+            (pure-bfloat16 training: small updates survive in expectation instead of being
+            rounded away). Other dtypes are unaffected.
         foreach, fused, maximize, capturable, differentiable: as in ``torch.optim.Adam``.
     """
 
@@ -150,6 +179,8 @@ class AdaBound(Optimizer):
         bounds: BoundsSpec = "reference",
         box: tuple[float, float] | None = None,
         base_lr: float | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
         maximize: bool = False,
@@ -169,6 +200,8 @@ class AdaBound(Optimizer):
             bounds=bounds,
             box=tuple(box) if box is not None else None,
             base_lr=base_lr,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
             foreach=foreach,
             fused=fused,
             maximize=maximize,
@@ -240,6 +273,7 @@ class AdaBound(Optimizer):
             )
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
+        self._restore_encoded_state(state_dict)
         # torch keeps loaded step counters on the CPU unless fused=True or capturable; the
         # default fused CUDA path wants them beside the parameters too.
         for group in self.param_groups:
@@ -247,6 +281,25 @@ class AdaBound(Optimizer):
                 step = self.state.get(p, {}).get("step")
                 if torch.is_tensor(step) and step.device != (device := _step_device(group, p)):
                     self.state[p]["step"] = step.to(device)
+
+    def _restore_encoded_state(self, state_dict: dict[str, Any]) -> None:
+        """Undo torch's cast of every floating-point state tensor to its parameter's dtype
+        for the moments (codes, scales and bfloat16 moments are stored as they are), then
+        convert each parameter's moments to its group's state_dtype."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        groups = [(g, p) for g in self.param_groups for p in g["params"]]
+        keys = {*formats.MOMENTS, *map(formats.scale_key, formats.MOMENTS)}
+        for saved_id, (group, p) in zip(saved_ids, groups, strict=False):
+            saved = state_dict["state"].get(saved_id)
+            state = self.state.get(p)
+            if not saved or not state:
+                continue
+            for key in keys & saved.keys():
+                value = saved[key]
+                if torch.is_tensor(value) and value.dtype != state[key].dtype:
+                    state[key] = value.to(device=p.device)
+            if formats.stored_format(state, p) != formats.storage(group["state_dtype"], p):
+                formats.convert(state, p, group["state_dtype"])
 
     def _init_group(
         self,
@@ -257,12 +310,15 @@ class AdaBound(Optimizer):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        rounding_seeds: list[int] | None = None,
+        seed_base: int = 0,
     ) -> bool:
         # Runs every step over every parameter: group lookups hoisted, p.grad read once.
         has_complex = False
         amsbound, differentiable = group["amsbound"], group["differentiable"]
+        state_dtype = group["state_dtype"]
         all_state = self.state
-        for p in group["params"]:
+        for position, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
                 continue
@@ -277,24 +333,39 @@ class AdaBound(Optimizer):
             state = all_state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsbound:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
+                for moment in formats.MOMENTS if amsbound else formats.MOMENTS[:2]:
+                    state.update(formats.new_moment(p, moment, state_dtype))
+            elif state["exp_avg"].dtype is not p.dtype or state_dtype is not None:
+                # The group's state_dtype was changed after the state was created.
+                if formats.stored_format(state, p) != formats.storage(state_dtype, p):
+                    formats.convert(state, p, state_dtype)
             step = state["step"]
             if differentiable and step.requires_grad:
                 raise RuntimeError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsbound:
-                if "max_exp_avg_sq" not in state:  # amsbound switched on after training began
-                    state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if amsbound and "max_exp_avg_sq" not in state:
+                # amsbound switched on after training began
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+                if formats.scale_key("exp_avg_sq") in state:
+                    state["max_exp_avg_sq_scale"] = state["exp_avg_sq_scale"].clone()
+            if state_dtype == formats.EIGHT_BIT:
+                exp_avgs.append(formats.Quantized(state["exp_avg"], state["exp_avg_scale"]))
+                exp_avg_sqs.append(
+                    formats.Quantized(state["exp_avg_sq"], state["exp_avg_sq_scale"])
+                )
+                if amsbound:
+                    max_exp_avg_sqs.append(
+                        formats.Quantized(state["max_exp_avg_sq"], state["max_exp_avg_sq_scale"])
+                    )
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if amsbound:
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(step)
+            if rounding_seeds is not None:
+                rounding_seeds.append(seed_base + position)
         return has_complex
 
     @_use_grad_for_differentiable
@@ -311,16 +382,21 @@ class AdaBound(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
             exp_avg_sqs: list[Tensor] = []
             max_exp_avg_sqs: list[Tensor] = []
             state_steps: list[Tensor] = []
+            encoded = group["state_dtype"] is not None or group["stochastic_rounding"]
+            # A parameter's random bits are seeded by its place in the optimizer, which
+            # state_dict keeps, so a resumed run draws the same bits.
+            rounding_seeds: list[int] | None = [] if encoded else None
             has_complex = self._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-            )
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                rounding_seeds, group_index << 24,
+            )  # fmt: skip
             if not params:
                 continue
             foreach, fused = _choose_implementation(group, params)
@@ -355,6 +431,9 @@ class AdaBound(Optimizer):
                 bounds=group["bounds"],
                 box=group["box"],
                 maximize=group["maximize"],
+                state_dtype=group["state_dtype"],
+                stochastic_rounding=group["stochastic_rounding"],
+                rounding_seeds=rounding_seeds,
             )
         return loss
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adagrad, Adam, Adamax, Optimizer, RMSprop
 
+from .. import state_formats as formats
 from ..bounds import step_coefficients
 from ..optim import AdaBound
 
@@ -108,10 +109,16 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     )
     # A group switched to amsbound after its last step has no running max yet; the next
     # step starts it from exp_avg_sq, which is also what the last step used.
-    u = state.get("max_exp_avg_sq", state["exp_avg_sq"]) if group["amsbound"] else None
+    moment = "exp_avg_sq"
+    if group["amsbound"] and "max_exp_avg_sq" in state:
+        moment = "max_exp_avg_sq"
     # Same operations as dynabound.functional (in place to spare memory), so rounding
-    # matches the step's.
-    raw = _real(state["exp_avg_sq"] if u is None else u).sqrt()
+    # matches the step's; moments stored in fewer bits are read as the step reads them.
+    u = state[moment]
+    if formats.scale_key(moment) in state or u.dtype in (torch.bfloat16, torch.float16):
+        raw = formats.moment_float32(state, moment).sqrt_()
+    else:
+        raw = _real(u).sqrt()
     if c.eps_used:
         raw.add_(group["eps"])
     raw.reciprocal_().mul_(c.numerator)

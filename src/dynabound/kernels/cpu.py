@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import state_formats as formats
 from ..bounds import decoupled_decay_factor, step_coefficients, within_range
 from . import dense_layout
 
@@ -136,6 +137,22 @@ def _build() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int64,
     ]
+    lib.dynabound_adabound_cpu_encoded.restype = ctypes.c_int
+    lib.dynabound_adabound_cpu_encoded.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+    ]
     lib.dynabound_increment_steps.restype = None
     lib.dynabound_increment_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.dynabound_supported_dtypes.restype = ctypes.c_int
@@ -217,12 +234,17 @@ def fused_adabound_cpu(
     bounds,
     box: tuple[float, float] | None,
     maximize: bool,
+    state_dtype=None,
+    stochastic_rounding: bool = False,
+    rounding_seeds: list[int] | None = None,
 ) -> None:
     """One AdaBound step over CPU tensors, in place; ``state_steps`` are incremented.
 
     With ``found_inf`` nonzero nothing changes (not even the steps); with ``grad_scale`` the
     gradients are divided by it and left unscaled, as torch's fused Adam does. On CPU these
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
+    ``state_dtype``, ``stochastic_rounding`` and ``rounding_seeds`` are those of
+    :func:`dynabound.functional.adabound`.
     """
     lib = load()
     if not params:
@@ -230,12 +252,68 @@ def fused_adabound_cpu(
     if found_inf is not None and found_inf.item() != 0:
         return
     lr_value = lr.item() if isinstance(lr, Tensor) else float(lr)
+    if state_dtype is not None or (
+        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
+    ):
+        _fused_encoded(
+            lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None,
+            state_steps, lr_value=lr_value, grad_scale=grad_scale, amsbound=amsbound,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+            rounding_seeds=rounding_seeds, bounds=bounds, final_lr=final_lr, base_lr=base_lr,
+            gamma=gamma, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, unscaled_decay=unscaled_decay,
+            box=box, maximize=maximize,
+        )  # fmt: skip
+        return
     plan = _plan(
         lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None,
         state_steps,
     )  # fmt: skip
     values = _increment_steps(lib, state_steps, plan.step_pointers)
+    hyper = dict(
+        bounds=bounds, final_lr=final_lr, base_lr=base_lr, gamma=gamma, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, unscaled_decay=unscaled_decay,
+        box=box, maximize=maximize,
+    )  # fmt: skip
 
+    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
+    wd_mode = _weight_decay_mode(weight_decay, decoupled_weight_decay)
+    for launch in plan.launches:
+        n = len(launch.members)
+        coef = [x for i in launch.members for x in rows[i]]
+        status = lib.dynabound_adabound_cpu(
+            launch.code,
+            n,
+            launch.pointers,
+            launch.numels,
+            (ctypes.c_double * (4 * n))(*coef),
+            hyper_array,
+            wd_mode,
+            int(amsbound),
+            int(grad_scale is not None),
+            torch.get_num_threads(),
+            _CHUNK,
+        )
+        if status != 0:
+            raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
+        if grad_scale is not None:
+            for grad, copy in launch.copies:
+                grad.copy_(copy)
+    # The kernel writes through raw pointers: tell autograd the tensors changed.
+    torch.autograd.graph.increment_version(params)
+    if grad_scale is not None:
+        torch.autograd.graph.increment_version(grads)
+
+
+def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
+    return 0 if weight_decay == 0 else (2 if decoupled else 1)
+
+
+def _scalars(
+    values, lr_value, grad_scale, *, bounds, final_lr, base_lr, gamma, beta1, beta2, eps,
+    weight_decay, unscaled_decay, box, maximize,
+) -> tuple[list[tuple[float, float, float, float]], ctypes.Array]:  # fmt: skip
+    """Per-tensor rows (numerator, lower, upper, rate scale) and the shared `hyper` array."""
     # Steps are usually equal across tensors: evaluate the scalars once per distinct step.
     cache: dict[float, tuple[float, float, float, float]] = {}
     rows = []
@@ -268,33 +346,125 @@ def fused_adabound_cpu(
         lo=box[0] if box is not None else -math.inf,
         hi=box[1] if box is not None else math.inf,
     )
-    hyper_array = (ctypes.c_double * len(_HYPER))(*(float(hyper[k]) for k in _HYPER))
-    wd_mode = 0 if weight_decay == 0 else (2 if decoupled_weight_decay else 1)
-    for launch in plan.launches:
-        n = len(launch.members)
-        coef = [x for i in launch.members for x in rows[i]]
-        status = lib.dynabound_adabound_cpu(
-            launch.code,
+    return rows, (ctypes.c_double * len(_HYPER))(*(float(hyper[k]) for k in _HYPER))
+
+
+_ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_encoded(
+    lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr_value,
+    grad_scale, amsbound, state_dtype, stochastic_rounding, rounding_seeds,
+    decoupled_weight_decay, **hyper,
+) -> None:  # fmt: skip
+    """The step with moments in bfloat16 or 8 bits (or stochastically rounded bfloat16
+    parameters): one kernel call per parameter dtype, validated every step."""
+    eight_bit = state_dtype == formats.EIGHT_BIT
+    state_format = 1 if eight_bit else (0 if state_dtype is torch.bfloat16 else 2)
+    batches: dict[torch.dtype, _Batch] = {}
+    for i, p in enumerate(params):
+        g = grads[i]
+        moments = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsbound else None]
+        if p.is_complex():
+            p, g = torch.view_as_real(p), torch.view_as_real(g)
+        if p.dtype not in _ENCODED_DTYPES or not p.is_cpu:
+            raise RuntimeError(
+                "dynabound's fused CPU kernel keeps low-precision moments for float32, "
+                f"bfloat16 and float16 CPU parameters (complex64 too), got {p.dtype} on "
+                f"{p.device}"
+            )
+        if not formats.covers_memory_densely(p):
+            raise RuntimeError(
+                "low-precision optimizer state needs parameters stored without gaps "
+                "(contiguous, channels-last or another dense layout)"
+            )
+        batch = batches.setdefault(p.dtype, _Batch())
+        if g.stride() != p.stride() or g.dtype != p.dtype or not g.is_cpu:
+            copy = torch.empty_like(p).copy_(g)
+            batch.copies.append((g, copy))
+            g = copy
+        pointers = [p.data_ptr(), g.data_ptr()]
+        scales = []
+        for moment in moments:
+            if moment is None:
+                pointers.append(0)
+                scales.append(0)
+                continue
+            codes = moment.codes if eight_bit else moment
+            if eight_bit:
+                expected: tuple[torch.dtype, ...] = (torch.int8, torch.uint8)
+            else:
+                expected = (torch.bfloat16 if state_format == 0 else p.dtype,)
+            if codes.is_complex():
+                codes = torch.view_as_real(codes)
+            if (
+                isinstance(moment, formats.Quantized) != eight_bit
+                or codes.dtype not in expected
+                or codes.shape != p.shape
+                or codes.stride() != p.stride()
+                or not codes.is_cpu
+            ):
+                raise RuntimeError(
+                    f"fused AdaBound expected {state_dtype} moments in the parameter's shape "
+                    "and layout; build the optimizer with this state_dtype or load its "
+                    "state with load_state_dict"
+                )
+            pointers.append(codes.data_ptr())
+            if eight_bit:
+                if moment.scales.numel() != formats.scale_count(p.numel()):
+                    raise RuntimeError("8-bit moments with the wrong number of block scales")
+                scales.append(moment.scales.data_ptr())
+            else:
+                scales.append(0)
+        batch.pointers += pointers + scales
+        batch.numels.append(p.numel())
+        batch.members.append(i)
+
+    pointers = _step_pointers(state_steps)
+    values = _increment_steps(lib, state_steps, pointers)
+    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
+    wd_mode = _weight_decay_mode(hyper["weight_decay"], decoupled_weight_decay)
+    for dtype, batch in batches.items():
+        round_param = stochastic_rounding and dtype is torch.bfloat16
+        coef = []
+        for i in batch.members:
+            seed = rounding_seeds[i] if rounding_seeds is not None else i
+            step = int(values[i])
+            coef += rows[i]
+            coef += [
+                formats.step_key(seed, step, formats.STREAM_STATE),
+                formats.step_key(seed, step, formats.STREAM_PARAM),
+            ]
+        n = len(batch.members)
+        status = lib.dynabound_adabound_cpu_encoded(
+            _DTYPE_CODES[dtype],
+            state_format,
             n,
-            launch.pointers,
-            launch.numels,
-            (ctypes.c_double * (4 * n))(*coef),
+            (ctypes.c_void_p * (8 * n))(*batch.pointers),
+            (ctypes.c_int64 * n)(*batch.numels),
+            (ctypes.c_double * (6 * n))(*coef),
             hyper_array,
             wd_mode,
             int(amsbound),
             int(grad_scale is not None),
+            int(round_param),
             torch.get_num_threads(),
             _CHUNK,
         )
         if status != 0:
             raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
-        if grad_scale is not None:
-            for grad, copy in launch.copies:
+        for grad, copy in batch.copies:
+            if grad_scale is not None:
                 grad.copy_(copy)
-    # The kernel writes through raw pointers: tell autograd the tensors changed.
     torch.autograd.graph.increment_version(params)
     if grad_scale is not None:
         torch.autograd.graph.increment_version(grads)
+
+
+def _step_pointers(steps: list[Tensor]) -> ctypes.Array | None:
+    if all(s.dtype is torch.float32 and s.is_cpu and s.numel() == 1 for s in steps):
+        return (ctypes.c_void_p * len(steps))(*(s.data_ptr() for s in steps))
+    return None
 
 
 class _Launch(NamedTuple):

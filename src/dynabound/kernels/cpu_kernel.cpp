@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -272,6 +273,313 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
   return 0;
 }
 
+
+// ---- Moments stored in bfloat16 or block-wise 8 bits (dynabound/state_formats.py) ----
+//
+// Each moment is decoded into float, updated as above, and encoded again with stochastic
+// rounding: the random bits are lowbias32(element index + key), the key a per-tensor,
+// per-step hash computed in Python, so every backend draws the same bits. 8-bit codes
+// keep a float's exponent and top 3 mantissa bits relative to the block's largest
+// magnitude (the block's float32 scale); code 0 is zero.
+
+constexpr int64_t kBlock = 256;
+constexpr int kCut = 20;          // float bits below the 3 mantissa bits a code keeps
+constexpr int kNoiseShift = 4;    // 16 noise bits placed just below the cut
+constexpr int32_t kFirstOffset = ((127 - 15) << 3) - 1;   // signed exp_avg: 2^-15 range
+constexpr int32_t kSecondOffset = ((127 - 31) << 3) - 1;  // exp_avg_sq, max: 2^-31 range
+
+// kStateParam: moments in the parameter's dtype, rounded to nearest (stochastic rounding
+// of bfloat16 parameters alone).
+enum StateFormat { kStateBFloat16 = 0, kState8Bit = 1, kStateParam = 2 };
+
+DB_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+DB_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+DB_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+DB_INLINE uint16_t bfloat16_stochastic(float x, uint32_t noise) {
+  return x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>((float_bits(x) + noise) >> 16);
+}
+
+DB_INLINE float decode8(int32_t code, int32_t offset, float scale) {
+  const int32_t magnitude = code < 0 ? -code : code;
+  const float relative = magnitude ? bits_float(uint32_t(magnitude + offset) << kCut) : 0.0f;
+  const float value = relative * scale;
+  return code < 0 ? -value : value;
+}
+
+// Magnitude code of x / scale (inverse = 1 / scale, or 0 for a zero scale).
+DB_INLINE int32_t encode8(float x, float inverse, uint32_t noise, int32_t offset) {
+  float relative = std::fabs(x) * inverse;
+  relative = relative > 1.0f ? 1.0f : relative;
+  relative = relative != relative ? 0.0f : relative;
+  const int32_t top = int32_t((float_bits(relative) + (noise << kNoiseShift)) >> kCut);
+  const int32_t code = top - offset;
+  return code < 0 ? 0 : code;
+}
+
+DB_INLINE float max_magnitude(const float* x, int64_t n) {
+  float a = 0.0f;  // NaN propagates, as torch.amax does
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = std::fabs(x[i]);
+    a = (m > a || m != m) ? m : a;
+  }
+  return a;
+}
+
+DB_INLINE float inverse_of(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
+
+struct EncodedTensor {
+  void* p;
+  void* g;
+  void* m;
+  void* v;
+  void* vmax;
+  float* m_scale;
+  float* v_scale;
+  float* vmax_scale;
+};
+
+struct EncodedScalars {
+  Scalars<float> k;
+  uint32_t key_state, key_param;
+};
+
+// Elements [begin, end) of one tensor; begin is a multiple of kBlock.
+template <typename S, int F, bool AMS>
+DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
+                                   const EncodedScalars& es, int wd_mode, bool unscale,
+                                   bool round_param) {
+  const Scalars<float>& k = es.k;
+  S* __restrict p = static_cast<S*>(t.p);
+  S* __restrict g = static_cast<S*>(t.g);
+  float m_new[kBlock], v_new[kBlock], vmax_new[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = end - start < kBlock ? end - start : kBlock;
+    const int64_t block = start / kBlock;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = start + j;
+      float grad = Io<S>::load(g[i]);
+      if (unscale) {
+        grad = grad / k.grad_scale;
+        g[i] = Io<S>::store(grad);
+      }
+      grad = grad * k.sign;
+      float param = Io<S>::load(p[i]);
+      if (wd_mode == kCoupled) grad = grad + k.weight_decay * param;
+      if (wd_mode == kDecoupled) param = param * k.decay;
+      float m_old, v_old, vmax_old = 0.0f;
+      if (F == kState8Bit) {
+        m_old = decode8(static_cast<const int8_t*>(t.m)[i], kFirstOffset, t.m_scale[block]);
+        v_old = decode8(static_cast<const uint8_t*>(t.v)[i], kSecondOffset, t.v_scale[block]);
+        if (AMS) {
+          vmax_old = decode8(static_cast<const uint8_t*>(t.vmax)[i], kSecondOffset,
+                             t.vmax_scale[block]);
+        }
+      } else if (F == kStateParam) {
+        m_old = Io<S>::load(static_cast<const S*>(t.m)[i]);
+        v_old = Io<S>::load(static_cast<const S*>(t.v)[i]);
+        if (AMS) vmax_old = Io<S>::load(static_cast<const S*>(t.vmax)[i]);
+      } else {
+        m_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.m)[i]);
+        v_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.v)[i]);
+        if (AMS) vmax_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.vmax)[i]);
+      }
+      const float avg = m_old * k.beta1 + k.one_minus_beta1 * grad;
+      const float avg_sq = v_old * k.beta2 + k.one_minus_beta2 * grad * grad;
+      float second = avg_sq;
+      if (AMS) {
+        vmax_old = (vmax_old < avg_sq || avg_sq != avg_sq) ? avg_sq : vmax_old;
+        second = vmax_old;
+      }
+      float rate = (1.0f / (std::sqrt(second) + k.eps)) * k.numerator;
+      rate = rate < k.lower ? k.lower : rate;
+      rate = rate > k.upper ? k.upper : rate;
+      rate = rate * k.rate_scale;
+      param = param - rate * avg;
+      param = param < k.box_lo ? k.box_lo : param;
+      param = param > k.box_hi ? k.box_hi : param;
+      if constexpr (std::is_same_v<S, BFloat16>) {
+        if (round_param) {
+          const uint32_t noise = mix32(uint32_t(i) + es.key_param) & 0xFFFFu;
+          p[i] = BFloat16{bfloat16_stochastic(param, noise)};
+        } else {
+          p[i] = Io<S>::store(param);
+        }
+      } else {
+        p[i] = Io<S>::store(param);
+      }
+      m_new[j] = avg;
+      v_new[j] = avg_sq;
+      vmax_new[j] = vmax_old;
+    }
+    if (F == kStateParam) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = start + j;
+        static_cast<S*>(t.m)[i] = Io<S>::store(m_new[j]);
+        static_cast<S*>(t.v)[i] = Io<S>::store(v_new[j]);
+        if (AMS) static_cast<S*>(t.vmax)[i] = Io<S>::store(vmax_new[j]);
+      }
+      continue;
+    }
+    if (F == kStateBFloat16) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = start + j;
+        const uint32_t r = mix32(uint32_t(i) + es.key_state);
+        static_cast<BFloat16*>(t.m)[i] = BFloat16{bfloat16_stochastic(m_new[j], r & 0xFFFFu)};
+        static_cast<BFloat16*>(t.v)[i] = BFloat16{bfloat16_stochastic(v_new[j], r >> 16)};
+        if (AMS) {
+          static_cast<BFloat16*>(t.vmax)[i] = BFloat16{bfloat16_stochastic(vmax_new[j], r >> 16)};
+        }
+      }
+      continue;
+    }
+    const float m_scale = max_magnitude(m_new, n);
+    const float v_scale = max_magnitude(v_new, n);
+    const float vmax_scale = AMS ? max_magnitude(vmax_new, n) : 0.0f;
+    const float m_inverse = inverse_of(m_scale), v_inverse = inverse_of(v_scale);
+    const float vmax_inverse = inverse_of(vmax_scale);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = start + j;
+      const uint32_t r = mix32(uint32_t(i) + es.key_state);
+      const int32_t m_code = encode8(m_new[j], m_inverse, r & 0xFFFFu, kFirstOffset);
+      static_cast<int8_t*>(t.m)[i] = int8_t(m_new[j] < 0.0f ? -m_code : m_code);
+      static_cast<uint8_t*>(t.v)[i] = uint8_t(encode8(v_new[j], v_inverse, r >> 16, kSecondOffset));
+      if (AMS) {
+        static_cast<uint8_t*>(t.vmax)[i] =
+            uint8_t(encode8(vmax_new[j], vmax_inverse, r >> 16, kSecondOffset));
+      }
+    }
+    t.m_scale[block] = m_scale;
+    t.v_scale[block] = v_scale;
+    if (AMS) t.vmax_scale[block] = vmax_scale;
+  }
+}
+
+template <typename S, int F, bool AMS>
+void update_encoded_generic(const EncodedTensor& t, int64_t begin, int64_t end,
+                            const EncodedScalars& es, int wd_mode, bool unscale, bool round) {
+  update_encoded_body<S, F, AMS>(t, begin, end, es, wd_mode, unscale, round);
+}
+
+#if DB_X86_DISPATCH
+template <typename S, int F, bool AMS>
+DB_TARGET_AVX2 void update_encoded_avx2(const EncodedTensor& t, int64_t begin, int64_t end,
+                                        const EncodedScalars& es, int wd_mode, bool unscale,
+                                        bool round) {
+  update_encoded_body<S, F, AMS>(t, begin, end, es, wd_mode, unscale, round);
+}
+#endif
+
+using EncodedFn = void (*)(const EncodedTensor&, int64_t, int64_t, const EncodedScalars&, int,
+                           bool, bool);
+
+template <typename S, int F, bool AMS>
+EncodedFn pick_encoded_isa(bool avx2) {
+#if DB_X86_DISPATCH
+  if (avx2) return &update_encoded_avx2<S, F, AMS>;
+#endif
+  (void)avx2;
+  return &update_encoded_generic<S, F, AMS>;
+}
+
+template <typename S>
+EncodedFn pick_encoded(int state_format, bool ams, bool avx2) {
+  if (state_format == kStateParam) {
+    return ams ? pick_encoded_isa<S, kStateParam, true>(avx2)
+               : pick_encoded_isa<S, kStateParam, false>(avx2);
+  }
+  if (state_format == kState8Bit) {
+    return ams ? pick_encoded_isa<S, kState8Bit, true>(avx2)
+               : pick_encoded_isa<S, kState8Bit, false>(avx2);
+  }
+  return ams ? pick_encoded_isa<S, kStateBFloat16, true>(avx2)
+             : pick_encoded_isa<S, kStateBFloat16, false>(avx2);
+}
+
+// Layout of the per-tensor rows of `coef` for the encoded kernel.
+enum EncodedCoef { kENumerator, kELower, kEUpper, kERateScale, kEKeyState, kEKeyParam, kENum };
+
+template <typename S>
+int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const int64_t* numels,
+                const double* coef, const double* hyper, int weight_decay_mode, int amsbound,
+                int unscale, int round_param, int num_threads, int64_t chunk) {
+  bool avx2 = false;
+#if DB_X86_DISPATCH
+  avx2 = cpu_has_avx2();
+#endif
+  const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, avx2);
+  Scalars<float> base;
+  base.beta1 = float(hyper[kBeta1]);
+  base.one_minus_beta1 = float(1.0 - hyper[kBeta1]);
+  base.beta2 = float(hyper[kBeta2]);
+  base.one_minus_beta2 = float(1.0 - hyper[kBeta2]);
+  base.eps = float(hyper[kEps]);
+  base.weight_decay = float(hyper[kWeightDecay]);
+  base.decay = float(hyper[kDecay]);
+  base.sign = float(hyper[kSign]);
+  base.grad_scale = float(hyper[kGradScale]);
+  base.box_lo = float(hyper[kBoxLo]);
+  base.box_hi = float(hyper[kBoxHi]);
+
+  // Work units never straddle tensors, and start on block boundaries of their tensor.
+  chunk = (chunk + kBlock - 1) / kBlock * kBlock;
+  std::vector<EncodedTensor> tensors(n_tensors);
+  std::vector<EncodedScalars> scalars(n_tensors);
+  struct Unit {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Unit> units;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    void* const* row = ptrs + t * 8;
+    tensors[t] = EncodedTensor{row[0], row[1], row[2], row[3], row[4],
+                               static_cast<float*>(row[5]), static_cast<float*>(row[6]),
+                               static_cast<float*>(row[7])};
+    const double* c = coef + t * kENum;
+    scalars[t].k = base;
+    scalars[t].k.numerator = float(c[kENumerator]);
+    scalars[t].k.lower = float(c[kELower]);
+    scalars[t].k.upper = float(c[kEUpper]);
+    scalars[t].k.rate_scale = float(c[kERateScale]);
+    scalars[t].key_state = uint32_t(c[kEKeyState]);
+    scalars[t].key_param = uint32_t(c[kEKeyParam]);
+    for (int64_t b = 0; b < numels[t]; b += chunk) {
+      units.push_back(Unit{t, b, b + chunk < numels[t] ? b + chunk : numels[t]});
+    }
+  }
+  const int64_t n_units = int64_t(units.size());
+  auto process = [&](int64_t u) {
+    const Unit& unit = units[u];
+    fn(tensors[unit.tensor], unit.begin, unit.end, scalars[unit.tensor], weight_decay_mode,
+       unscale != 0, round_param != 0);
+  };
+#if defined(_OPENMP)
+  if (num_threads > 1 && n_units > 1) {
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t u = 0; u < n_units; ++u) process(u);
+    return 0;
+  }
+#endif
+  (void)num_threads;
+  for (int64_t u = 0; u < n_units; ++u) process(u);
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -296,6 +604,36 @@ int dynabound_adabound_cpu(int dtype, int64_t n_tensors, void* const* ptrs, cons
     case 3:
       return run<_Float16>(n_tensors, ptrs, numels, coef, hyper, weight_decay_mode, amsbound,
                            unscale, num_threads, chunk);
+#endif
+    default:
+      return 1;
+  }
+}
+
+// Moments in bfloat16 (state_format 0), 8 bits (1) or the parameter's dtype (2, for
+// stochastically rounded bfloat16 parameters); dtype as above (float64 excluded).
+// ptrs: n_tensors rows of (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, and the three
+// float32 block-scale arrays, unused for bfloat16); coef rows: numerator, lower, upper,
+// rate scale, state key, parameter key. Returns 0 on success.
+int dynabound_adabound_cpu_encoded(int dtype, int state_format, int64_t n_tensors,
+                                   void* const* ptrs, const int64_t* numels, const double* coef,
+                                   const double* hyper, int weight_decay_mode, int amsbound,
+                                   int unscale, int round_param, int num_threads, int64_t chunk) {
+  if (chunk <= 0 || state_format < kStateBFloat16 || state_format > kStateParam) return 2;
+  switch (dtype) {
+    case 0:
+      return run_encoded<float>(state_format, n_tensors, ptrs, numels, coef, hyper,
+                                weight_decay_mode, amsbound, unscale, round_param, num_threads,
+                                chunk);
+    case 2:
+      return run_encoded<BFloat16>(state_format, n_tensors, ptrs, numels, coef, hyper,
+                                   weight_decay_mode, amsbound, unscale, round_param,
+                                   num_threads, chunk);
+#if DB_HAS_FLOAT16
+    case 3:
+      return run_encoded<_Float16>(state_format, n_tensors, ptrs, numels, coef, hyper,
+                                   weight_decay_mode, amsbound, unscale, round_param,
+                                   num_threads, chunk);
 #endif
     default:
       return 1;
