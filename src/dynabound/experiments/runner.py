@@ -119,28 +119,8 @@ class _Run:
             torch.backends.cudnn.benchmark = True
         seed = int(config["seed"])
         seed_all(derive_seed(seed, "init"))
-        self.task = task_cls(config, device, dist)
-        self.task.load_data()
-        self.spec = self.task.model_spec
-        if ckpt is not None and ckpt["model_spec"] != json.loads(json.dumps(self.spec)):
-            raise ValueError(
-                f"the data no longer matches the run: {ckpt['model_spec']} != {self.spec}"
-            )
-        self.model = self.task.build_model(self.spec).to(device)
-        if device.type == "cuda" and any(m.__class__ is nn.Conv2d for m in self.model.modules()):
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(
-            config["optim"], self.model.parameters(), config["hparams"]
-        )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=config["milestones"], gamma=config["lr_decay"]
-        )
-        self.train_model: nn.Module = self.model
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self._build_task(task_cls, ckpt)
+        self._build_model()
         seed_all(derive_seed(seed, "train", dist.rank))
         self.record_bounds = (
             config.get("record_bounds", True) and is_dynabound(self.optimizer) and dist.is_main
@@ -154,10 +134,41 @@ class _Run:
         if ckpt is not None:
             self._restore(ckpt)
         else:
-            if dist.is_main:
-                write_config(run_dir, config)
-                write_metrics(run_dir, [])
-            self.save()  # so that a Ctrl-C during the first epoch still leaves a resumable run
+            self._start()
+
+    def _build_task(self, task_cls: type[Task], ckpt: dict[str, Any] | None) -> None:
+        self.task = task_cls(self.config, self.device, self.dist)
+        self.task.load_data()
+        self.spec = self.task.model_spec
+        if ckpt is not None and ckpt["model_spec"] != json.loads(json.dumps(self.spec)):
+            raise ValueError(
+                f"the data no longer matches the run: {ckpt['model_spec']} != {self.spec}"
+            )
+
+    def _build_model(self) -> None:
+        """The model, its optimizer and scheduler, and the DDP wrapper that trains it."""
+        config, device = self.config, self.device
+        self.model = self.task.build_model(self.spec).to(device)
+        if device.type == "cuda" and any(m.__class__ is nn.Conv2d for m in self.model.modules()):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(
+            config["optim"], self.model.parameters(), config["hparams"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=config["milestones"], gamma=config["lr_decay"]
+        )
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _start(self) -> None:
+        if self.dist.is_main:
+            write_config(self.run_dir, self.config)
+            write_metrics(self.run_dir, [])
+        self.save()  # so that a Ctrl-C during the first epoch still leaves a resumable run
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -211,6 +222,11 @@ class _Run:
             save_checkpoint(self.run_dir, payload)
         self.saved_epochs, self.saved_steps, self.saved_inside = self.epochs_done, step, inside
 
+    def bound_summary(self) -> dict[str, float]:
+        from dynabound.diagnostics import bound_activity
+
+        return bound_activity(self.optimizer).summary()
+
     def epoch(
         self,
         epoch: int,
@@ -223,80 +239,111 @@ class _Run:
         its metrics record."""
         inside = self.inside if self.inside and self.inside["epoch"] == epoch else None
         self.inside = None
-        early = list(inside["bounds_by_step"]) if inside else []
-        lr = inside["lr"] if inside else float(self.optimizer.param_groups[0]["lr"])
-        spent_before = inside["time"] if inside else 0.0
-        if self.record_bounds:
-            from dynabound.diagnostics import bound_activity
-        t0 = time.perf_counter()
-
-        def progress(iterable: Any, **kwargs: Any) -> Any:
-            lines.begin_epoch(epoch, kwargs.get("total"), kwargs.get("initial", 0))
-            return self.console.bar(iterable, leave=False, unit="step", **kwargs)
-
-        def step_done(i: int, state: Callable[[], EpochState]) -> None:
-            step = ctx.global_step
-            # The Adam-to-SGD transition often finishes inside the first epoch, so bound
-            # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
-            if self.record_bounds and step & (step - 1) == 0:
-                early.append(bound_activity(self.optimizer).summary())
-            lines.step(i + 1, lambda: self.task.running_loss(state()))
-            save, stop = schedule.after_step(step, signals.requested)
-            if save:
-                where = {
-                    "epoch": epoch,
-                    "batch": i + 1,
-                    "lr": lr,
-                    "time": spent_before + time.perf_counter() - t0,
-                    "bounds_by_step": list(early),
-                    "task": state(),
-                }
-                self.save(step, where)
-                schedule.saved()
-            if stop:
-                raise _StopRequested
-            if on_batch is not None:
-                on_batch(epoch, i)
-
-        ctx = EpochContext(
-            epoch=epoch,
-            seed=int(self.config["seed"]),
-            device=self.device,
-            dist=self.dist,
-            amp=self.amp,
-            raw_model=self.model,
-            progress=progress,
-            on_batch=step_done,
-            global_step=self.global_step,
-            start_batch=inside["batch"] if inside else 0,
-            resume_state=inside["task"][self.dist.rank] if inside else None,
-        )
+        current = _Epoch(self, epoch, inside, schedule, lines, signals, on_batch)
         record: dict[str, Any] = {"epoch": epoch}
-        record.update(self.task.train_epoch(self.train_model, self.optimizer, ctx))
-        record.update(self.task.evaluate(self.train_model, ctx))
+        record.update(self.task.train_epoch(self.train_model, self.optimizer, current.ctx))
+        record.update(self.task.evaluate(self.train_model, current.ctx))
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        epoch_time = spent_before + time.perf_counter() - t0
-        self.global_step, self.elapsed = ctx.global_step, self.elapsed + epoch_time
-        record.update(lr=lr, epoch_time=epoch_time, time=self.elapsed, steps=self.global_step)
+        self._end_epoch(record, current)
+        schedule.saved()
+        return record
+
+    def _end_epoch(self, record: dict[str, Any], current: _Epoch) -> None:
+        """Complete the epoch's record, append it to the metrics and save the checkpoint."""
+        epoch_time = current.time()
+        self.global_step, self.elapsed = current.ctx.global_step, self.elapsed + epoch_time
+        record.update(
+            lr=current.lr, epoch_time=epoch_time, time=self.elapsed, steps=self.global_step
+        )
         if self.record_bounds:
-            record["bounds"] = bound_activity(self.optimizer).summary()
-            if early:
-                record["bounds_by_step"] = early
+            record["bounds"] = self.bound_summary()
+            if current.early:
+                record["bounds_by_step"] = current.early
         self.metrics.append(record)
         if self.dist.is_main:
             append_metrics(self.run_dir, record)
-        self.epochs_done = epoch
+        self.epochs_done = record["epoch"]
         self.save()
-        schedule.saved()
-        return record
 
     def where_saved(self) -> str:
         if self.saved_inside is not None:
             where = self.saved_inside
             return f"{where['batch']} steps into epoch {where['epoch']}"
         return f"epoch {self.saved_epochs}"
+
+
+class _Epoch:
+    """One epoch in progress: the context its task's loop gets, and what happens after each
+    optimizer step (bound records, progress lines, checkpoints, stop requests, on_batch)."""
+
+    def __init__(
+        self,
+        run: _Run,
+        epoch: int,
+        inside: dict[str, Any] | None,
+        schedule: SaveSchedule,
+        lines: ProgressLines,
+        signals: StopSignals,
+        on_batch: Callable[[int, int], None] | None,
+    ):
+        self.run, self.epoch = run, epoch
+        self.schedule, self.lines, self.signals, self.on_batch = schedule, lines, signals, on_batch
+        # Resumed inside the epoch, it keeps the lr it started with, the bound activity
+        # recorded so far and the time spent before the stop.
+        self.early = list(inside["bounds_by_step"]) if inside else []
+        self.lr = inside["lr"] if inside else float(run.optimizer.param_groups[0]["lr"])
+        self.spent_before = inside["time"] if inside else 0.0
+        self.t0 = time.perf_counter()
+        self.ctx = EpochContext(
+            epoch=epoch,
+            seed=int(run.config["seed"]),
+            device=run.device,
+            dist=run.dist,
+            amp=run.amp,
+            raw_model=run.model,
+            progress=self.progress,
+            on_batch=self.after_step,
+            global_step=run.global_step,
+            start_batch=inside["batch"] if inside else 0,
+            resume_state=inside["task"][run.dist.rank] if inside else None,
+        )
+
+    def time(self) -> float:
+        """Seconds of training in this epoch, before a resume included."""
+        return self.spent_before + time.perf_counter() - self.t0
+
+    def progress(self, iterable: Any, **kwargs: Any) -> Any:
+        self.lines.begin_epoch(self.epoch, kwargs.get("total"), kwargs.get("initial", 0))
+        return self.run.console.bar(iterable, leave=False, unit="step", **kwargs)
+
+    def after_step(self, i: int, state: Callable[[], EpochState]) -> None:
+        run, step = self.run, self.ctx.global_step
+        # The Adam-to-SGD transition often finishes inside the first epoch, so bound
+        # activity is also recorded at global steps 1, 2, 4, 8, ... (log-many).
+        if run.record_bounds and step & (step - 1) == 0:
+            self.early.append(run.bound_summary())
+        self.lines.step(i + 1, lambda: run.task.running_loss(state()))
+        save, stop = self.schedule.after_step(step, self.signals.requested)
+        if save:
+            run.save(step, self.position(i + 1, state))
+            self.schedule.saved()
+        if stop:
+            raise _StopRequested
+        if self.on_batch is not None:
+            self.on_batch(self.epoch, i)
+
+    def position(self, batch: int, state: Callable[[], EpochState]) -> dict[str, Any]:
+        """Where a checkpoint saved after ``batch`` batches of this epoch resumes from."""
+        return {
+            "epoch": self.epoch,
+            "batch": batch,
+            "lr": self.lr,
+            "time": self.time(),
+            "bounds_by_step": list(self.early),
+            "task": state(),
+        }
 
 
 def train(
