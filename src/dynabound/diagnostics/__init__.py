@@ -5,6 +5,8 @@
 * :func:`bound_activity`: how many elements sit at the lower bound, the upper bound or
   between (the "how far along the Adam to SGD transition" meter).
 * :class:`BoundMonitor`: both, every N steps, to a list, a CSV and TensorBoard.
+* :func:`sign_alignment` / :class:`SignMonitor`: how sign-like an update is (cosine with
+  sign(g), fraction of steps near lr): the sign-descent view of Adam-type methods.
 * :func:`plot_rate_heatmap` / :func:`select_figure1_params`: the paper's Figure 1;
   :func:`plot_transition`: bound fractions over training (these need matplotlib).
 """
@@ -19,12 +21,15 @@ from .rates import (
     effective_lr,
     rate_statistics,
 )
+from .sign import SIGN_KEYS, SignMonitor, sign_alignment
 
 __all__ = [
+    "SIGN_KEYS",
     "SUPPORTED_OPTIMIZERS",
     "BoundActivity",
     "BoundMonitor",
     "ParamActivity",
+    "SignMonitor",
     "bound_activity",
     "effective_lr",
     "plot_rate_heatmap",
@@ -32,4 +37,5 @@ __all__ = [
     "rate_statistics",
     "read_records",
     "select_figure1_params",
+    "sign_alignment",
 ]

@@ -11,6 +11,7 @@ from .tasks import TASKS
 
 __all__ = [
     "HPARAMS",
+    "SIGN_DESCENT",
     "TRANSITION_EACH",
     "TRANSITION_ONE",
     "build_parser",
@@ -51,6 +52,7 @@ HPARAMS = (
 
 # What `plot` names the transition plots it draws (its --help quotes these).
 TRANSITION_ONE, TRANSITION_EACH = "transition.png", "transition-{run}.png"
+SIGN_DESCENT = "sign-descent.png"
 
 
 def flag(key: str) -> str:
@@ -170,7 +172,7 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
     t.add_argument(
         "--no-bounds-record",
         action="store_true",
-        help="do not record bound activity in metrics.jsonl",
+        help="do not record bound activity (nor how sign-like the update is) in metrics.jsonl",
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--data-dir", default=None, help="where the data set lives (default ./data)")
@@ -265,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         "their recorded bound activity is drawn next to the figure: "
         f"{TRANSITION_ONE} for a single RUN_DIR, else "
         f"{TRANSITION_EACH.format(run='<RUN_DIR name>')} for each (the last component of "
-        "its path, or its last two joined by '-' where runs share the last one).",
+        "its path, or its last two joined by '-' where runs share the last one). For runs "
+        "that recorded it, how sign-like each optimizer's update is per epoch (cosine with "
+        f"sign(gradient), fraction of steps near lr) goes to {SIGN_DESCENT} beside them.",
     )
     plot.add_argument(
         "runs",
@@ -292,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one line per run, also for runs that differ only by their seed",
     )
-    plot.add_argument("--no-transition", action="store_true", help="skip the transition plots")
+    plot.add_argument(
+        "--no-transition",
+        action="store_true",
+        help=f"skip the transition plots and {SIGN_DESCENT}",
+    )
 
     probe = sub.add_parser(
         "probe",

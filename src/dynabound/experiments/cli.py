@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .arguments import HPARAMS, TRANSITION_EACH, TRANSITION_ONE, build_parser, check_arguments
+from .arguments import (
+    HPARAMS,
+    SIGN_DESCENT,
+    TRANSITION_EACH,
+    TRANSITION_ONE,
+    build_parser,
+    check_arguments,
+)
 from .tasks import get_task
 
 __all__ = ["build_parser", "main"]
@@ -303,7 +310,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def _cmd_plot(ns: argparse.Namespace) -> int:
-    from .plots import plot_run_transition, plot_runs
+    from .plots import plot_run_transition, plot_runs, plot_sign_descent
     from .rundir import find_runs
     from .runner import load_run
 
@@ -313,11 +320,16 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
     paths = [plot_runs(runs, out, title=ns.title, band=None if ns.each else ns.band)]
     if not ns.no_transition:
         names = _transition_names(runs)
+        with_sign = []
         for r in runs:
             config, metrics = load_run(r)
             if any("bounds" in m for m in metrics):
                 name = TRANSITION_ONE if len(runs) == 1 else TRANSITION_EACH.format(run=names[r])
                 paths.append(plot_run_transition(r, out.parent / name))
+            if any("sign" in m for m in metrics):
+                with_sign.append(r)
+        if with_sign:
+            paths.append(plot_sign_descent(with_sign, out.parent / SIGN_DESCENT))
     for p in paths:
         print(p)
     return 0

@@ -23,6 +23,7 @@ __all__ = [
     "plot_convex",
     "plot_run_transition",
     "plot_runs",
+    "plot_sign_descent",
     "plot_sweep",
     "run_label",
 ]
@@ -40,6 +41,11 @@ COLOURS = {
     "amsbound": "#ff7f0e",
     "adaboundw": "#e377c2",
     "amsboundw": "#bcbd22",
+    "adan": "#7f7f7f",
+    "adamssm": "#393b79",
+    "gclip": "#637939",
+    "signsgd": "#8c6d31",
+    "signum": "#843c39",
 }
 _PANELS = {
     "accuracy": [("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)")],
@@ -287,6 +293,50 @@ def plot_run_transition(run_dir: PathLike, path: PathLike) -> Path:
     records = [by_step[step] for step in sorted(by_step)]
     title = f"{default_title([config])}: {run_label(config)} bound activity"
     return plot_transition(records, path, x="step", log_x=True, title=title)
+
+
+_SIGN_PANELS = (
+    ("sign_cosine", "cosine(update, sign(gradient))"),
+    ("grad_cosine", "cosine(update, gradient)"),
+    ("near_lr", "fraction of steps within 2x of lr"),
+)
+
+
+def plot_sign_descent(run_dirs: Sequence[PathLike], path: PathLike, title: str | None = None):
+    """How sign-like each run's update is, per epoch (the ``sign`` records: see
+    :mod:`dynabound.diagnostics.sign`): sign descent sits at 1 in the first and last panel,
+    SGD at 1 in the middle one. Runs that differ only by their seed are drawn as their
+    mean."""
+    runs = _load(run_dirs)
+    triples = [(c, m, Path(d)) for (c, m), d in zip(runs, run_dirs, strict=True)]
+    try:
+        groups = group_runs(triples)
+    except ValueError:  # repeats with one seed: draw each
+        groups = [SeedGroup([c], [m], [d]) for c, m, d in triples]
+    groups = [g for g in groups if any("sign" in m for ms in g.metrics for m in ms)]
+    if not groups:
+        raise ValueError("no run has sign-descent records (recorded since the sign measure)")
+    fig, axes = _figure(1, len(_SIGN_PANELS), width=14.0)
+    firsts = [g.config for g in groups]
+    styles = _line_styles(firsts)
+    for group, style in zip(groups, styles, strict=True):
+        epochs = sorted({m["epoch"] for ms in group.metrics for m in ms if "sign" in m})
+        for ax, (key, label) in zip(axes[0], _SIGN_PANELS, strict=True):
+            per_epoch = [
+                [m["sign"][key] for ms in group.metrics for m in ms
+                 if m["epoch"] == e and "sign" in m]
+                for e in epochs
+            ]  # fmt: skip
+            means = [math.fsum(v) / len(v) if v else math.nan for v in per_epoch]
+            ax.plot(epochs, means, label=run_label(group.config, firsts), linewidth=1.4, **style)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+    axes[0][0].set_ylim(0, 1.02)
+    axes[0][1].set_ylim(0, 1.02)
+    axes[0][2].set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or f"{default_title(firsts)}: how sign-like the update is")
+    return _save(fig, path)
 
 
 def plot_sweep(

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynabound.diagnostics.sign import SignMonitor
+
 __all__ = [
     "ClassificationTask",
     "DistInfo",
@@ -253,11 +255,14 @@ class ClassificationTask(Task):
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
         count = 0
+        sign = self.sign_monitor(optimizer, total)
         if ctx.resume_state is not None:
             loss_sum = ctx.resume_state["loss_sum"].to(ctx.device).clone()
             correct = ctx.resume_state["correct"].to(ctx.device).clone()
             count = int(ctx.resume_state["count"])
             augment.set_state(ctx.resume_state["augment"])
+            if sign is not None and "sign" in ctx.resume_state:
+                sign.load_state_dict(ctx.resume_state["sign"])
 
         def state() -> dict[str, Any]:
             return {
@@ -265,6 +270,7 @@ class ClassificationTask(Task):
                 "correct": correct.clone(),
                 "count": count,
                 "augment": augment.get_state(),
+                **({"sign": sign.state_dict()} if sign is not None else {}),
             }
 
         first = ctx.start_batch
@@ -274,30 +280,53 @@ class ClassificationTask(Task):
             initial=first,
             desc=f"epoch {ctx.epoch}",
         )
-        for i, idx in enumerate(batches, start=first):
-            idx = idx.to(self.train_x.device)
-            x = self.prepare(self.train_x[idx], True, augment).to(ctx.device, non_blocking=True)
-            y = self.train_y[idx].to(ctx.device, non_blocking=True)
-            if self.channels_last(ctx):
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
-            optimizer.step()
-            ctx.global_step += 1
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            count += y.numel()
-            ctx.on_batch(i, state)
+        try:
+            for i, idx in enumerate(batches, start=first):
+                idx = idx.to(self.train_x.device)
+                x = self.prepare(self.train_x[idx], True, augment)
+                x = x.to(ctx.device, non_blocking=True)
+                y = self.train_y[idx].to(ctx.device, non_blocking=True)
+                if self.channels_last(ctx):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                with ctx.autocast():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                loss.backward()
+                optimizer.step()
+                ctx.global_step += 1
+                loss_sum += loss.detach() * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum()
+                count += y.numel()
+                ctx.on_batch(i, state)
+        finally:
+            if sign is not None:
+                sign.remove()
         loss_sum, correct, count = _all_reduce_sums(
             [float(loss_sum), float(correct), float(count)], ctx.dist, ctx.device
         )
-        return {"train_loss": loss_sum / count, "train_acc": 100.0 * correct / count}
+        metrics: dict[str, Any] = {
+            "train_loss": loss_sum / count,
+            "train_acc": 100.0 * correct / count,
+        }
+        if sign is not None:
+            metrics["sign"] = sign.summary()
+        return metrics
 
     def running_loss(self, state: EpochState) -> float | None:
         return float(state["loss_sum"]) / state["count"] if state["count"] else None
+
+    # Steps measured per epoch for the sign-descent record: enough for a stable mean, few
+    # enough that copying the parameters for them costs nothing noticeable.
+    sign_samples: ClassVar[int] = 16
+
+    def sign_monitor(self, optimizer: torch.optim.Optimizer, steps: int) -> SignMonitor | None:
+        """A :class:`SignMonitor` on about :attr:`sign_samples` evenly spaced steps of the
+        epoch, recorded with the bound activity (not with ``--no-bounds-record``), on the
+        main process only."""
+        if not self.config.get("record_bounds", True) or not self.dist.is_main:
+            return None
+        return SignMonitor(optimizer, every=max(1, steps // self.sign_samples))
 
     def channels_last(self, ctx: EpochContext) -> bool:
         return False
