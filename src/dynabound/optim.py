@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import kernels
 from . import state_formats as formats
@@ -110,6 +111,12 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                 raise ValueError(
                     f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
                     "without gaps (contiguous, channels-last or another dense layout)"
+                )
+            if is_traceable_wrapper_subclass(p):
+                raise ValueError(
+                    f"{name}: state_dtype={group['state_dtype']!r} is not supported for "
+                    f"{type(p).__name__} parameters (FSDP2, tensor parallel): 8-bit block "
+                    "scales follow whole tensors; use state_dtype=None"
                 )
 
 
@@ -248,6 +255,10 @@ class AdaBound(Optimizer):
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         guessed = False
         for saved, current in zip(saved_groups, self.param_groups, strict=False):
+            # How the moments are stored belongs to the receiving optimizer: a state saved
+            # in another format is converted (_restore_encoded_state).
+            saved["state_dtype"] = current["state_dtype"]
+            saved["stochastic_rounding"] = current["stochastic_rounding"]
             if saved.get("bounds") == _CUSTOM_BOUNDS:
                 if not callable(current["bounds"]):
                     raise ValueError(

@@ -123,7 +123,7 @@ def fused_adabound(
 
     Under torch.compile the step is one opaque custom op (``torch.ops.dynabound.fused_step_``),
     so a compiled step costs what an eager one does; a bound function, which an op cannot
-    take, runs the step eagerly between compiled graphs instead.
+    take, and low-precision state run the step eagerly between compiled graphs instead.
     """
     if not params:
         return
@@ -136,7 +136,9 @@ def fused_adabound(
         return
     from . import ops  # registers the op; imported on the first traced step
 
-    if callable(kwargs["bounds"]):
+    encoded = kwargs.get("state_dtype") is not None or kwargs.get("stochastic_rounding")
+    if callable(kwargs["bounds"]) or encoded:
+        # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
         ops.fused_step_outside_graph(*tensors, **kwargs)
     else:
         ops.call_fused_op(*tensors, **kwargs)
