@@ -20,7 +20,7 @@ def strip_timing(metrics: list[dict]) -> list[dict]:
 
 
 def checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / CHECKPOINT, weights_only=False)
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -44,6 +44,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert_same_state(ca, cb)
     for ra, rb in zip(ca["rng"], cb["rng"], strict=True):
         assert torch.equal(ra["torch"], rb["torch"])
+        assert torch.equal(ra["numpy"]["key"], rb["numpy"]["key"])
+        assert {k: v for k, v in ra["numpy"].items() if k != "key"} == {
+            k: v for k, v in rb["numpy"].items() if k != "key"
+        }
+        assert ra["python"] == rb["python"]
 
 
 def command(*args: str, **kwargs) -> subprocess.Popen:
