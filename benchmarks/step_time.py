@@ -52,7 +52,15 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import dynabound  # noqa: E402
 from dynabound import kernels  # noqa: E402
 
-BYTES_PER_PARAM = {"adam": 28, "adabound": 28, "amsbound": 36}
+# Minimum traffic per parameter: 8-bit moments also move one float32 scale per 256 elements
+# (read and written, two moments).
+BYTES_PER_PARAM = {
+    "adam": 28,
+    "adabound": 28,
+    "amsbound": 36,
+    "adabound_bf16_state": 20,
+    "adabound_8bit_state": 16 + 2 * 2 * 4 / 256,
+}
 
 
 # ---------------------------------------------------------------- shape sets
@@ -108,6 +116,14 @@ def methods(device: str) -> dict[str, tuple[str, Callable]]:
         out["dynabound AMSBound fused"] = (
             "amsbound",
             lambda p: dynabound.AMSBound(p, fused=True),
+        )
+        out["dynabound fused, bf16 state"] = (
+            "adabound_bf16_state",
+            lambda p: dynabound.AdaBound(p, fused=True, state_dtype=torch.bfloat16),
+        )
+        out["dynabound fused, 8-bit state"] = (
+            "adabound_8bit_state",
+            lambda p: dynabound.AdaBound(p, fused=True, state_dtype="8bit"),
         )
     if device == "cuda":
         out["torch Adam fused, CUDA graph"] = (
@@ -253,7 +269,18 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_set(name, shapes, device, repeat, target_seconds) -> dict:
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state, step counters excluded."""
+    inner = getattr(opt, "optimizer", opt)
+    return sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values()
+        for key, t in state.items()
+        if key != "step" and torch.is_tensor(t)
+    )
+
+
+def run_set(name, shapes, device, repeat, target_seconds, only=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     params = []
     for shape in shapes:
@@ -262,9 +289,12 @@ def run_set(name, shapes, device, repeat, target_seconds) -> dict:
         params.append(p)
     n = sum(p.numel() for p in params)
     table = methods(device)
+    if only:
+        table = {m: v for m, v in table.items() if m in only or m == "torch Adam fused"}
     samples: dict[str, list[float]] = {m: [] for m in table}
     first_step: dict[str, float] = {}
     memory: dict[str, int] = {}
+    stored: dict[str, int] = {}
     steps_per_sample: dict[str, int] = {}
     for r in range(repeat):
         # Rotate the order so no method always runs right after the same neighbour.
@@ -277,6 +307,7 @@ def run_set(name, shapes, device, repeat, target_seconds) -> dict:
                 probe = time_steps(opt, 1, device)
                 steps_per_sample[method] = max(1, min(50, round(target_seconds / probe)))
                 memory[method] = peak_step_bytes(opt, device)
+                stored[method] = state_bytes(opt)
             samples[method].append(time_steps(opt, steps_per_sample[method], device))
             del opt
             gc.collect()
@@ -292,6 +323,7 @@ def run_set(name, shapes, device, repeat, target_seconds) -> dict:
             "gb_per_s": BYTES_PER_PARAM[kind] * n / t / 1e9,
             "bytes_per_param": BYTES_PER_PARAM[kind],
             "peak_extra_mb": memory[method] / 2**20,
+            "state_bytes_per_param": stored[method] / n,
             "first_step_ms": first_step[method] * 1e3,
             "samples_ms": [x * 1e3 for x in times],
             "steps_per_sample": steps_per_sample[method],
@@ -348,12 +380,16 @@ def machine(device: str, threads: int) -> dict:
 def print_table(name: str, result: dict) -> None:
     print(f"\n{name}: {result['tensors']} tensors, {result['parameters'] / 1e6:.1f}M parameters")
     header = f"{'method':28s} {'ms/step':>9s} {'ns/param':>9s} {'vs fused Adam':>13s}"
-    print(header + f" {'GB/s':>7s} {'peak extra MB':>13s} {'first step ms':>13s}")
+    print(
+        header + f" {'GB/s':>7s} {'peak extra MB':>13s} {'first step ms':>13s}"
+        f" {'state B/param':>13s}"
+    )
     for method, r in result["methods"].items():
         print(
             f"{method:28s} {r['ms_per_step']:9.2f} {r['ns_per_param']:9.3f} "
             f"{r['ratio_to_torch_fused_adam']:12.2f}x {r['gb_per_s']:7.1f} "
             f"{r['peak_extra_mb']:13.1f} {r['first_step_ms']:13.1f}"
+            f" {r['state_bytes_per_param']:13.3f}"
         )
 
 
@@ -364,6 +400,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=None, help="samples per method")
     parser.add_argument("--quick", action="store_true", help="ResNet-34 shapes, 3 repeats")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, metavar="NAME",
+        help="only these methods (names as in the tables; torch Adam fused always runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sets", nargs="+", default=None, metavar="SET", help="only these shape sets"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
@@ -381,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report, indent=1))
     report["sets"] = {}
     for name, shapes in shape_sets(args.device, args.quick).items():
-        result = run_set(name, shapes, args.device, repeat, target_seconds=0.3)
+        if args.sets and name not in args.sets:
+            continue
+        result = run_set(name, shapes, args.device, repeat, target_seconds=0.3, only=args.methods)
         report["sets"][name] = result
         print_table(name, result)
         gc.collect()

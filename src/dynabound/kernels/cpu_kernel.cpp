@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -316,11 +317,14 @@ DB_INLINE uint16_t bfloat16_stochastic(float x, uint32_t noise) {
   return x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>((float_bits(x) + noise) >> 16);
 }
 
+// Integer selects only, so that the loops vectorise.
 DB_INLINE float decode8(int32_t code, int32_t offset, float scale) {
-  const int32_t magnitude = code < 0 ? -code : code;
-  const float relative = magnitude ? bits_float(uint32_t(magnitude + offset) << kCut) : 0.0f;
-  const float value = relative * scale;
-  return code < 0 ? -value : value;
+  const int32_t negative = code >> 31;  // all ones when code < 0
+  const int32_t magnitude = (code ^ negative) - negative;
+  uint32_t bits = uint32_t(magnitude + offset) << kCut;
+  bits = magnitude != 0 ? bits : 0u;
+  const float value = bits_float(bits) * scale;
+  return bits_float(float_bits(value) ^ (uint32_t(negative) & 0x80000000u));
 }
 
 // Magnitude code of x / scale (inverse = 1 / scale, or 0 for a zero scale).
@@ -333,13 +337,16 @@ DB_INLINE int32_t encode8(float x, float inverse, uint32_t noise, int32_t offset
   return code < 0 ? 0 : code;
 }
 
+// Largest |x|, NaN if any x is NaN (as torch.amax). Non-negative floats order as their
+// bits do, and NaN's bits exceed infinity's, so an integer maximum (which vectorises,
+// unlike a float one) finds it.
 DB_INLINE float max_magnitude(const float* x, int64_t n) {
-  float a = 0.0f;  // NaN propagates, as torch.amax does
+  uint32_t a = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float m = std::fabs(x[i]);
-    a = (m > a || m != m) ? m : a;
+    const uint32_t m = float_bits(x[i]) & 0x7FFFFFFFu;
+    a = m > a ? m : a;
   }
-  return a;
+  return a > 0x7F800000u ? std::numeric_limits<float>::quiet_NaN() : bits_float(a);
 }
 
 DB_INLINE float inverse_of(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
@@ -360,36 +367,39 @@ struct EncodedScalars {
   uint32_t key_state, key_param;
 };
 
-// Elements [begin, end) of one tensor; begin is a multiple of kBlock.
+// Elements [begin, end) of one tensor; begin is a multiple of kBlock. The loops have no
+// data-dependent branches, so they vectorise: weight decay is arithmetic (a coupled
+// coefficient of 0 and a decay factor of 1 when off), and the parameter's rounding adds
+// either the random bits or round-to-nearest-even's increment.
 template <typename S, int F, bool AMS>
 DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
-                                   const EncodedScalars& es, int wd_mode, bool unscale,
-                                   bool round_param) {
+                                   const EncodedScalars& es, bool unscale, bool round_param) {
   const Scalars<float>& k = es.k;
   S* __restrict p = static_cast<S*>(t.p);
   S* __restrict g = static_cast<S*>(t.g);
+  if (unscale) {
+    for (int64_t i = begin; i < end; ++i) g[i] = Io<S>::store(Io<S>::load(g[i]) / k.grad_scale);
+  }
   float m_new[kBlock], v_new[kBlock], vmax_new[kBlock];
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = end - start < kBlock ? end - start : kBlock;
     const int64_t block = start / kBlock;
+    const float m_scale_old = F == kState8Bit ? t.m_scale[block] : 0.0f;
+    const float v_scale_old = F == kState8Bit ? t.v_scale[block] : 0.0f;
+    const float vmax_scale_old = F == kState8Bit && AMS ? t.vmax_scale[block] : 0.0f;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = start + j;
-      float grad = Io<S>::load(g[i]);
-      if (unscale) {
-        grad = grad / k.grad_scale;
-        g[i] = Io<S>::store(grad);
-      }
-      grad = grad * k.sign;
+      float grad = Io<S>::load(g[i]) * k.sign;
       float param = Io<S>::load(p[i]);
-      if (wd_mode == kCoupled) grad = grad + k.weight_decay * param;
-      if (wd_mode == kDecoupled) param = param * k.decay;
+      grad = grad + k.weight_decay * param;
+      param = param * k.decay;
       float m_old, v_old, vmax_old = 0.0f;
       if (F == kState8Bit) {
-        m_old = decode8(static_cast<const int8_t*>(t.m)[i], kFirstOffset, t.m_scale[block]);
-        v_old = decode8(static_cast<const uint8_t*>(t.v)[i], kSecondOffset, t.v_scale[block]);
+        m_old = decode8(static_cast<const int8_t*>(t.m)[i], kFirstOffset, m_scale_old);
+        v_old = decode8(static_cast<const uint8_t*>(t.v)[i], kSecondOffset, v_scale_old);
         if (AMS) {
-          vmax_old = decode8(static_cast<const uint8_t*>(t.vmax)[i], kSecondOffset,
-                             t.vmax_scale[block]);
+          vmax_old =
+              decode8(static_cast<const uint8_t*>(t.vmax)[i], kSecondOffset, vmax_scale_old);
         }
       } else if (F == kStateParam) {
         m_old = Io<S>::load(static_cast<const S*>(t.m)[i]);
@@ -415,12 +425,10 @@ DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_
       param = param < k.box_lo ? k.box_lo : param;
       param = param > k.box_hi ? k.box_hi : param;
       if constexpr (std::is_same_v<S, BFloat16>) {
-        if (round_param) {
-          const uint32_t noise = mix32(uint32_t(i) + es.key_param) & 0xFFFFu;
-          p[i] = BFloat16{bfloat16_stochastic(param, noise)};
-        } else {
-          p[i] = Io<S>::store(param);
-        }
+        const uint32_t u = float_bits(param);
+        const uint32_t random = mix32(uint32_t(i) + es.key_param) & 0xFFFFu;
+        const uint32_t increment = round_param ? random : 0x7FFFu + ((u >> 16) & 1u);
+        p[i] = BFloat16{param != param ? uint16_t(0x7FC0) : uint16_t((u + increment) >> 16)};
       } else {
         p[i] = Io<S>::store(param);
       }
@@ -454,16 +462,16 @@ DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_
     const float vmax_scale = AMS ? max_magnitude(vmax_new, n) : 0.0f;
     const float m_inverse = inverse_of(m_scale), v_inverse = inverse_of(v_scale);
     const float vmax_inverse = inverse_of(vmax_scale);
+    int8_t* __restrict m_codes = static_cast<int8_t*>(t.m);
+    uint8_t* __restrict v_codes = static_cast<uint8_t*>(t.v);
+    uint8_t* __restrict vmax_codes = static_cast<uint8_t*>(t.vmax);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = start + j;
       const uint32_t r = mix32(uint32_t(i) + es.key_state);
       const int32_t m_code = encode8(m_new[j], m_inverse, r & 0xFFFFu, kFirstOffset);
-      static_cast<int8_t*>(t.m)[i] = int8_t(m_new[j] < 0.0f ? -m_code : m_code);
-      static_cast<uint8_t*>(t.v)[i] = uint8_t(encode8(v_new[j], v_inverse, r >> 16, kSecondOffset));
-      if (AMS) {
-        static_cast<uint8_t*>(t.vmax)[i] =
-            uint8_t(encode8(vmax_new[j], vmax_inverse, r >> 16, kSecondOffset));
-      }
+      m_codes[i] = int8_t(m_new[j] < 0.0f ? -m_code : m_code);
+      v_codes[i] = uint8_t(encode8(v_new[j], v_inverse, r >> 16, kSecondOffset));
+      if (AMS) vmax_codes[i] = uint8_t(encode8(vmax_new[j], vmax_inverse, r >> 16, kSecondOffset));
     }
     t.m_scale[block] = m_scale;
     t.v_scale[block] = v_scale;
@@ -473,21 +481,20 @@ DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_
 
 template <typename S, int F, bool AMS>
 void update_encoded_generic(const EncodedTensor& t, int64_t begin, int64_t end,
-                            const EncodedScalars& es, int wd_mode, bool unscale, bool round) {
-  update_encoded_body<S, F, AMS>(t, begin, end, es, wd_mode, unscale, round);
+                            const EncodedScalars& es, bool unscale, bool round) {
+  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
 }
 
 #if DB_X86_DISPATCH
 template <typename S, int F, bool AMS>
 DB_TARGET_AVX2 void update_encoded_avx2(const EncodedTensor& t, int64_t begin, int64_t end,
-                                        const EncodedScalars& es, int wd_mode, bool unscale,
-                                        bool round) {
-  update_encoded_body<S, F, AMS>(t, begin, end, es, wd_mode, unscale, round);
+                                        const EncodedScalars& es, bool unscale, bool round) {
+  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
 }
 #endif
 
-using EncodedFn = void (*)(const EncodedTensor&, int64_t, int64_t, const EncodedScalars&, int,
-                           bool, bool);
+using EncodedFn = void (*)(const EncodedTensor&, int64_t, int64_t, const EncodedScalars&, bool,
+                           bool);
 
 template <typename S, int F, bool AMS>
 EncodedFn pick_encoded_isa(bool avx2) {
@@ -530,8 +537,8 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
   base.beta2 = float(hyper[kBeta2]);
   base.one_minus_beta2 = float(1.0 - hyper[kBeta2]);
   base.eps = float(hyper[kEps]);
-  base.weight_decay = float(hyper[kWeightDecay]);
-  base.decay = float(hyper[kDecay]);
+  base.weight_decay = weight_decay_mode == kCoupled ? float(hyper[kWeightDecay]) : 0.0f;
+  base.decay = weight_decay_mode == kDecoupled ? float(hyper[kDecay]) : 1.0f;
   base.sign = float(hyper[kSign]);
   base.grad_scale = float(hyper[kGradScale]);
   base.box_lo = float(hyper[kBoxLo]);
@@ -565,8 +572,8 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
   const int64_t n_units = int64_t(units.size());
   auto process = [&](int64_t u) {
     const Unit& unit = units[u];
-    fn(tensors[unit.tensor], unit.begin, unit.end, scalars[unit.tensor], weight_decay_mode,
-       unscale != 0, round_param != 0);
+    fn(tensors[unit.tensor], unit.begin, unit.end, scalars[unit.tensor], unscale != 0,
+       round_param != 0);
   };
 #if defined(_OPENMP)
   if (num_threads > 1 && n_units > 1) {
