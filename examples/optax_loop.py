@@ -48,6 +48,7 @@ def model(params: dict, x: jax.Array) -> jax.Array:
     return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
 
 
+@jax.jit
 def batch(step: int) -> tuple[jax.Array, jax.Array]:
     """The batch for ``step``: a function of the step alone, so a resumed run sees the same
     data as an uninterrupted one."""
