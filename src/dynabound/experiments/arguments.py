@@ -123,6 +123,13 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
         default=None,
         help="bounded methods: the authors' code (reference) or Algorithm 2 (paper)",
     )
+    h.add_argument(
+        "--state-dtype",
+        choices=("bfloat16", "8bit"),
+        default=None,
+        help="bounded methods: store the moments in bfloat16 or block-wise 8 bits "
+        "(default: the parameters' dtype)",
+    )
     t = p.add_argument_group("training")
     d = task.defaults
     t.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")

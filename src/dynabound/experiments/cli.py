@@ -27,7 +27,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _hparam_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for k, _, _ in HPARAMS] + ["bounds"]
+    keys = [k for k, _, _ in HPARAMS] + ["bounds", "state_dtype"]
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
 
 

@@ -48,7 +48,7 @@ PAPER_SIX = ("sgdm", "adagrad", "adam", "amsgrad", "adabound", "amsbound")
 DYNABOUND_OPTIMIZERS = ("adabound", "amsbound", "adaboundw", "amsboundw")
 
 _ADAM_KEYS = {"lr", "beta1", "beta2", "eps", "weight_decay"}
-_BOUND_KEYS = _ADAM_KEYS | {"final_lr", "gamma", "bounds", "box"}
+_BOUND_KEYS = _ADAM_KEYS | {"final_lr", "gamma", "bounds", "box", "state_dtype"}
 ALLOWED: dict[str, set[str]] = {
     "sgdm": {"lr", "momentum", "weight_decay", "nesterov"},
     "adagrad": {"lr", "eps", "weight_decay"},
@@ -134,6 +134,8 @@ def build_optimizer(
             amsgrad=key == "amsgrad",
         )
     box = h.pop("box", None)
+    if h.get("state_dtype") == "bfloat16":  # configs are JSON: the dtype travels by name
+        h["state_dtype"] = torch.bfloat16
     return _DYNABOUND_CLASSES[key](
         params, betas=betas, box=tuple(box) if box is not None else None, **h
     )
