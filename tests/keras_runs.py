@@ -1,0 +1,389 @@
+"""The Keras side of tests/test_keras.py, run on one backend in a process of its own.
+
+Keras fixes its backend when it is first imported (``KERAS_BACKEND``), so each backend
+runs this file as a script: ``python keras_runs.py BACKEND OUT.pkl``. It trains, saves,
+loads and builds the optimizers and pickles what it saw (parameters, accuracies, error
+messages, configs); the tests compare that with the PyTorch optimizers in the pytest
+process. Importing this module (for the shared cases and data) does not import Keras.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STEPS = 1000
+SHAPES = {"b": (6,), "w": (6, 5)}
+
+# Keras-spelled keyword arguments; to_torch() gives the PyTorch class's.
+CUSTOM = dict(final_lr=0.05, gamma=1e-2, epsilon=1e-6)
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "adabound": ("AdaBound", {}),
+    "amsbound": ("AMSBound", {}),
+    "adaboundw": ("AdaBoundW", dict(weight_decay=0.01)),
+    "amsboundw": ("AMSBoundW", dict(weight_decay=0.01)),
+    "adabound_l2": ("AdaBound", dict(weight_decay=0.05)),
+    "amsbound_l2": ("AMSBound", dict(weight_decay=0.05)),
+    "amsboundw_unscaled": ("AMSBoundW", dict(weight_decay=1e-4, unscaled_decay=True)),
+    "custom": ("AdaBound", dict(learning_rate=3e-3, beta_1=0.8, beta_2=0.99, **CUSTOM)),
+    "paper": ("AdaBound", dict(bounds="paper")),
+}
+FLOAT64_CASES = ("adabound", "amsbound_l2", "adaboundw", "amsboundw")
+
+# Each schedule as Keras spells it and as PyTorch does (a scheduler, or group["lr"] set
+# by hand at step 500 as optimizer.learning_rate is in Keras).
+SCHEDULES: dict[str, tuple[str, dict[str, Any]]] = {
+    "step": ("AMSBound", dict(weight_decay=0.01)),
+    "exponential": ("AdaBoundW", dict(weight_decay=0.01)),
+    "by_hand": ("AdaBound", {}),
+}
+BY_HAND_STEP, BY_HAND_LR = 500, 1e-4
+
+# Hyperparameters that must be refused, and what the message must say.
+INVALID: dict[str, tuple[dict[str, Any], str]] = {
+    "lr": (dict(learning_rate=-0.1), r"Invalid learning rate: -0\.1"),
+    "final_lr": (dict(final_lr=-0.1), r"Invalid final learning rate: -0\.1"),
+    "gamma": (dict(gamma=0.0), r"Invalid gamma \(convergence speed\): 0\.0 \(must be > 0\)"),
+    "beta_1": (dict(beta_1=1.0), r"Invalid beta_1 parameter: 1\.0"),
+    "beta_2": (dict(beta_2=-0.1), r"Invalid beta_2 parameter: -0\.1"),
+    "epsilon": (dict(epsilon=-1e-8), r"Invalid epsilon value: -1e-08"),
+    "weight_decay": (dict(weight_decay=-1e-4), r"Invalid weight_decay value: -0\.0001"),
+    "base_lr": (dict(base_learning_rate=0.0), r"Invalid base_learning_rate: 0\.0 \(must be > 0"),
+    "bounds": (dict(bounds="tight"), r"bounds must be 'reference' or 'paper'"),
+    "zero_lr": (dict(learning_rate=0.0), r"pass base_learning_rate"),
+    "warmup": ("warmup", r"pass base_learning_rate"),
+}
+
+
+def to_torch(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorch class's keyword arguments for Keras-spelled ones."""
+    out = dict(kwargs)
+    renames = {"learning_rate": "lr", "epsilon": "eps", "base_learning_rate": "base_lr"}
+    for keras_name, torch_name in renames.items():
+        if keras_name in out:
+            out[torch_name] = out.pop(keras_name)
+    if "beta_1" in out or "beta_2" in out:
+        out["betas"] = (out.pop("beta_1", 0.9), out.pop("beta_2", 0.999))
+    return out
+
+
+def gradients(steps: int = STEPS, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-element scales spread over 1e-6..1: elements sit below, inside and above the
+    bounds (the sequence of tests/test_optax.py)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in SHAPES.items():
+        scale = 10.0 ** rng.uniform(-6, 0, size=shape)
+        out[name] = rng.standard_normal((steps, *shape)) * scale
+    return out
+
+
+def initial(seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+
+
+def digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    # Shuffled: the file's last few hundred digits come from other writers than the rest.
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = (x[order] / 16.0).astype("float32"), y[order]
+    return x[:1500], y[:1500], x[1500:], y[1500:]
+
+
+class _Runner:
+    """Applies a gradient sequence with a Keras optimizer: on JAX one jitted scan over
+    ``stateless_apply`` (compiled once), elsewhere ``optimizer.apply`` step by step."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def run(self, opt, params, grads, dtype, split=None):
+        import keras
+
+        names = list(params)
+        variables = [keras.Variable(params[k].astype(dtype), name=k) for k in names]
+        opt.build(variables)
+        sequence = [grads[k].astype(dtype) for k in names]
+        cut = split[0] if split else len(sequence[0])
+        self._apply(opt, variables, [g[:cut] for g in sequence])
+        if split:
+            split[1](opt)
+            self._apply(opt, variables, [g[cut:] for g in sequence])
+        return {k: keras.ops.convert_to_numpy(v) for k, v in zip(names, variables, strict=True)}
+
+    def _apply(self, opt, variables, sequence):
+        import keras
+
+        if self.backend == "jax":
+            import jax
+
+            @jax.jit
+            def scan(trainable, state, gs):
+                def body(carry, g):
+                    return opt.stateless_apply(carry[1], list(g), carry[0]), None
+
+                return jax.lax.scan(body, (trainable, state), gs)[0]
+
+            trainable, state = scan(
+                [v.value for v in variables], [v.value for v in opt.variables], sequence
+            )
+            for v, value in zip(variables + opt.variables, trainable + state, strict=True):
+                v.assign(value)
+            return
+        sequence = [keras.ops.convert_to_tensor(g) for g in sequence]
+        if self.backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                for t in range(sequence[0].shape[0]):
+                    opt.apply([g[t] for g in sequence], variables)
+        else:
+            for t in range(sequence[0].shape[0]):
+                opt.apply([g[t] for g in sequence], variables)
+
+
+def _schedule(name: str):
+    import keras
+
+    schedules = keras.optimizers.schedules
+    if name == "step":  # StepLR(step_size=300, gamma=0.1)
+        return schedules.PiecewiseConstantDecay([299, 599, 899], [1e-3, 1e-4, 1e-5, 1e-6])
+    if name == "exponential":  # LambdaLR(lambda t: 0.5 ** (t / 100))
+        return schedules.ExponentialDecay(1e-3, decay_steps=100, decay_rate=0.5)
+    return 1e-3
+
+
+def _parity(runner, dbk, out) -> None:
+    import keras
+
+    params, grads = initial(), gradients()
+    for case, (cls, kwargs) in CASES.items():
+        out["parity", case, "float32"] = runner.run(
+            getattr(dbk, cls)(**kwargs), params, grads, "float32"
+        )
+    for name, (cls, kwargs) in SCHEDULES.items():
+        opt = getattr(dbk, cls)(learning_rate=_schedule(name), **kwargs)
+        split = None
+        if name == "by_hand":
+
+            def split_fn(o):
+                o.learning_rate = BY_HAND_LR
+
+            split = (BY_HAND_STEP, split_fn)
+        out["schedule", name] = runner.run(opt, params, grads, "float32", split)
+    with _float64(runner.backend):
+        keras.config.set_floatx("float64")
+        try:
+            for case in FLOAT64_CASES:
+                cls, kwargs = CASES[case]
+                out["parity", case, "float64"] = runner.run(
+                    getattr(dbk, cls)(**kwargs), params, grads, "float64"
+                )
+        finally:
+            keras.config.set_floatx("float32")
+
+
+class _float64:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def __enter__(self):
+        if self.backend == "jax":
+            import jax
+
+            self.previous = jax.config.jax_enable_x64
+            jax.config.update("jax_enable_x64", True)
+
+    def __exit__(self, *exc):
+        if self.backend == "jax":
+            import jax
+
+            jax.config.update("jax_enable_x64", self.previous)
+
+
+def _exclusion(runner, dbk, out) -> None:
+    """exclude_from_weight_decay: "b" gets no decay, "w" the decoupled one."""
+    params, grads = initial(), {k: g[:100] for k, g in gradients().items()}
+    opt = dbk.AdaBoundW(weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_names=["b"])
+    out["exclusion"] = runner.run(opt, params, grads, "float32")
+
+
+def _model(keras, seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
+    )
+    return model
+
+
+def _compile(keras, model, opt) -> None:
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+
+
+def _fit(dbk, out) -> None:
+    import keras
+
+    x, y, x_test, y_test = digits()
+    for name, opt in [
+        ("adabound", dbk.AdaBound(learning_rate=3e-3, final_lr=0.1)),
+        ("adam", keras.optimizers.Adam(learning_rate=3e-3)),
+    ]:
+        model = _model(keras)
+        _compile(keras, model, opt)
+        model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+        out["fit", name] = float(model.evaluate(x_test, y_test, verbose=0)[1])
+        out["fit", name, "steps"] = int(keras.ops.convert_to_numpy(opt.iterations))
+
+
+def _optimizer_state(opt) -> list[np.ndarray]:
+    import keras
+
+    return [keras.ops.convert_to_numpy(v) for v in opt.variables]
+
+
+def _resume(dbk, out, tmp: Path) -> None:
+    """Training interrupted by saving and loading equals training straight through.
+
+    The learning rate is decayed by hand (as ReduceLROnPlateau does) before the save, so a
+    load that lost base_learning_rate would take the decayed rate as the base.
+    """
+    import keras
+
+    x, y, _, _ = digits()
+    x, y = x[:600], y[:600]
+    initial_weights = _model(keras).get_weights()
+
+    def fresh(opt):
+        model = _model(keras)
+        model.set_weights(initial_weights)
+        _compile(keras, model, opt)
+        return model
+
+    def first_half(model):
+        model.fit(x, y, epochs=1, batch_size=60, shuffle=False, verbose=0)
+        model.optimizer.learning_rate = 1e-4
+        model.fit(x, y, epochs=1, batch_size=60, shuffle=False, verbose=0)
+
+    def second_half(model):
+        model.fit(x, y, epochs=2, batch_size=60, shuffle=False, verbose=0)
+
+    def opt():
+        return dbk.AMSBoundW(learning_rate=1e-3, final_lr=0.1, weight_decay=1e-2)
+
+    straight = fresh(opt())
+    first_half(straight)
+    second_half(straight)
+    out["resume", "straight"] = (straight.get_weights(), _optimizer_state(straight.optimizer))
+
+    saved = fresh(opt())
+    first_half(saved)
+    saved.save(tmp / "model.keras")
+    saved.save_weights(tmp / "model.weights.h5")
+    loaded = keras.models.load_model(tmp / "model.keras")
+    out["resume", "loaded_type"] = type(loaded.optimizer).__name__
+    out["resume", "loaded_config"] = loaded.optimizer.get_config()
+    second_half(loaded)
+    out["resume", "loaded"] = (loaded.get_weights(), _optimizer_state(loaded.optimizer))
+
+    # Weights only, into an optimizer built with the decayed rate: its default base would be
+    # 1e-4, the saved variable brings back 1e-3.
+    rebuilt = fresh(dbk.AMSBoundW(learning_rate=1e-4, final_lr=0.1, weight_decay=1e-2))
+    rebuilt.optimizer.build(rebuilt.trainable_variables)
+    rebuilt.load_weights(tmp / "model.weights.h5")
+    out["resume", "rebuilt_base"] = float(
+        keras.ops.convert_to_numpy(rebuilt.optimizer.base_learning_rate)
+    )
+    second_half(rebuilt)
+    out["resume", "rebuilt"] = (rebuilt.get_weights(), _optimizer_state(rebuilt.optimizer))
+
+
+def _errors(dbk, out) -> None:
+    import keras
+
+    for name, (kwargs, _) in INVALID.items():
+        if kwargs == "warmup":
+            kwargs = dict(
+                learning_rate=keras.optimizers.schedules.CosineDecay(
+                    0.0, 1000, warmup_target=1e-3, warmup_steps=100
+                )
+            )
+        try:
+            dbk.AdaBound(**kwargs)
+        except ValueError as e:
+            out["error", name] = str(e)
+        else:
+            out["error", name] = None
+
+
+def _configs(dbk, out) -> None:
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(3e-3, 100, 0.5)
+    made = {
+        "AdaBound": dbk.AdaBound(
+            learning_rate=3e-3,
+            final_lr=0.05,
+            gamma=1e-2,
+            beta_1=0.8,
+            beta_2=0.99,
+            epsilon=1e-6,
+            weight_decay=1e-4,
+            bounds="paper",
+            clipnorm=1.0,
+        ),
+        "AMSBound": dbk.AMSBound(learning_rate=schedule, base_learning_rate=2e-3),
+        "AdaBoundW": dbk.AdaBoundW(weight_decay=1e-2, unscaled_decay=True),
+        "AMSBoundW": dbk.AMSBoundW(learning_rate=0.0, base_learning_rate=1e-3),
+    }
+    for name, opt in made.items():
+        config = json.loads(json.dumps(opt.get_config()))
+        # from_config replaces a serialized schedule in the dict it is given by the object.
+        again = type(opt).from_config(json.loads(json.dumps(config))).get_config()
+        revived = keras.optimizers.deserialize(
+            json.loads(json.dumps(keras.optimizers.serialize(opt)))
+        )
+        out["config", name] = {
+            "config": config,
+            "round_trip": again,
+            "revived_type": type(revived).__name__,
+            "revived": revived.get_config(),
+        }
+
+
+def main(backend: str, path: str) -> None:
+    os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    from dynabound import keras as dbk
+
+    assert keras.backend.backend() == backend, keras.backend.backend()
+    out: dict[Any, Any] = {}
+    runner = _Runner(backend)
+    _parity(runner, dbk, out)
+    _exclusion(runner, dbk, out)
+    _errors(dbk, out)
+    _configs(dbk, out)
+    out["sklearn"] = importlib.util.find_spec("sklearn") is not None
+    if out["sklearn"]:  # the digits data set ships with scikit-learn
+        _fit(dbk, out)
+        with tempfile.TemporaryDirectory() as tmp:
+            _resume(dbk, out, Path(tmp))
+    with open(path, "wb") as f:
+        pickle.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
