@@ -24,6 +24,8 @@ OPTIONAL = {
     "dynabound.optax": ("jax", "optax"),
     "transformers": ("transformers",),
     "lightning": ("lightning",),
+    "keras": ("keras",),
+    "dynabound.keras": ("keras",),
 }
 # Languages of blocks that are shown, not run; any other fence (```py, ```python3) would
 # silently escape the run below, so it fails test_every_block_is_run_or_known_to_be_shell.
