@@ -514,6 +514,24 @@ def fused_adabound_triton(
         raise RuntimeError(f"dynabound's fused CUDA kernel needs Triton: {_IMPORT_ERROR}")
     if not params:
         return
+    # Low-precision moments or stochastically rounded bfloat16 parameters: triton_encoded.
+    encoded = dict(
+        state_dtype=hyper.pop("state_dtype", None),
+        stochastic_rounding=hyper.pop("stochastic_rounding", False),
+        rounding_seeds=hyper.pop("rounding_seeds", None),
+    )
+    if encoded["state_dtype"] is not None or (
+        encoded["stochastic_rounding"] and any(p.dtype is torch.bfloat16 for p in params)
+    ):
+        from .triton_encoded import fused_adabound_triton_encoded
+
+        fused_adabound_triton_encoded(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+            capturable=capturable, has_complex=has_complex, grad_scale=grad_scale,
+            found_inf=found_inf, amsbound=amsbound, lr=lr, box=box, maximize=maximize,
+            **encoded, **hyper,
+        )  # fmt: skip
+        return
     device = params[0].device
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, non_blocking=True)

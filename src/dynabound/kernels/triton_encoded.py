@@ -1,0 +1,742 @@
+"""Fused AdaBound step for CUDA tensors whose moments are stored in bfloat16 or 8 bits, or
+whose bfloat16 parameters are rounded stochastically (:mod:`dynabound.state_formats`).
+
+The math is the CPU kernel's (``update_encoded_body`` in ``cpu_kernel.cpp``) operation by
+operation: decode the stored moments into float32, run the float32 update, encode them again
+with stochastic rounding. Three state formats, picked on the host:
+
+* ``FORMAT_BFLOAT16``: moments in bfloat16, rounded stochastically;
+* ``FORMAT_8BIT``: one byte per element plus a float32 scale per block of 256 elements;
+* ``FORMAT_PARAM``: moments in the parameter's dtype, rounded to nearest (only a bfloat16
+  parameter is rounded stochastically: ``state_dtype=None, stochastic_rounding=True``).
+
+Launches per step: one update launch per parameter dtype (float32 and complex64 parameters
+in one list are two), then one per dtype that advances the step counters, as in
+:mod:`.triton_kernel`: every program reads its counter before any counter moves. A callable
+``bounds`` instead advances the counters and evaluates its coefficient table with a few
+torch operations on the device before the update, as there.
+
+One program per block of 256 elements of one tensor, in memory order, 64 threads of 4
+elements (16-byte accesses to float32 parameters): a program holds the whole block's new
+moments, so it takes the block's largest magnitude for the 8-bit scale (an integer max of
+the float bits, which propagates NaN as ``torch.amax`` does) and encodes the block without
+a second pass over memory. A table lists every block's tensor and first element, so all
+tensors of a dtype share one launch however small they are. Each program derives its
+tensor's scalars itself (a few float64 operations), which 256 elements amortise less than
+the 8192 of :mod:`.triton_kernel`'s programs.
+
+bfloat16 values are converted through their bits, rounding to nearest even as the CPU
+kernel does: the GPU's conversion gives the same bits, and Triton's interpreter, which the
+tests run this kernel in, truncates instead.
+
+No host synchronisation: the step's scalars come from the counter read in the kernel
+(``_step_scalars`` of :mod:`.triton_kernel`), and so does the random key,
+``step_key(seed, step, stream)`` in 32-bit unsigned arithmetic, whose wraparound is the
+masking of :func:`dynabound.state_formats.step_key`. The seeds (one per parameter, fixed
+for a set of tensors) live in the cached launch plan. ``found_inf`` is read in the kernel
+too: when it is set every block is empty and the counters do not move.
+
+Host side, as in :mod:`.triton_kernel`: a step compares the tensors' addresses with a cached
+plan (tables of element offsets from one base tensor per storage type: parameters and
+gradients, exp_avg, exp_avg_sq with max_exp_avg_sq, and block scales), rebuilt when an
+address, size, dtype or seed changes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import state_formats as formats
+from .triton_kernel import (
+    _HYPER,
+    PAPER,
+    REFERENCE,
+    TABLE,
+    _as_real,
+    _cached,
+    _coefficient_table,
+    _grad_table,
+    _hyper_table,
+    _split_by_dtype,
+    _split_float,
+    _to_device,
+    tl,
+    triton,
+)
+
+__all__ = ["fused_adabound_triton_encoded", "random_bits", "step_keys"]
+
+BLOCK = formats.BLOCK
+NUM_WARPS = 2
+FORMAT_BFLOAT16, FORMAT_8BIT, FORMAT_PARAM = 0, 1, 2
+_ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Columns of a plan's offset table: elements from each storage type's base tensor.
+_COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_scale", "v_scale", "vmax_scale")
+
+if triton is not None:
+    from .triton_kernel import _TL_DTYPES, _advance_steps, _step_scalars
+
+    # The encoding's constants, from the specification module.
+    _CUT = tl.constexpr(formats._CUT)
+    _NOISE_SHIFT = tl.constexpr(formats._CUT - formats.NOISE_BITS)
+    _FIRST_OFFSET = tl.constexpr(formats._offset(formats.FIRST_MOMENT_BINADES))
+    _SECOND_OFFSET = tl.constexpr(formats._offset(formats.SECOND_MOMENT_BINADES))
+    _GOLDEN = tl.constexpr(formats._GOLDEN)
+    _MIX1 = tl.constexpr(formats._MIX1)
+    _MIX2 = tl.constexpr(formats._MIX2)
+    _STREAM_STATE = tl.constexpr(formats.STREAM_STATE)
+    _STREAM_PARAM = tl.constexpr(formats.STREAM_PARAM)
+    _NOISE_MASK = tl.constexpr((1 << formats.NOISE_BITS) - 1)
+    _N_COLUMNS = tl.constexpr(len(_COLUMNS))
+    # Rows of triton_kernel's hyper table.
+    _H_BETA1 = tl.constexpr(_HYPER.index("beta1"))
+    _H_BETA2 = tl.constexpr(_HYPER.index("beta2"))
+    _H_EPS = tl.constexpr(_HYPER.index("eps"))
+    _H_WD = tl.constexpr(_HYPER.index("weight_decay"))
+    _H_FINAL_LR = tl.constexpr(_HYPER.index("final_lr"))
+    _H_BASE_LR = tl.constexpr(_HYPER.index("base_lr"))
+    _H_GAMMA = tl.constexpr(_HYPER.index("gamma"))
+    _H_LO = tl.constexpr(_HYPER.index("lo"))
+    _H_HI = tl.constexpr(_HYPER.index("hi"))
+    _H_LARGEST = tl.constexpr(_HYPER.index("largest"))
+
+    @triton.jit
+    def _mix32(x):
+        """lowbias32 of uint32 values; the multiplications wrap modulo 2**32."""
+        x = x ^ (x >> 16)
+        x = x * _MIX1
+        x = x ^ (x >> 15)
+        x = x * _MIX2
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _step_key(seed, step, stream: tl.constexpr):
+        """state_formats.step_key on uint32 ``seed`` and ``step``."""
+        return _mix32(_mix32(seed * _GOLDEN + stream) + step)
+
+    @triton.jit
+    def _decode8(code, offset: tl.constexpr, scale):
+        """Float32 values of int32 codes (state_formats.decode)."""
+        magnitude = tl.abs(code)
+        relative = ((magnitude + offset) << _CUT).to(tl.float32, bitcast=True)
+        value = tl.where(magnitude > 0, relative, 0.0) * scale
+        return tl.where(code < 0, -value, value)
+
+    @triton.jit
+    def _encode8(x, scale, noise, offset: tl.constexpr):
+        """Magnitude codes (int32) of ``x`` in a block whose largest magnitude is ``scale``."""
+        # IEEE division (a plain fp32 `/` is approximate on the GPU), as on the CPU.
+        inverse = tl.where(scale > 0.0, tl.div_rn(1.0, scale), 0.0)
+        relative = tl.abs(x) * inverse
+        relative = tl.where(relative > 1.0, 1.0, relative)
+        # NaN (a NaN value, or an infinite one times the inverse 0 of an infinite scale)
+        # encodes as 0, as on the CPU.
+        relative = tl.where(relative != relative, 0.0, relative)
+        bits = relative.to(tl.uint32, bitcast=True) + (noise << _NOISE_SHIFT)
+        code = (bits >> _CUT).to(tl.int32) - offset
+        return tl.where(code < 0, 0, code)
+
+    @triton.jit
+    def _bfloat16_stochastic(x, noise):
+        """bfloat16 of float32 ``x``, rounded up with the probability of its dropped bits."""
+        bits = (x.to(tl.uint32, bitcast=True) + noise) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _to_float32(x):
+        """A stored value in float32; bfloat16 through its bits (exact, subnormals too)."""
+        if x.dtype == tl.bfloat16:
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _to_stored(x, DTYPE: tl.constexpr):
+        """Float32 ``x`` rounded to nearest even in DTYPE. bfloat16 through its bits, as the
+        CPU kernel and c10::BFloat16 do (NaN to the canonical quiet NaN), so every backend
+        and Triton's interpreter store the same bits."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits = tl.where(x != x, 0x7FC0, bits)
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _block_scale(x, mask, MASKED: tl.constexpr):
+        """Largest magnitude of a block, NaN when any value is NaN: the bits of a
+        non-negative float order as integers, and a NaN's lie above infinity's."""
+        bits = tl.abs(x).to(tl.int32, bitcast=True)
+        if MASKED:
+            bits = tl.where(mask, bits, 0)
+        return tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _encoded_block(
+        p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off, vs_off,
+        vmaxs_off, start, local, mask, key_state, key_param, scale, numerator, lower, upper,
+        rate_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+        box_lo, box_hi,
+        DTYPE: tl.constexpr, FORMAT: tl.constexpr, MASKED: tl.constexpr,
+        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+        ROUND_PARAM: tl.constexpr, P_VEC: tl.constexpr, M_VEC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One block of one tensor; ``mask`` is None (and MASKED False) for a full block."""
+        # Hints true when the host found every address 16-byte aligned (VEC > 1): Triton
+        # may then use 16-byte accesses.
+        p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, P_VEC), BLOCK)
+        g_idx = tl.max_contiguous(tl.multiple_of(g_off + local, P_VEC), BLOCK)
+        m_idx = tl.max_contiguous(tl.multiple_of(m_off + local, M_VEC), BLOCK)
+        v_idx = tl.max_contiguous(tl.multiple_of(v_off + local, M_VEC), BLOCK)
+        block = start // BLOCK
+        grad = _to_float32(tl.load(p_base + g_idx, mask=mask))
+        if HAS_GRAD_SCALE:
+            grad = tl.div_rn(grad, scale)
+            tl.store(p_base + g_idx, _to_stored(grad, DTYPE), mask=mask)
+        if MAXIMIZE:
+            grad = -grad
+        param = _to_float32(tl.load(p_base + p_idx, mask=mask))
+        if WEIGHT_DECAY == 1:
+            grad = grad + weight_decay * param
+        if WEIGHT_DECAY == 2:
+            param = param * decay
+        if FORMAT == 1:
+            m_old = _decode8(
+                tl.load(m_base + m_idx, mask=mask).to(tl.int32), _FIRST_OFFSET,
+                tl.load(s_base + ms_off + block),
+            )  # fmt: skip
+            v_old = _decode8(
+                tl.load(v_base + v_idx, mask=mask).to(tl.int32), _SECOND_OFFSET,
+                tl.load(s_base + vs_off + block),
+            )  # fmt: skip
+        else:  # bfloat16 or the parameter's dtype: exact conversions to float32
+            m_old = _to_float32(tl.load(m_base + m_idx, mask=mask))
+            v_old = _to_float32(tl.load(v_base + v_idx, mask=mask))
+        avg = m_old * beta1 + one_minus_beta1 * grad
+        avg_sq = v_old * beta2 + one_minus_beta2 * grad * grad
+        second = avg_sq
+        if AMSBOUND:
+            vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, M_VEC), BLOCK)
+            if FORMAT == 1:
+                running = _decode8(
+                    tl.load(v_base + vmax_idx, mask=mask).to(tl.int32), _SECOND_OFFSET,
+                    tl.load(s_base + vmaxs_off + block),
+                )  # fmt: skip
+            else:
+                running = _to_float32(tl.load(v_base + vmax_idx, mask=mask))
+            # A select rather than maximum, so that NaN propagates like torch.maximum.
+            second = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
+        # IEEE-rounded sqrt and division (tl.sqrt and / are approximate in fp32).
+        denom = tl.sqrt_rn(second)
+        if EPS_USED:
+            denom = denom + eps
+        rate = tl.div_rn(1.0, denom) * numerator
+        rate = tl.where(rate < lower, lower, rate)
+        rate = tl.where(rate > upper, upper, rate)
+        param = param - (rate * rate_scale) * avg
+        if HAS_BOX:
+            param = tl.where(param < box_lo, box_lo, param)
+            param = tl.where(param > box_hi, box_hi, param)
+
+        if ROUND_PARAM:
+            # Element numbers count from the tensor's first element, in uint32 as the
+            # reference's masked int64 arithmetic.
+            noise = _mix32(local.to(tl.uint32) + key_param) & _NOISE_MASK
+            tl.store(p_base + p_idx, _bfloat16_stochastic(param, noise), mask=mask)
+        else:
+            tl.store(p_base + p_idx, _to_stored(param, DTYPE), mask=mask)
+
+        if FORMAT == 2:
+            tl.store(m_base + m_idx, _to_stored(avg, DTYPE), mask=mask)
+            tl.store(v_base + v_idx, _to_stored(avg_sq, DTYPE), mask=mask)
+            if AMSBOUND:
+                tl.store(v_base + vmax_idx, _to_stored(second, DTYPE), mask=mask)
+        else:
+            # Low 16 bits for exp_avg, high 16 for exp_avg_sq and max_exp_avg_sq.
+            bits = _mix32(local.to(tl.uint32) + key_state)
+            low = bits & _NOISE_MASK
+            high = bits >> 16
+            if FORMAT == 0:
+                tl.store(m_base + m_idx, _bfloat16_stochastic(avg, low), mask=mask)
+                tl.store(v_base + v_idx, _bfloat16_stochastic(avg_sq, high), mask=mask)
+                if AMSBOUND:
+                    tl.store(v_base + vmax_idx, _bfloat16_stochastic(second, high), mask=mask)
+            else:
+                m_scale = _block_scale(avg, mask, MASKED)
+                code = _encode8(avg, m_scale, low, _FIRST_OFFSET)
+                code = tl.where(avg < 0.0, -code, code)
+                tl.store(m_base + m_idx, code.to(tl.int8), mask=mask)
+                tl.store(s_base + ms_off + block, m_scale)
+                v_scale = _block_scale(avg_sq, mask, MASKED)
+                code = _encode8(avg_sq, v_scale, high, _SECOND_OFFSET)
+                tl.store(v_base + v_idx, code.to(tl.uint8), mask=mask)
+                tl.store(s_base + vs_off + block, v_scale)
+                if AMSBOUND:
+                    vmax_scale = _block_scale(second, mask, MASKED)
+                    code = _encode8(second, vmax_scale, high, _SECOND_OFFSET)
+                    tl.store(v_base + vmax_idx, code.to(tl.uint8), mask=mask)
+                    tl.store(s_base + vmaxs_off + block, vmax_scale)
+
+    @triton.jit
+    def _encoded_kernel(
+        p_base, m_base, v_base, s_base, offsets, grad_offsets, numels, block_tensor,
+        block_start, steps, step_offsets, seeds, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
+        grad_scale, n_tensors,
+        DTYPE: tl.constexpr, FORMAT: tl.constexpr, SCHEDULE: tl.constexpr,
+        LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+        UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, EPS_USED: tl.constexpr,
+        HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+        ROUND_PARAM: tl.constexpr, P_VEC: tl.constexpr, M_VEC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        program = tl.program_id(0)
+        t = tl.load(block_tensor + program).to(tl.int64)
+        start = tl.load(block_start + program)
+        n = tl.load(numels + t)
+        row = offsets + t * _N_COLUMNS
+        beta1 = tl.load(hyper + _H_BETA1)
+        beta2 = tl.load(hyper + _H_BETA2)
+        weight_decay = tl.load(hyper + _H_WD)
+        largest = tl.load(hyper + _H_LARGEST)
+        # The learning rate in float64: a tensor, or a Python float split into two float32
+        # kernel arguments (Triton passes floats as float32) that sum to it.
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        counter = tl.load(steps + tl.load(step_offsets + t))
+        if SCHEDULE == 2:  # a bound function: counters advanced and scalars tabled already
+            step = counter
+            numerator = tl.load(coef + t).to(tl.float64)
+            lower = tl.load(coef + n_tensors + t).to(tl.float64)
+            upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
+            step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
+        else:
+            # The counter before the separate advance launch: this step is one more.
+            step = counter + 1
+            numerator, lower, upper, step_scale = _step_scalars(
+                step.to(tl.float64), beta1, beta2, tl.load(hyper + _H_FINAL_LR),
+                tl.load(hyper + _H_BASE_LR), tl.load(hyper + _H_GAMMA), SCHEDULE,
+            )  # fmt: skip
+        seed = tl.load(seeds + t).to(tl.uint32)
+        key_state = 0
+        key_param = 0
+        if FORMAT != 2:
+            key_state = _step_key(seed, step.to(tl.uint32), _STREAM_STATE)
+        if ROUND_PARAM:
+            key_param = _step_key(seed, step.to(tl.uint32), _STREAM_PARAM)
+        # Bounds capped at float32's range (dynabound.bounds.within_range).
+        lower = tl.where(lower > largest, largest, lower)
+        upper = tl.where(upper > largest, largest, upper)
+        rate_scale = lr * step_scale
+        if UNSCALED_DECAY:
+            decay = 1 - weight_decay * (lr != 0).to(tl.float64)
+        else:
+            decay = 1 - lr * weight_decay
+        scale = 1.0
+        if HAS_GRAD_SCALE:
+            scale = tl.load(grad_scale).to(tl.float32)
+        if HAS_FOUND_INF:
+            # An inf/NaN gradient somewhere: every tensor counts as empty (no host sync).
+            n = n * (tl.load(found_inf) == 0).to(tl.int64)
+        local = start + tl.arange(0, BLOCK)
+        p_off = tl.load(row)
+        g_off = tl.load(grad_offsets + t)
+        m_off = tl.load(row + 1)
+        v_off = tl.load(row + 2)
+        vmax_off = tl.load(row + 3)
+        ms_off = tl.load(row + 4)
+        vs_off = tl.load(row + 5)
+        vmaxs_off = tl.load(row + 6)
+        numerator = numerator.to(tl.float32)
+        lower = lower.to(tl.float32)
+        upper = upper.to(tl.float32)
+        rate_scale = rate_scale.to(tl.float32)
+        decay = decay.to(tl.float32)
+        one_minus_beta1 = (1 - beta1).to(tl.float32)
+        one_minus_beta2 = (1 - beta2).to(tl.float32)
+        beta1 = beta1.to(tl.float32)
+        beta2 = beta2.to(tl.float32)
+        eps = tl.load(hyper + _H_EPS).to(tl.float32)
+        weight_decay = weight_decay.to(tl.float32)
+        box_lo = tl.load(hyper + _H_LO).to(tl.float32)
+        box_hi = tl.load(hyper + _H_HI).to(tl.float32)
+        # Full blocks go unmasked: a mask against a size read from memory would keep
+        # Triton from vectorising the accesses.
+        if start + BLOCK <= n:
+            _encoded_block(
+                p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
+                vs_off, vmaxs_off, start, local, None, key_state, key_param, scale, numerator,
+                lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, FORMAT, False,
+                AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX, HAS_GRAD_SCALE,
+                ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+            )  # fmt: skip
+        elif start < n:
+            _encoded_block(
+                p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
+                vs_off, vmaxs_off, start, local, local < n, key_state, key_param, scale,
+                numerator, lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, FORMAT, True,
+                AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX, HAS_GRAD_SCALE,
+                ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+            )  # fmt: skip
+
+    @triton.jit
+    def _keys_kernel(seeds, steps, out, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+        """The update kernel's key for each (seed, float32 step counter) pair, converted as
+        the update kernel converts them, for tests."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        seed = tl.load(seeds + index).to(tl.uint32)
+        step = tl.load(steps + index).to(tl.uint32)
+        tl.store(out + index, _step_key(seed, step, STREAM).to(tl.int64))
+
+    @triton.jit
+    def _bits_kernel(key_ptr, out, n, BLOCK: tl.constexpr):
+        """The update kernel's 32 random bits per element for one key, for tests."""
+        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr).to(tl.uint32)
+        bits = _mix32(index.to(tl.uint32) + key)
+        tl.store(out + index, bits.to(tl.int64), mask=index < n)
+
+
+class _Plan(NamedTuple):
+    """Device tables for the tensors of one parameter dtype (everything but gradients).
+
+    No references to the tensors: offsets count from the first tensor of each storage type,
+    which the cache key guarantees is where it was."""
+
+    offsets: Tensor  # int64 [n, len(_COLUMNS)]
+    numels: Tensor  # int64 [n]
+    block_tensor: Tensor  # int32 [blocks]: the tensor of each 256-element block
+    block_start: Tensor  # int64 [blocks]: its first element
+    n_blocks: int
+    step_offsets: Tensor  # int64 [n]: float32 elements from the first step counter
+    seeds: Tensor  # int64 [n]: each parameter's seed modulo 2**32
+    param_aligned: bool  # every parameter address 16-byte aligned
+    state_aligned: bool  # every moment address 16-byte aligned
+    strides: list[tuple[int, ...]]  # the parameters' strides, which gradients must share
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _storage(moment, state_format: int) -> tuple[Tensor | None, Tensor | None]:
+    """(values or codes as a real tensor, block scales or None) of one moment."""
+    if moment is None:
+        return None, None
+    if isinstance(moment, formats.Quantized):
+        if state_format != FORMAT_8BIT:
+            return moment.codes, None  # refused by the validation: codes of no such dtype
+        return moment.codes, moment.scales
+    # An 8-bit step's plain tensor has no scales, which the validation refuses.
+    return _as_real(moment), None
+
+
+def _plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, seeds, state_format):
+    """The cached plan for these tensors; validated and built when their addresses are new."""
+    stored = [
+        _storage(t, state_format) for ts in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) for t in ts
+    ]
+    key = (
+        state_format,
+        params[0].dtype,
+        *[p.data_ptr() for p in params],
+        *[t.data_ptr() if t is not None else -1 for pair in stored for t in pair],
+        *[s.data_ptr() for s in state_steps],
+        *[p.numel() for p in params],
+        *seeds,
+    )
+    return _cached(
+        _plans,
+        key,
+        lambda: _build_plan(
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, seeds, state_format
+        ),
+    )
+
+
+def _moment_error(state_format: int) -> RuntimeError:
+    name = {FORMAT_BFLOAT16: "bfloat16", FORMAT_8BIT: "8-bit", FORMAT_PARAM: "unencoded"}
+    return RuntimeError(
+        f"fused AdaBound expected {name[state_format]} moments in the parameter's shape, "
+        "layout and device; build the optimizer with this state_dtype or load its state with "
+        "load_state_dict"
+    )
+
+
+def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, seeds, state_format):
+    device = params[0].device
+    amsbound = bool(max_exp_avg_sqs)
+    rows: list[list[int]] = []
+    scale_rows: list[list[int]] = []
+    numels: list[int] = []
+    for i, p in enumerate(params):
+        p = _as_real(p)
+        if p.dtype not in _ENCODED_DTYPES:
+            raise RuntimeError(
+                "dynabound's fused CUDA kernel keeps low-precision moments for float32, "
+                f"bfloat16 and float16 parameters (complex64 too), got {p.dtype}"
+            )
+        if not formats.covers_memory_densely(p):
+            raise RuntimeError(
+                "low-precision optimizer state needs parameters stored without gaps "
+                "(contiguous, channels-last or another dense layout)"
+            )
+        moments = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsbound else None]
+        addresses, scales = [p.data_ptr()], []
+        for k, moment in enumerate(moments):
+            values, block_scales = _storage(moment, state_format)
+            if values is None:
+                addresses.append(0)
+                scales.append(0)
+                continue
+            if state_format == FORMAT_8BIT:
+                expected = torch.int8 if k == 0 else torch.uint8
+                if (
+                    block_scales is None
+                    or block_scales.dtype != torch.float32
+                    or block_scales.device != device
+                    or block_scales.numel() != formats.scale_count(p.numel())
+                    or not block_scales.is_contiguous()
+                ):
+                    raise _moment_error(state_format)
+                _check_storage(block_scales)
+                scales.append(block_scales.data_ptr())
+            else:
+                expected = torch.bfloat16 if state_format == FORMAT_BFLOAT16 else p.dtype
+                scales.append(0)
+            if (
+                values.dtype != expected
+                or values.shape != p.shape
+                or values.stride() != p.stride()
+                or values.device != device
+            ):
+                raise _moment_error(state_format)
+            _check_storage(values)
+            addresses.append(values.data_ptr())
+        if p.device != device:
+            raise RuntimeError(f"fused AdaBound got parameters on {device} and on {p.device}")
+        _check_storage(p)
+        rows.append(addresses)
+        scale_rows.append(scales)
+        numels.append(p.numel())
+    for s in state_steps:
+        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            raise RuntimeError(
+                "fused AdaBound on CUDA needs float32 step counters on the parameters' device "
+                f"(the optimizer creates them there), got a {s.dtype} counter on {s.device}"
+            )
+
+    # Offsets in elements from the first tensor of each storage type (vmax shares
+    # exp_avg_sq's type and base); a missing tensor's offset is never read.
+    real = _as_real(params[0])
+    sizes = (real.element_size(), *_state_itemsizes(state_format, real.dtype))
+    bases = (rows[0][0], rows[0][1], rows[0][2], rows[0][2])
+    table = []
+    for addresses, scales in zip(rows, scale_rows, strict=True):
+        for a, base, size in zip(addresses, bases, sizes, strict=True):
+            table.append((a - base) // size if a else 0)
+        table += [(a - scale_rows[0][0]) // 4 if a else 0 for a in scales]
+    step_base = state_steps[0].data_ptr()
+    step_offsets = [(s.data_ptr() - step_base) // 4 for s in state_steps]
+    counts = (torch.tensor(numels, dtype=torch.int64) + BLOCK - 1) // BLOCK
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    first = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * BLOCK
+    return _Plan(
+        offsets=_to_device(table, torch.int64, device),
+        numels=_to_device(numels, torch.int64, device),
+        block_tensor=_to_device(owner.tolist(), torch.int32, device),
+        block_start=_to_device(start.tolist(), torch.int64, device),
+        n_blocks=int(owner.numel()),
+        step_offsets=_to_device(step_offsets, torch.int64, device),
+        seeds=_to_device([s & 0xFFFFFFFF for s in seeds], torch.int64, device),
+        param_aligned=all(row[0] % 16 == 0 for row in rows),
+        state_aligned=all(a % 16 == 0 for row in rows for a in row[1:]),
+        strides=[_as_real(p).stride() for p in params],
+    )
+
+
+def _state_itemsizes(state_format: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes per element of exp_avg, exp_avg_sq and max_exp_avg_sq."""
+    if state_format == FORMAT_8BIT:
+        return 1, 1, 1
+    size = 2 if state_format == FORMAT_BFLOAT16 else dtype.itemsize
+    return size, size, size
+
+
+def _check_storage(t: Tensor) -> None:
+    address = t.data_ptr()
+    if t.numel() and not address:  # a wrapper subclass that owns no storage
+        raise RuntimeError(
+            f"fused AdaBound cannot update a {type(t).__name__} without storage of its "
+            "own (data_ptr() is 0); use fused=False"
+        )
+    if address % t.element_size():
+        raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
+
+
+def fused_adabound_triton_encoded(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list,
+    exp_avg_sqs: list,
+    max_exp_avg_sqs: list,
+    state_steps: list[Tensor],
+    *,
+    capturable: bool,
+    has_complex: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    amsbound: bool,
+    lr: float | Tensor,
+    box: tuple[float, float] | None,
+    maximize: bool,
+    state_dtype,
+    stochastic_rounding: bool,
+    rounding_seeds: list[int] | None,
+    **hyper,
+) -> None:
+    """One AdaBound step with low-precision state over tensors on one device, in place,
+    with no host sync; the arguments are those of :func:`dynabound.functional.adabound`
+    (8-bit moments as :class:`~dynabound.state_formats.Quantized` pairs)."""
+    if triton is None:
+        raise RuntimeError("dynabound's fused CUDA kernel needs Triton")
+    if not params:
+        return
+    formats.check_state_dtype(state_dtype)
+    if state_dtype == formats.EIGHT_BIT:
+        state_format = FORMAT_8BIT
+    elif state_dtype is torch.bfloat16:
+        state_format = FORMAT_BFLOAT16
+    else:
+        state_format = FORMAT_PARAM
+    device = params[0].device
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(device, non_blocking=True)
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        if lr.device == device:
+            lr_tensor = lr
+        elif capturable:
+            lr_tensor = lr.to(device, non_blocking=True)
+        else:
+            lr = lr.item()  # a CPU tensor: no device sync
+    lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
+    seeds = list(rounding_seeds) if rounding_seeds is not None else list(range(len(params)))
+
+    # Validate everything before touching any state, so a refused step changes nothing.
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else [],
+             state_steps, seeds)  # fmt: skip
+    dtype = params[0].dtype
+    split = [lists] if all(p.dtype is dtype for p in params) else _split_by_dtype(*lists)
+    launches = []
+    for group in split:
+        g_params, g_grads, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds = group
+        plan = _plan(g_params, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds, state_format)
+        grad_table = _grad_table(plan, g_params, g_grads)
+        launches.append((plan, grad_table, group))
+
+    schedule = (
+        TABLE if callable(hyper["bounds"]) else (PAPER if hyper["bounds"] == "paper" else REFERENCE)
+    )
+    if schedule == TABLE:
+        torch._foreach_add_(state_steps, 1)
+    wd = hyper["weight_decay"]
+    for plan, grad_table, group in launches:
+        g_params, _, g_avgs, g_avg_sqs, _, g_steps, _ = group
+        real = _as_real(g_params[0]).dtype
+        hyper_table = _hyper_table(hyper, box, torch.float32, device)
+        coef = _coefficient_table(g_steps, hyper, torch.float32) if schedule == TABLE else None
+        if plan.n_blocks == 0:
+            continue
+        m_base = _storage(g_avgs[0], state_format)
+        v_base = _storage(g_avg_sqs[0], state_format)
+        state_size = _state_itemsizes(state_format, real)[0]
+        _encoded_kernel[(plan.n_blocks,)](
+            _as_real(g_params[0]),
+            m_base[0],
+            v_base[0],
+            m_base[1] if m_base[1] is not None else g_steps[0],
+            plan.offsets,
+            grad_table.offsets,
+            plan.numels,
+            plan.block_tensor,
+            plan.block_start,
+            g_steps[0],
+            plan.step_offsets,
+            plan.seeds,
+            coef if coef is not None else hyper_table,
+            hyper_table,
+            lr_hi,
+            lr_lo,
+            lr_tensor if lr_tensor is not None else g_steps[0],
+            found_inf if found_inf is not None else g_steps[0],
+            grad_scale if grad_scale is not None else g_steps[0],
+            len(g_steps),
+            DTYPE=_TL_DTYPES[real],
+            FORMAT=state_format,
+            SCHEDULE=schedule,
+            LR_TENSOR=lr_tensor is not None,
+            AMSBOUND=amsbound,
+            WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
+            UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
+            MAXIMIZE=maximize,
+            EPS_USED=schedule != PAPER,
+            HAS_BOX=box is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            ROUND_PARAM=bool(stochastic_rounding) and real is torch.bfloat16,
+            P_VEC=16 // real.itemsize if plan.param_aligned and grad_table.aligned else 1,
+            M_VEC=16 // state_size if plan.state_aligned else 1,
+            BLOCK=BLOCK,
+            # 64 threads, 4 elements each: 16-byte accesses to float32 parameters.
+            num_warps=NUM_WARPS,
+            # No FMA contraction: the CPU kernel's operation order and rounding.
+            enable_fp_fusion=False,
+        )
+    if schedule == TABLE:
+        if found_inf is not None:
+            torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
+    else:
+        for plan, _, group in launches:
+            g_steps = group[5]
+            _advance_steps[(triton.cdiv(len(g_steps), 1024),)](
+                g_steps[0],
+                plan.step_offsets,
+                len(g_steps),
+                found_inf if found_inf is not None else g_steps[0],
+                HAS_FOUND_INF=found_inf is not None,
+                BLOCK=1024,
+            )
+    torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version(state_steps)
+    if grad_scale is not None:
+        torch.autograd.graph.increment_version(grads)
+
+
+def step_keys(seeds: Tensor, steps: Tensor, stream: int) -> Tensor:
+    """The update kernel's random keys (int64 in [0, 2**32)) for int64 ``seeds`` and
+    float32 ``steps`` (the counters' type) of equal length, a multiple of 128, computed by
+    the kernel's own code: :func:`dynabound.state_formats.step_key` on the device."""
+    out = torch.empty_like(seeds, dtype=torch.int64)
+    _keys_kernel[(seeds.numel() // 128,)](seeds, steps, out, STREAM=stream, BLOCK=128)
+    return out
+
+
+def random_bits(key: int, numel: int, device: torch.device | str) -> Tensor:
+    """The update kernel's 32 random bits per element for one key (int64 values), computed
+    by the kernel's own code: :func:`dynabound.state_formats.random_bits` on the device."""
+    out = torch.empty(numel, dtype=torch.int64, device=device)
+    key_tensor = torch.tensor([key], dtype=torch.int64, device=device)
+    _bits_kernel[(triton.cdiv(numel, 1024),)](key_tensor, out, numel, BLOCK=1024)
+    return out
