@@ -308,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"skip the transition plots and {SIGN_DESCENT}",
     )
+    plot.add_argument(
+        "--against",
+        nargs="+",
+        default=None,
+        metavar="OPTIM=KEY",
+        help="instead of curves, draw the final and best test metric against the "
+        "hyperparameter each optimizer's runs vary, one curve per optimizer, e.g. "
+        "--against sgdm=lr adabound=final_lr (a sensitivity study)",
+    )
 
     probe = sub.add_parser(
         "probe",

@@ -315,6 +315,14 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
     from .runner import load_run
 
     runs = [run for r in ns.runs for run in find_runs(r)]
+    if ns.against:
+        from .plots import plot_sensitivity
+
+        pairs = [a.split("=", 1) for a in ns.against]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            raise ValueError(f"--against takes OPTIM=KEY pairs, got {' '.join(ns.against)}")
+        print(plot_sensitivity(runs, Path(ns.out or "sensitivity.png"), dict(pairs), ns.title))
+        return 0
     default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
     out = Path(ns.out) if ns.out else default
     paths = [plot_runs(runs, out, title=ns.title, band=None if ns.each else ns.band)]

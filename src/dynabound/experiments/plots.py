@@ -23,6 +23,7 @@ __all__ = [
     "plot_convex",
     "plot_run_transition",
     "plot_runs",
+    "plot_sensitivity",
     "plot_sign_descent",
     "plot_sweep",
     "run_label",
@@ -389,4 +390,52 @@ def plot_sweep(
         if metric == "perplexity":
             axes[0][1].set_yscale("log")
     fig.suptitle(title or "sensitivity to final_lr and gamma")
+    return _save(fig, path)
+
+
+def plot_sensitivity(
+    run_dirs: Sequence[PathLike], path: PathLike, against: dict[str, str], title: str = ""
+) -> Path:
+    """Final (and best) test metric against a hyperparameter, one curve per optimizer.
+
+    ``against`` maps an optimizer to the hyperparameter its runs vary (``{"sgdm": "lr",
+    "adabound": "final_lr"}``); runs of other optimizers are refused. The x axis is that
+    hyperparameter's value on a log scale, so methods with different knobs share one axis
+    (the paper's Appendix G: SGDM's lr against AdaBound's final_lr).
+    """
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    metric = "accuracy"
+    for run in run_dirs:
+        config, metrics = load_run(run)
+        optim = config["optim"]
+        if optim not in against:
+            raise ValueError(f"{run}: no --against given for {optim} (use {optim}=KEY)")
+        key = against[optim]
+        if key not in config["hparams"]:
+            raise ValueError(f"{run}: {optim} has no hyperparameter {key!r} in its config")
+        if not metrics:
+            raise ValueError(f"{run} has no finished epoch")
+        if "test_ppl" in metrics[-1]:
+            metric = "perplexity"
+        field = "test_ppl" if metric == "perplexity" else "test_acc"
+        values = [m[field] for m in metrics]
+        best = min(values) if metric == "perplexity" else max(values)
+        points.setdefault(optim, []).append((config["hparams"][key], values[-1], best))
+    fig, axes = _figure(1, 1, width=6.5)
+    ax = axes[0][0]
+    for optim, rows in points.items():
+        rows.sort()
+        label = f"{DISPLAY_NAMES.get(optim, optim)} ({against[optim]})"
+        colour = COLOURS.get(optim)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", color=colour, label=label)
+        ax.plot([r[0] for r in rows], [r[2] for r in rows], linestyle=":", marker=".",
+                color=colour, label=f"{label}, best epoch")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("hyperparameter value")
+    ax.set_ylabel("test perplexity" if metric == "perplexity" else "test accuracy (%)")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title or "sensitivity: final test metric against each method's hyperparameter")
     return _save(fig, path)
