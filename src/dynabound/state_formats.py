@@ -162,6 +162,7 @@ def encode(x: Tensor, signed: bool, noise: Tensor) -> Quantized:
     scales = magnitude.amax(dim=1)
     inverse = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
     relative = (magnitude * inverse[:, None]).clamp_(max=1.0).view(-1)[:n]
+    relative = torch.nan_to_num(relative, nan=0.0)  # code 0; the block's NaN scale decodes NaN
     bits = relative.view(torch.int32).to(torch.int64)
     top = (bits + (noise << (_CUT - NOISE_BITS))) >> _CUT
     codes = (top - _offset(binades)).clamp_(min=0)

@@ -154,11 +154,15 @@ def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         by_device[p.device].append(i)
+    seeds = kwargs.get("rounding_seeds")
+    if seeds is None:
+        seeds = list(range(len(params)))  # the default of the reference: the list position
     for device, indices in by_device.items():
         lists = [[t[i] for i in indices] for t in (params, grads, exp_avgs, exp_avg_sqs)]
         vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
         steps = [state_steps[i] for i in indices]
-        _run_on(device, *lists, vmax, steps, kwargs)
+        options = {**kwargs, "rounding_seeds": [seeds[i] for i in indices]}
+        _run_on(device, *lists, vmax, steps, options)
 
 
 _warned_unavailable: set[str] = set()

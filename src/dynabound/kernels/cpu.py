@@ -385,14 +385,14 @@ def _fused_encoded(
             g = copy
         pointers = [p.data_ptr(), g.data_ptr()]
         scales = []
-        for moment in moments:
+        for k, moment in enumerate(moments):
             if moment is None:
                 pointers.append(0)
                 scales.append(0)
                 continue
             codes = moment.codes if eight_bit else moment
             if eight_bit:
-                expected: tuple[torch.dtype, ...] = (torch.int8, torch.uint8)
+                expected: tuple[torch.dtype, ...] = (torch.int8 if k == 0 else torch.uint8,)
             else:
                 expected = (torch.bfloat16 if state_format == 0 else p.dtype,)
             if codes.is_complex():
