@@ -120,6 +120,7 @@ def test_metrics_schema_and_run_directory(mnist_dir, tmp_path):
         "steps",
         "bounds",
         "bounds_by_step",
+        "sign",
     }
     early = [[r["step"] for r in m["bounds_by_step"]] for m in metrics]
     assert early == [[1, 2, 4], [8]]  # 4 steps an epoch: the powers of two among 1..8
