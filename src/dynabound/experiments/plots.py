@@ -335,7 +335,9 @@ def plot_sign_descent(run_dirs: Sequence[PathLike], path: PathLike, title: str |
     axes[0][0].set_ylim(0, 1.02)
     axes[0][1].set_ylim(0, 1.02)
     axes[0][2].set_ylim(-0.02, 1.02)
-    axes[0][0].legend(fontsize=8)
+    # The middle of the last panel stays empty: every optimizer's steps are either all near
+    # lr (sign descent) or few of them.
+    axes[0][2].legend(fontsize=8, loc="center")
     fig.suptitle(title or f"{default_title(firsts)}: how sign-like the update is")
     return _save(fig, path)
 
