@@ -75,23 +75,32 @@ def run_label(config: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> 
     label = DISPLAY_NAMES.get(config["optim"], config["optim"])
     same = [o for o in others if o["optim"] == config["optim"] and o is not config]
     if same:
+        hparams = config["hparams"]
         keys = sorted(
             k
-            for k in config["hparams"]
-            if any(o["hparams"].get(k) != config["hparams"][k] for o in same)
+            for k in {*hparams, *(k for o in same for k in o["hparams"])}
+            if any(o["hparams"].get(k) != hparams.get(k) for o in same)
         )
         args = config.get("task_args", {})
         arg_keys = sorted(
             k for k in args if any(o.get("task_args", {}).get(k) != args[k] for o in same)
         )
         if keys:
-            label += " (" + ", ".join(f"{k}={config['hparams'][k]:g}" for k in keys) + ")"
+            label += " (" + ", ".join(f"{k}={_value(hparams.get(k))}" for k in keys) + ")"
         elif arg_keys:
             label += " (" + ", ".join(f"{k}={args[k]}" for k in arg_keys) + ")"
         elif any(o.get("seed") != config.get("seed") for o in same):
             label += f" (seed {config['seed']})"
     return label
 
+
+
+def _value(value: Any) -> str:
+    """A hyperparameter in a legend: numbers compactly, names as they are, absent as
+    "default" (a run that left it to the class)."""
+    if value is None:
+        return "default"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 def _load(run_dirs: Sequence[PathLike]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     runs = [load_run(d) for d in run_dirs]
