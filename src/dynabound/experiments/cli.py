@@ -413,7 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(threads)
-        return commands[ns.command](ns)
+        code = commands[ns.command](ns)
+        from .runner import shutdown_distributed
+
+        shutdown_distributed(wait_for_peers=True)
+        return code
     except (DataUnavailableError, DataFormatError, DownloadError, ValueError, OSError) as exc:
         print(f"dynabound {ns.command}: error: {exc}", file=sys.stderr)
         return 2

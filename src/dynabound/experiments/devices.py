@@ -77,8 +77,13 @@ def ensure_distributed(device_request: str | None) -> tuple[DistInfo, torch.devi
     return info, device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
+    """Tear down the process group; after a normal end, ``wait_for_peers`` first waits for
+    every rank to get there, so that no rank (rank 0 hosts the rendezvous store) exits
+    while another still talks to it, which can abort that rank at exit."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
+        if wait_for_peers:
+            tdist.barrier()
         tdist.destroy_process_group()
