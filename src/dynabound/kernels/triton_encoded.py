@@ -62,7 +62,7 @@ from .triton_kernel import (
     _grad_table,
     _hyper_table,
     _split_by_dtype,
-    _split_float,
+    _step_inputs,
     _to_device,
     tl,
     triton,
@@ -619,19 +619,9 @@ def fused_adabound_triton_encoded(
     else:
         state_format = FORMAT_PARAM
     device = params[0].device
-    if grad_scale is not None:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None:
-        found_inf = found_inf.to(device, non_blocking=True)
-    lr_tensor = None
-    if isinstance(lr, Tensor):
-        if lr.device == device:
-            lr_tensor = lr
-        elif capturable:
-            lr_tensor = lr.to(device, non_blocking=True)
-        else:
-            lr = lr.item()  # a CPU tensor: no device sync
-    lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
+    grad_scale, found_inf, lr_tensor, lr_hi, lr_lo = _step_inputs(
+        device, grad_scale, found_inf, lr, capturable
+    )
     seeds = list(rounding_seeds) if rounding_seeds is not None else list(range(len(params)))
 
     # Validate everything before touching any state, so a refused step changes nothing.

@@ -487,6 +487,25 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+
+def _step_inputs(device, grad_scale, found_inf, lr, capturable):
+    """The GradScaler tensors on ``device``, and lr as the kernel reads it: a device tensor
+    (read in the kernel), or a float sent as two float32 halves (hi, lo)."""
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    if found_inf is not None:
+        found_inf = found_inf.to(device, non_blocking=True)
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        if lr.device == device:
+            lr_tensor = lr
+        elif capturable:
+            lr_tensor = lr.to(device, non_blocking=True)
+        else:
+            lr = lr.item()  # a CPU tensor: no device sync
+    lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
+    return grad_scale, found_inf, lr_tensor, lr_hi, lr_lo
+
 def fused_adabound_triton(
     params: list[Tensor],
     grads: list[Tensor],
@@ -533,19 +552,9 @@ def fused_adabound_triton(
         )  # fmt: skip
         return
     device = params[0].device
-    if grad_scale is not None:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    if found_inf is not None:
-        found_inf = found_inf.to(device, non_blocking=True)
-    lr_tensor = None
-    if isinstance(lr, Tensor):
-        if lr.device == device:
-            lr_tensor = lr
-        elif capturable:
-            lr_tensor = lr.to(device, non_blocking=True)
-        else:
-            lr = lr.item()  # a CPU tensor: no device sync
-    lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
+    grad_scale, found_inf, lr_tensor, lr_hi, lr_lo = _step_inputs(
+        device, grad_scale, found_inf, lr, capturable
+    )
 
     # Validate everything before touching any state, so a refused step changes nothing.
     dtype = params[0].dtype
