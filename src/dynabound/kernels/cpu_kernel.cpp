@@ -203,6 +203,24 @@ enum Hyper {
 // Layout of the per-tensor `coef` rows.
 enum Coef { kNumerator, kLower, kUpper, kRateScale, kNumCoef };
 
+// The scalars every tensor of a call shares, from the `hyper` array.
+template <typename T>
+Scalars<T> shared_scalars(const double* hyper) {
+  Scalars<T> k;
+  k.beta1 = static_cast<T>(hyper[kBeta1]);
+  k.one_minus_beta1 = static_cast<T>(1.0 - hyper[kBeta1]);
+  k.beta2 = static_cast<T>(hyper[kBeta2]);
+  k.one_minus_beta2 = static_cast<T>(1.0 - hyper[kBeta2]);
+  k.eps = static_cast<T>(hyper[kEps]);
+  k.weight_decay = static_cast<T>(hyper[kWeightDecay]);
+  k.decay = static_cast<T>(hyper[kDecay]);
+  k.sign = static_cast<T>(hyper[kSign]);
+  k.grad_scale = static_cast<T>(hyper[kGradScale]);
+  k.box_lo = static_cast<T>(hyper[kBoxLo]);
+  k.box_hi = static_cast<T>(hyper[kBoxHi]);
+  return k;
+}
+
 template <typename S>
 int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const double* coef,
         const double* hyper, int weight_decay_mode, int amsbound, int unscale, int num_threads,
@@ -220,18 +238,7 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
     default: return 2;
   }
 
-  Scalars<T> base;
-  base.beta1 = static_cast<T>(hyper[kBeta1]);
-  base.one_minus_beta1 = static_cast<T>(1.0 - hyper[kBeta1]);
-  base.beta2 = static_cast<T>(hyper[kBeta2]);
-  base.one_minus_beta2 = static_cast<T>(1.0 - hyper[kBeta2]);
-  base.eps = static_cast<T>(hyper[kEps]);
-  base.weight_decay = static_cast<T>(hyper[kWeightDecay]);
-  base.decay = static_cast<T>(hyper[kDecay]);
-  base.sign = static_cast<T>(hyper[kSign]);
-  base.grad_scale = static_cast<T>(hyper[kGradScale]);
-  base.box_lo = static_cast<T>(hyper[kBoxLo]);
-  base.box_hi = static_cast<T>(hyper[kBoxHi]);
+  Scalars<T> base = shared_scalars<T>(hyper);
 
   // Work unit w covers elements [w*chunk, (w+1)*chunk) of all tensors laid end to end, so
   // many small tensors share a unit and the units have equal cost.
@@ -531,18 +538,10 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
   avx2 = cpu_has_avx2();
 #endif
   const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, avx2);
-  Scalars<float> base;
-  base.beta1 = float(hyper[kBeta1]);
-  base.one_minus_beta1 = float(1.0 - hyper[kBeta1]);
-  base.beta2 = float(hyper[kBeta2]);
-  base.one_minus_beta2 = float(1.0 - hyper[kBeta2]);
-  base.eps = float(hyper[kEps]);
-  base.weight_decay = weight_decay_mode == kCoupled ? float(hyper[kWeightDecay]) : 0.0f;
-  base.decay = weight_decay_mode == kDecoupled ? float(hyper[kDecay]) : 1.0f;
-  base.sign = float(hyper[kSign]);
-  base.grad_scale = float(hyper[kGradScale]);
-  base.box_lo = float(hyper[kBoxLo]);
-  base.box_hi = float(hyper[kBoxHi]);
+  Scalars<float> base = shared_scalars<float>(hyper);
+  // Weight decay as arithmetic, so the loops need no branch on its mode.
+  if (weight_decay_mode != kCoupled) base.weight_decay = 0.0f;
+  if (weight_decay_mode != kDecoupled) base.decay = 1.0f;
 
   // Work units never straddle tensors, and start on block boundaries of their tensor.
   chunk = (chunk + kBlock - 1) / kBlock * kBlock;
