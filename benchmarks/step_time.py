@@ -344,6 +344,7 @@ def kernel_load_times(device: str) -> dict:
         if not ok:
             out["cpu_kernel_error"] = cpu.unavailable_reason()
             return out
+        out["cpu_kernel_vector_isa"] = cpu.vector_isa()
         probe = (
             "import time, torch; t = time.perf_counter(); from dynabound.kernels import cpu; "
             "cpu.load(); print(time.perf_counter() - t)"

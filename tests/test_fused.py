@@ -7,6 +7,7 @@ The Triton kernel runs through Triton's CPU interpreter in a subprocess, since
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -578,3 +579,72 @@ def test_unsupported_dtype_is_refused_before_the_step_counters_move():
     with pytest.raises(RuntimeError, match="does not support torch.float8_e4m3fn"):
         opt.step()
     assert opt.state[p]["step"].item() == 0
+
+
+# Every option set and storage format, stepped by the fused CPU kernel; prints a digest of
+# the resulting parameters and state. Odd sizes reach the loops' vector remainders.
+_ISA_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, torch
+    from dynabound import AdaBound
+    from dynabound.kernels import cpu
+
+    DECOUPLED = {"weight_decay": 0.1, "decoupled_weight_decay": True}
+    digests = {}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for state_dtype in (None, torch.bfloat16, "8bit"):
+            if dtype == torch.float64 and state_dtype is not None:
+                continue
+            for amsbound in (False, True):
+                for decay in ({}, {"weight_decay": 0.1}, DECOUPLED):
+                    gen = torch.Generator().manual_seed(0)
+                    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
+                              for n in (1, 37, 255, 300, 4099)]
+                    opt = AdaBound(params, lr=1e-2, final_lr=0.1, amsbound=amsbound,
+                                   fused=True, state_dtype=state_dtype,
+                                   stochastic_rounding=dtype == torch.bfloat16, **decay)
+                    for step in range(4):
+                        for p in params:
+                            # Gradients from 1e-8 to 1e4, zeros and a tiny subnormal.
+                            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                            g = g * 10.0 ** torch.randint(-8, 5, p.shape, generator=gen)
+                            g[::7] = 0.0
+                            g[::11] = 1e-40
+                            p.grad = g.to(dtype)
+                        opt.step()
+                    h = hashlib.sha256()
+                    for p in params:
+                        h.update(p.detach().view(-1).view(torch.uint8).numpy().tobytes())
+                        for value in opt.state[p].values():
+                            h.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                    name = f"{dtype} {state_dtype} ams={amsbound} {sorted(decay.items())}"
+                    digests[name] = h.hexdigest()
+    print(json.dumps({"isa": cpu.vector_isa(), "digests": digests}))
+    """
+)
+
+
+def test_every_vector_copy_of_the_loops_computes_the_same_bits():
+    """The generic, AVX2 and AVX-512 copies (whichever this CPU runs) agree bit for bit."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    results = {}
+    for cap in ("generic", "avx2", "best"):
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+            DYNABOUND_CPU_ISA=cap,
+            OMP_NUM_THREADS="1",
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results[cap] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["generic"]["isa"] == "generic"
+    assert results["avx2"]["isa"] in {"generic", "avx2"}
+    assert len(results["generic"]["digests"]) == 3 * (3 * 2 * 3) + 2 * 3  # float64: no encoding
+    for cap in ("avx2", "best"):
+        assert results[cap]["digests"] == results["generic"]["digests"], (
+            f"{results[cap]['isa']} differs from the generic loops"
+        )

@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = is_available(device)
         took = time.perf_counter() - start
         if ok:
-            where = f" in {took:.1f} s" if device == "cpu" else ""
+            where = ""
+            if device == "cpu":
+                from . import cpu
+
+                where = f" in {took:.1f} s ({cpu.vector_isa()} loops)"
             print(f"{device}: fused kernel ready{where}")
         else:
             print(f"{device}: unavailable: {unavailable_reason(device)}")

@@ -16,9 +16,11 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), under a name
   that hashes the source, flags, machine type and torch version, so different versions
   never share a build folder; torch's file lock serialises concurrent first builds.
-* No ``-march=native``: plain loops vectorised at ``-O3`` plus an AVX2/F16C copy picked at
-  run time, so one cached build runs on every x86-64 machine sharing the cache. Software
-  prefetching 2 KB ahead made the one-thread step 5-10% faster on 64 MB tensors.
+* No ``-march=native``: plain loops vectorised at ``-O3`` plus AVX2/F16C and AVX-512 copies,
+  the widest the CPU runs picked at run time (:func:`vector_isa`), so one cached build runs
+  on every x86-64 machine sharing the cache. Software prefetching 2 KB ahead made the
+  one-thread step 5-10% faster on 64 MB tensors. The low-precision-state loops are
+  compute-bound, and 512-bit vectors make them 1.3-1.5x faster (benchmarks/README.md).
 * Per step, Python compares the tensors' addresses (and the gradients' strides) with a
   cached plan of validated kernel calls, rebuilt when a tensor moves: small models, where
   the host side is most of a step, stay near torch's fused Adam (a 784-256-10 perceptron:
@@ -51,7 +53,14 @@ from .. import state_formats as formats
 from ..bounds import decoupled_decay_factor, step_coefficients, within_range
 from . import dense_layout
 
-__all__ = ["fused_adabound_cpu", "is_available", "load", "supported_dtypes", "unavailable_reason"]
+__all__ = [
+    "fused_adabound_cpu",
+    "is_available",
+    "load",
+    "supported_dtypes",
+    "unavailable_reason",
+    "vector_isa",
+]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # Elements per unit of work handed to a thread (about 1 MB of fp32 traffic).
@@ -156,7 +165,7 @@ def _build() -> ctypes.CDLL:
     lib.dynabound_increment_steps.restype = None
     lib.dynabound_increment_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.dynabound_supported_dtypes.restype = ctypes.c_int
-    lib.dynabound_uses_avx2.restype = ctypes.c_int
+    lib.dynabound_vector_isa.restype = ctypes.c_int
     return lib
 
 
@@ -189,6 +198,14 @@ def supported_dtypes() -> set[torch.dtype]:
     """Parameter dtypes the built kernel handles (float16 needs compiler support)."""
     mask = load().dynabound_supported_dtypes()
     return {dtype for dtype, code in _DTYPE_CODES.items() if (mask >> code) & 1}
+
+
+def vector_isa() -> str:
+    """The copy of the loops this CPU runs: ``"avx512"``, ``"avx2"`` or ``"generic"``.
+
+    All copies compute the same bits. ``DYNABOUND_CPU_ISA=avx2`` or ``generic``, set before
+    the first step, caps the choice (to compare copies)."""
+    return ("generic", "avx2", "avx512")[load().dynabound_vector_isa()]
 
 
 def unavailable_reason() -> str | None:

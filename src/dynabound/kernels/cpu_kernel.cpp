@@ -6,13 +6,16 @@
 // operation (no FMA contraction: -ffp-contract=off), in float for float/bfloat16/float16
 // storage and in double for double storage.
 //
-// Vectorisation: the loop is plain C++ that GCC/Clang vectorise at -O3. On x86-64 a second
-// copy is compiled for AVX2+F16C and picked at run time, so the shared object is portable
-// between machines that share an extension cache (no -march=native).
+// Vectorisation: the loop is plain C++ that GCC/Clang vectorise at -O3. On x86-64 two more
+// copies are compiled, for AVX2+F16C and for AVX-512 (512-bit vectors), and the widest the
+// CPU supports is picked at run time, so the shared object is portable between machines that
+// share an extension cache (no -march=native). Without FMA contraction every copy computes
+// the same bits; DYNABOUND_CPU_ISA=generic|avx2 caps the choice (tests, benchmarks).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -31,6 +34,14 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DB_X86_DISPATCH 1
 #define DB_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// GCC's generic tuning keeps 256-bit vectors even where AVX-512 is enabled; ask for 512.
+#if defined(__clang__)
+#define DB_TARGET_AVX512 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"), min_vector_width(512)))
+#else
+#define DB_TARGET_AVX512 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
+#endif
 #else
 #define DB_X86_DISPATCH 0
 #endif
@@ -162,6 +173,31 @@ void update_generic(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
   update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
 }
 
+// The instruction sets a copy of the loops is compiled for.
+enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest copy this CPU runs, capped by DYNABOUND_CPU_ISA; decided once per process.
+int vector_isa() {
+  static const int isa = [] {
+    int best = kGeneric;
+#if DB_X86_DISPATCH
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+        best = kAvx512;
+      }
+    }
+#endif
+    const char* cap = std::getenv("DYNABOUND_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "generic") == 0) return int(kGeneric);
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(best, int(kAvx2));
+    return best;
+  }();
+  return isa;
+}
+
 #if DB_X86_DISPATCH
 template <typename S, int WD, bool AMS, bool UNSCALE>
 DB_TARGET_AVX2 void update_avx2(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
@@ -169,10 +205,10 @@ DB_TARGET_AVX2 void update_avx2(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
   update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+template <typename S, int WD, bool AMS, bool UNSCALE>
+DB_TARGET_AVX512 void update_avx512(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
+                                    const Scalars<typename Io<S>::Math>& k) {
+  update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
 }
 #endif
 
@@ -180,20 +216,21 @@ template <typename S>
 using UpdateFn = void (*)(S*, S*, S*, S*, S*, int64_t, const Scalars<typename Io<S>::Math>&);
 
 template <typename S, int WD, bool AMS, bool UNSCALE>
-UpdateFn<S> pick_isa(bool avx2) {
+UpdateFn<S> pick_isa(int isa) {
 #if DB_X86_DISPATCH
-  if (avx2) return &update_avx2<S, WD, AMS, UNSCALE>;
+  if (isa == kAvx512) return &update_avx512<S, WD, AMS, UNSCALE>;
+  if (isa == kAvx2) return &update_avx2<S, WD, AMS, UNSCALE>;
 #endif
-  (void)avx2;
+  (void)isa;
   return &update_generic<S, WD, AMS, UNSCALE>;
 }
 
 template <typename S, int WD>
-UpdateFn<S> pick_flags(bool ams, bool unscale, bool avx2) {
+UpdateFn<S> pick_flags(bool ams, bool unscale, int isa) {
   if (ams) {
-    return unscale ? pick_isa<S, WD, true, true>(avx2) : pick_isa<S, WD, true, false>(avx2);
+    return unscale ? pick_isa<S, WD, true, true>(isa) : pick_isa<S, WD, true, false>(isa);
   }
-  return unscale ? pick_isa<S, WD, false, true>(avx2) : pick_isa<S, WD, false, false>(avx2);
+  return unscale ? pick_isa<S, WD, false, true>(isa) : pick_isa<S, WD, false, false>(isa);
 }
 
 // Layout of the `hyper` array passed from Python (keep in sync with cpu.py).
@@ -226,15 +263,12 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
         const double* hyper, int weight_decay_mode, int amsbound, int unscale, int num_threads,
         int64_t chunk) {
   using T = typename Io<S>::Math;
-  bool avx2 = false;
-#if DB_X86_DISPATCH
-  avx2 = cpu_has_avx2();
-#endif
+  const int isa = vector_isa();
   UpdateFn<S> fn;
   switch (weight_decay_mode) {
-    case kNoDecay: fn = pick_flags<S, kNoDecay>(amsbound, unscale, avx2); break;
-    case kCoupled: fn = pick_flags<S, kCoupled>(amsbound, unscale, avx2); break;
-    case kDecoupled: fn = pick_flags<S, kDecoupled>(amsbound, unscale, avx2); break;
+    case kNoDecay: fn = pick_flags<S, kNoDecay>(amsbound, unscale, isa); break;
+    case kCoupled: fn = pick_flags<S, kCoupled>(amsbound, unscale, isa); break;
+    case kDecoupled: fn = pick_flags<S, kDecoupled>(amsbound, unscale, isa); break;
     default: return 2;
   }
 
@@ -498,32 +532,39 @@ DB_TARGET_AVX2 void update_encoded_avx2(const EncodedTensor& t, int64_t begin, i
                                         const EncodedScalars& es, bool unscale, bool round) {
   update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
 }
+
+template <typename S, int F, bool AMS>
+DB_TARGET_AVX512 void update_encoded_avx512(const EncodedTensor& t, int64_t begin, int64_t end,
+                                            const EncodedScalars& es, bool unscale, bool round) {
+  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
+}
 #endif
 
 using EncodedFn = void (*)(const EncodedTensor&, int64_t, int64_t, const EncodedScalars&, bool,
                            bool);
 
 template <typename S, int F, bool AMS>
-EncodedFn pick_encoded_isa(bool avx2) {
+EncodedFn pick_encoded_isa(int isa) {
 #if DB_X86_DISPATCH
-  if (avx2) return &update_encoded_avx2<S, F, AMS>;
+  if (isa == kAvx512) return &update_encoded_avx512<S, F, AMS>;
+  if (isa == kAvx2) return &update_encoded_avx2<S, F, AMS>;
 #endif
-  (void)avx2;
+  (void)isa;
   return &update_encoded_generic<S, F, AMS>;
 }
 
 template <typename S>
-EncodedFn pick_encoded(int state_format, bool ams, bool avx2) {
+EncodedFn pick_encoded(int state_format, bool ams, int isa) {
   if (state_format == kStateParam) {
-    return ams ? pick_encoded_isa<S, kStateParam, true>(avx2)
-               : pick_encoded_isa<S, kStateParam, false>(avx2);
+    return ams ? pick_encoded_isa<S, kStateParam, true>(isa)
+               : pick_encoded_isa<S, kStateParam, false>(isa);
   }
   if (state_format == kState8Bit) {
-    return ams ? pick_encoded_isa<S, kState8Bit, true>(avx2)
-               : pick_encoded_isa<S, kState8Bit, false>(avx2);
+    return ams ? pick_encoded_isa<S, kState8Bit, true>(isa)
+               : pick_encoded_isa<S, kState8Bit, false>(isa);
   }
-  return ams ? pick_encoded_isa<S, kStateBFloat16, true>(avx2)
-             : pick_encoded_isa<S, kStateBFloat16, false>(avx2);
+  return ams ? pick_encoded_isa<S, kStateBFloat16, true>(isa)
+             : pick_encoded_isa<S, kStateBFloat16, false>(isa);
 }
 
 // Layout of the per-tensor rows of `coef` for the encoded kernel.
@@ -533,11 +574,7 @@ template <typename S>
 int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const int64_t* numels,
                 const double* coef, const double* hyper, int weight_decay_mode, int amsbound,
                 int unscale, int round_param, int num_threads, int64_t chunk) {
-  bool avx2 = false;
-#if DB_X86_DISPATCH
-  avx2 = cpu_has_avx2();
-#endif
-  const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, avx2);
+  const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, vector_isa());
   Scalars<float> base = shared_scalars<float>(hyper);
   // Weight decay as arithmetic, so the loops need no branch on its mode.
   if (weight_decay_mode != kCoupled) base.weight_decay = 0.0f;
@@ -657,13 +694,7 @@ void dynabound_increment_steps(int64_t n, float* const* steps, double* values) {
 // Bit mask of the storage dtypes this build supports (bit i set: dtype code i).
 int dynabound_supported_dtypes() { return 0x7 | (DB_HAS_FLOAT16 << 3); }
 
-// 1 when the AVX2 copy of the loop is used on this machine.
-int dynabound_uses_avx2() {
-#if DB_X86_DISPATCH
-  return cpu_has_avx2() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
+// The copy of the loops in use: 0 generic, 1 AVX2, 2 AVX-512.
+int dynabound_vector_isa() { return vector_isa(); }
 
 }  // extern "C"
