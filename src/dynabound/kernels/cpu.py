@@ -69,6 +69,19 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 # Order of the `hyper` array read by cpu_kernel.cpp.
 _HYPER = ("beta1", "beta2", "eps", "weight_decay", "decay", "sign", "grad_scale", "lo", "hi")
 
+# The C signatures of cpu_kernel.cpp's entry points: i int, q int64, p pointer.
+_CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p}
+_SIGNATURES = {
+    name: (_CTYPES.get(result), [_CTYPES[code] for code in args])
+    for name, result, args in (
+        ("dynabound_adabound_cpu", "i", "iqppppiiiiq"),
+        ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiq"),
+        ("dynabound_increment_steps", None, "qpp"),
+        ("dynabound_supported_dtypes", "i", ""),
+        ("dynabound_vector_isa", "i", ""),
+    )
+}
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -132,40 +145,10 @@ def _build() -> ctypes.CDLL:
         no_implicit_headers=True,
     )
     lib = ctypes.CDLL(path)
-    lib.dynabound_adabound_cpu.restype = ctypes.c_int
-    lib.dynabound_adabound_cpu.argtypes = [
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-    ]
-    lib.dynabound_adabound_cpu_encoded.restype = ctypes.c_int
-    lib.dynabound_adabound_cpu_encoded.argtypes = [
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-    ]
-    lib.dynabound_increment_steps.restype = None
-    lib.dynabound_increment_steps.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.dynabound_supported_dtypes.restype = ctypes.c_int
-    lib.dynabound_vector_isa.restype = ctypes.c_int
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
     return lib
 
 

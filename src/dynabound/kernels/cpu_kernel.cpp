@@ -233,6 +233,22 @@ UpdateFn<S> pick_flags(bool ams, bool unscale, int isa) {
   return unscale ? pick_isa<S, WD, false, true>(isa) : pick_isa<S, WD, false, false>(isa);
 }
 
+// process(0), ..., process(n - 1): units of similar cost, handed out one at a time to
+// num_threads OpenMP threads (one parallel region per step; torch's per-op regions would
+// each end at a barrier).
+template <typename Process>
+void for_each_unit(int64_t n, int num_threads, const Process& process) {
+#if defined(_OPENMP)
+  if (num_threads > 1 && n > 1) {
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t w = 0; w < n; ++w) process(w);
+    return;
+  }
+#endif
+  (void)num_threads;
+  for (int64_t w = 0; w < n; ++w) process(w);
+}
+
 // Layout of the `hyper` array passed from Python (keep in sync with cpu.py).
 enum Hyper {
   kBeta1, kBeta2, kEps, kWeightDecay, kDecay, kSign, kGradScale, kBoxLo, kBoxHi, kNumHyper
@@ -303,15 +319,7 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
          amsbound ? tp[4] + begin : nullptr, end - begin, scalars[t]);
     }
   };
-#if defined(_OPENMP)
-  if (num_threads > 1 && n_work > 1) {
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t w = 0; w < n_work; ++w) process(w);
-    return 0;
-  }
-#endif
-  (void)num_threads;
-  for (int64_t w = 0; w < n_work; ++w) process(w);
+  for_each_unit(n_work, num_threads, process);
   return 0;
 }
 
@@ -611,15 +619,7 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     fn(tensors[unit.tensor], unit.begin, unit.end, scalars[unit.tensor], unscale != 0,
        round_param != 0);
   };
-#if defined(_OPENMP)
-  if (num_threads > 1 && n_units > 1) {
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t u = 0; u < n_units; ++u) process(u);
-    return 0;
-  }
-#endif
-  (void)num_threads;
-  for (int64_t u = 0; u < n_units; ++u) process(u);
+  for_each_unit(n_units, num_threads, process);
   return 0;
 }
 
