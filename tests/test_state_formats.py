@@ -408,7 +408,7 @@ def test_finite_gradients_give_finite_state(state_dtype, amsbound, fused, expone
                    fused=fused)  # fmt: skip
     for _ in range(4):
         magnitude = 10 ** (torch.rand(700, generator=gen) * 12 - 8)  # 1e-8 .. 1e4
-        magnitude[: 350] = 10.0**exponent
+        magnitude[:350] = 10.0**exponent
         p.grad = magnitude * torch.where(torch.rand(700, generator=gen) < 0.5, -1.0, 1.0)
         opt.step()
     assert torch.isfinite(p).all()

@@ -366,9 +366,7 @@ def _single_tensor_encoded(
         work_param = stored_param.to(torch.float32, copy=True)
         work_grad = formats.memory_flat(grad).to(torch.float32)
         work = [_read_moment(t, signed=k == 0) for k, t in enumerate(moments)]
-        _update_tensor(
-            work_param, work_grad, *work, scalars.of(i), scalars.eps_used, False, hyper
-        )
+        _update_tensor(work_param, work_grad, *work, scalars.of(i), scalars.eps_used, False, hyper)
         bits = formats.random_bits(
             formats.step_key(seed, step, formats.STREAM_STATE), work_param.numel(), param.device
         )
@@ -402,6 +400,7 @@ def _write_moment(moment, value: Tensor, noise: Tensor, signed: bool, state_dtyp
         formats.memory_flat(moment).copy_(formats.round_bfloat16(value, noise))
     else:  # the parameter's own dtype, rounded to nearest as without a state format
         formats.memory_flat(moment).copy_(value)
+
 
 def _chunks(sizes: Sequence[int]) -> Iterator[slice]:
     """Consecutive slices whose total size stays within the largest single tensor.

@@ -94,13 +94,13 @@ def run_label(config: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> 
     return label
 
 
-
 def _value(value: Any) -> str:
     """A hyperparameter in a legend: numbers compactly, names as they are, absent as
     "default" (a run that left it to the class)."""
     if value is None:
         return "default"
     return f"{value:g}" if isinstance(value, int | float) else str(value)
+
 
 def _load(run_dirs: Sequence[PathLike]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     runs = [load_run(d) for d in run_dirs]
