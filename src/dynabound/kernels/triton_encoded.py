@@ -52,17 +52,20 @@ from torch import Tensor
 
 from .. import state_formats as formats
 from .triton_kernel import (
-    _HYPER,
-    PAPER,
-    REFERENCE,
     TABLE,
+    _advance_counters,
     _as_real,
+    _blocks,
     _cached,
+    _check_addresses,
     _coefficient_table,
+    _flags,
     _grad_table,
     _hyper_table,
+    _schedule,
     _split_by_dtype,
     _step_inputs,
+    _step_offsets,
     _to_device,
     tl,
     triton,
@@ -78,7 +81,7 @@ _ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_scale", "v_scale", "vmax_scale")
 
 if triton is not None:
-    from .triton_kernel import _TL_DTYPES, _advance_steps, _step_scalars
+    from .triton_kernel import _TL_DTYPES, _bounded_step, _decayed, _moments, _tensor_scalars
 
     # The encoding's constants, from the specification module.
     _CUT = tl.constexpr(formats._CUT)
@@ -92,17 +95,6 @@ if triton is not None:
     _STREAM_PARAM = tl.constexpr(formats.STREAM_PARAM)
     _NOISE_MASK = tl.constexpr((1 << formats.NOISE_BITS) - 1)
     _N_COLUMNS = tl.constexpr(len(_COLUMNS))
-    # Rows of triton_kernel's hyper table.
-    _H_BETA1 = tl.constexpr(_HYPER.index("beta1"))
-    _H_BETA2 = tl.constexpr(_HYPER.index("beta2"))
-    _H_EPS = tl.constexpr(_HYPER.index("eps"))
-    _H_WD = tl.constexpr(_HYPER.index("weight_decay"))
-    _H_FINAL_LR = tl.constexpr(_HYPER.index("final_lr"))
-    _H_BASE_LR = tl.constexpr(_HYPER.index("base_lr"))
-    _H_GAMMA = tl.constexpr(_HYPER.index("gamma"))
-    _H_LO = tl.constexpr(_HYPER.index("lo"))
-    _H_HI = tl.constexpr(_HYPER.index("hi"))
-    _H_LARGEST = tl.constexpr(_HYPER.index("largest"))
 
     @triton.jit
     def _mix32(x):
@@ -178,9 +170,7 @@ if triton is not None:
     @triton.jit
     def _encoded_block(
         p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off, vs_off,
-        vmaxs_off, start, local, mask, key_state, key_param, scale, numerator, lower, upper,
-        rate_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-        box_lo, box_hi,
+        vmaxs_off, start, local, mask, key_state, key_param, scale, scalars,
         DTYPE: tl.constexpr, FORMAT: tl.constexpr, MASKED: tl.constexpr,
         AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -202,10 +192,7 @@ if triton is not None:
         if MAXIMIZE:
             grad = -grad
         param = _to_float32(tl.load(p_base + p_idx, mask=mask))
-        if WEIGHT_DECAY == 1:
-            grad = grad + weight_decay * param
-        if WEIGHT_DECAY == 2:
-            param = param * decay
+        grad, param = _decayed(grad, param, scalars, WEIGHT_DECAY)
         if FORMAT == 1:
             m_old = _decode8(
                 tl.load(m_base + m_idx, mask=mask).to(tl.int32), _FIRST_OFFSET,
@@ -218,8 +205,7 @@ if triton is not None:
         else:  # bfloat16 or the parameter's dtype: exact conversions to float32
             m_old = _to_float32(tl.load(m_base + m_idx, mask=mask))
             v_old = _to_float32(tl.load(v_base + v_idx, mask=mask))
-        avg = m_old * beta1 + one_minus_beta1 * grad
-        avg_sq = v_old * beta2 + one_minus_beta2 * grad * grad
+        avg, avg_sq = _moments(grad, m_old, v_old, scalars)
         second = avg_sq
         if AMSBOUND:
             vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, M_VEC), BLOCK)
@@ -232,17 +218,7 @@ if triton is not None:
                 running = _to_float32(tl.load(v_base + vmax_idx, mask=mask))
             # A select rather than maximum, so that NaN propagates like torch.maximum.
             second = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
-        # IEEE-rounded sqrt and division (tl.sqrt and / are approximate in fp32).
-        denom = tl.sqrt_rn(second)
-        if EPS_USED:
-            denom = denom + eps
-        rate = tl.div_rn(1.0, denom) * numerator
-        rate = tl.where(rate < lower, lower, rate)
-        rate = tl.where(rate > upper, upper, rate)
-        param = param - (rate * rate_scale) * avg
-        if HAS_BOX:
-            param = tl.where(param < box_lo, box_lo, param)
-            param = tl.where(param > box_hi, box_hi, param)
+        param = _bounded_step(param, avg, second, scalars, False, EPS_USED, HAS_BOX)
 
         if ROUND_PARAM:
             # Element numbers count from the tensor's first element, in uint32 as the
@@ -298,32 +274,18 @@ if triton is not None:
         program = tl.program_id(0)
         t = tl.load(block_tensor + program).to(tl.int64)
         start = tl.load(block_start + program)
-        n = tl.load(numels + t)
         row = offsets + t * _N_COLUMNS
-        beta1 = tl.load(hyper + _H_BETA1)
-        beta2 = tl.load(hyper + _H_BETA2)
-        weight_decay = tl.load(hyper + _H_WD)
-        largest = tl.load(hyper + _H_LARGEST)
-        # The learning rate in float64: a tensor, or a Python float split into two float32
-        # kernel arguments (Triton passes floats as float32) that sum to it.
-        if LR_TENSOR:
-            lr = tl.load(lr_ptr).to(tl.float64)
-        else:
-            lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
         counter = tl.load(steps + tl.load(step_offsets + t))
         if SCHEDULE == 2:  # a bound function: counters advanced and scalars tabled already
             step = counter
-            numerator = tl.load(coef + t).to(tl.float64)
-            lower = tl.load(coef + n_tensors + t).to(tl.float64)
-            upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
-            step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
         else:
             # The counter before the separate advance launch: this step is one more.
             step = counter + 1
-            numerator, lower, upper, step_scale = _step_scalars(
-                step.to(tl.float64), beta1, beta2, tl.load(hyper + _H_FINAL_LR),
-                tl.load(hyper + _H_BASE_LR), tl.load(hyper + _H_GAMMA), SCHEDULE,
-            )  # fmt: skip
+        n, scale, scalars = _tensor_scalars(
+            t, step.to(tl.float64), tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr,
+            found_inf, grad_scale, n_tensors, tl.float32, SCHEDULE, LR_TENSOR, UNSCALED_DECAY,
+            HAS_FOUND_INF, HAS_GRAD_SCALE,
+        )  # fmt: skip
         seed = tl.load(seeds + t).to(tl.uint32)
         key_state = 0
         key_param = 0
@@ -331,20 +293,6 @@ if triton is not None:
             key_state = _step_key(seed, step.to(tl.uint32), _STREAM_STATE)
         if ROUND_PARAM:
             key_param = _step_key(seed, step.to(tl.uint32), _STREAM_PARAM)
-        # Bounds capped at float32's range (dynabound.bounds.within_range).
-        lower = tl.where(lower > largest, largest, lower)
-        upper = tl.where(upper > largest, largest, upper)
-        rate_scale = lr * step_scale
-        if UNSCALED_DECAY:
-            decay = 1 - weight_decay * (lr != 0).to(tl.float64)
-        else:
-            decay = 1 - lr * weight_decay
-        scale = 1.0
-        if HAS_GRAD_SCALE:
-            scale = tl.load(grad_scale).to(tl.float32)
-        if HAS_FOUND_INF:
-            # An inf/NaN gradient somewhere: every tensor counts as empty (no host sync).
-            n = n * (tl.load(found_inf) == 0).to(tl.int64)
         local = start + tl.arange(0, BLOCK)
         p_off = tl.load(row)
         g_off = tl.load(grad_offsets + t)
@@ -354,38 +302,21 @@ if triton is not None:
         ms_off = tl.load(row + 4)
         vs_off = tl.load(row + 5)
         vmaxs_off = tl.load(row + 6)
-        numerator = numerator.to(tl.float32)
-        lower = lower.to(tl.float32)
-        upper = upper.to(tl.float32)
-        rate_scale = rate_scale.to(tl.float32)
-        decay = decay.to(tl.float32)
-        one_minus_beta1 = (1 - beta1).to(tl.float32)
-        one_minus_beta2 = (1 - beta2).to(tl.float32)
-        beta1 = beta1.to(tl.float32)
-        beta2 = beta2.to(tl.float32)
-        eps = tl.load(hyper + _H_EPS).to(tl.float32)
-        weight_decay = weight_decay.to(tl.float32)
-        box_lo = tl.load(hyper + _H_LO).to(tl.float32)
-        box_hi = tl.load(hyper + _H_HI).to(tl.float32)
         # Full blocks go unmasked: a mask against a size read from memory would keep
         # Triton from vectorising the accesses.
         if start + BLOCK <= n:
             _encoded_block(
                 p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
-                vs_off, vmaxs_off, start, local, None, key_state, key_param, scale, numerator,
-                lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
-                one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, FORMAT, False,
-                AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX, HAS_GRAD_SCALE,
-                ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+                vs_off, vmaxs_off, start, local, None, key_state, key_param, scale, scalars,
+                DTYPE, FORMAT, False, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
+                HAS_GRAD_SCALE, ROUND_PARAM, P_VEC, M_VEC, BLOCK,
             )  # fmt: skip
         elif start < n:
             _encoded_block(
                 p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
                 vs_off, vmaxs_off, start, local, local < n, key_state, key_param, scale,
-                numerator, lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
-                one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, FORMAT, True,
-                AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX, HAS_GRAD_SCALE,
-                ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+                scalars, DTYPE, FORMAT, True, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED,
+                HAS_BOX, HAS_GRAD_SCALE, ROUND_PARAM, P_VEC, M_VEC, BLOCK,
             )  # fmt: skip
 
     @triton.jit
@@ -527,12 +458,7 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, see
         rows.append(addresses)
         scale_rows.append(scales)
         numels.append(p.numel())
-    for s in state_steps:
-        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
-            raise RuntimeError(
-                "fused AdaBound on CUDA needs float32 step counters on the parameters' device "
-                f"(the optimizer creates them there), got a {s.dtype} counter on {s.device}"
-            )
+    step_offsets = _step_offsets(state_steps, device)
 
     # Offsets in elements from the first tensor of each storage type (vmax shares
     # exp_avg_sq's type and base); a missing tensor's offset is never read.
@@ -544,19 +470,10 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, see
         for a, base, size in zip(addresses, bases, sizes, strict=True):
             table.append((a - base) // size if a else 0)
         table += [(a - scale_rows[0][0]) // 4 if a else 0 for a in scales]
-    step_base = state_steps[0].data_ptr()
-    step_offsets = [(s.data_ptr() - step_base) // 4 for s in state_steps]
-    counts = (torch.tensor(numels, dtype=torch.int64) + BLOCK - 1) // BLOCK
-    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
-    first = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * BLOCK
     return _Plan(
         offsets=_to_device(table, torch.int64, device),
-        numels=_to_device(numels, torch.int64, device),
-        block_tensor=_to_device(owner.tolist(), torch.int32, device),
-        block_start=_to_device(start.tolist(), torch.int64, device),
-        n_blocks=int(owner.numel()),
-        step_offsets=_to_device(step_offsets, torch.int64, device),
+        **_blocks(numels, BLOCK, device),
+        step_offsets=step_offsets,
         seeds=_to_device([s & 0xFFFFFFFF for s in seeds], torch.int64, device),
         param_aligned=all(row[0] % 16 == 0 for row in rows),
         state_aligned=all(a % 16 == 0 for row in rows for a in row[1:]),
@@ -573,14 +490,7 @@ def _state_itemsizes(state_format: int, dtype: torch.dtype) -> tuple[int, int, i
 
 
 def _check_storage(t: Tensor) -> None:
-    address = t.data_ptr()
-    if t.numel() and not address:  # a wrapper subclass that owns no storage
-        raise RuntimeError(
-            f"fused AdaBound cannot update a {type(t).__name__} without storage of its "
-            "own (data_ptr() is 0); use fused=False"
-        )
-    if address % t.element_size():
-        raise RuntimeError("fused AdaBound got a tensor not aligned to its element size")
+    _check_addresses(t, [t.data_ptr()])
 
 
 def fused_adabound_triton_encoded(
@@ -619,9 +529,7 @@ def fused_adabound_triton_encoded(
     else:
         state_format = FORMAT_PARAM
     device = params[0].device
-    grad_scale, found_inf, lr_tensor, lr_hi, lr_lo = _step_inputs(
-        device, grad_scale, found_inf, lr, capturable
-    )
+    inputs = _step_inputs(device, grad_scale, found_inf, lr, capturable)
     seeds = list(rounding_seeds) if rounding_seeds is not None else list(range(len(params)))
 
     # Validate everything before touching any state, so a refused step changes nothing.
@@ -636,12 +544,10 @@ def fused_adabound_triton_encoded(
         grad_table = _grad_table(plan, g_params, g_grads)
         launches.append((plan, grad_table, group))
 
-    schedule = (
-        TABLE if callable(hyper["bounds"]) else (PAPER if hyper["bounds"] == "paper" else REFERENCE)
-    )
+    schedule = _schedule(hyper["bounds"])
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
-    wd = hyper["weight_decay"]
+    flags = _flags(hyper, schedule, inputs, amsbound, maximize, box)
     for plan, grad_table, group in launches:
         g_params, _, g_avgs, g_avg_sqs, _, g_steps, _ = group
         real = _as_real(g_params[0]).dtype
@@ -667,24 +573,11 @@ def fused_adabound_triton_encoded(
             plan.seeds,
             coef if coef is not None else hyper_table,
             hyper_table,
-            lr_hi,
-            lr_lo,
-            lr_tensor if lr_tensor is not None else g_steps[0],
-            found_inf if found_inf is not None else g_steps[0],
-            grad_scale if grad_scale is not None else g_steps[0],
+            *inputs.kernel_args(g_steps[0]),
             len(g_steps),
             DTYPE=_TL_DTYPES[real],
             FORMAT=state_format,
-            SCHEDULE=schedule,
-            LR_TENSOR=lr_tensor is not None,
-            AMSBOUND=amsbound,
-            WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
-            UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
-            MAXIMIZE=maximize,
-            EPS_USED=schedule != PAPER,
-            HAS_BOX=box is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_GRAD_SCALE=grad_scale is not None,
+            **flags,
             ROUND_PARAM=bool(stochastic_rounding) and real is torch.bfloat16,
             P_VEC=16 // real.itemsize if plan.param_aligned and grad_table.aligned else 1,
             M_VEC=16 // state_size if plan.state_aligned else 1,
@@ -694,23 +587,11 @@ def fused_adabound_triton_encoded(
             # No FMA contraction: the CPU kernel's operation order and rounding.
             enable_fp_fusion=False,
         )
-    if schedule == TABLE:
-        if found_inf is not None:
-            torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
-    else:
-        for plan, _, group in launches:
-            g_steps = group[5]
-            _advance_steps[(triton.cdiv(len(g_steps), 1024),)](
-                g_steps[0],
-                plan.step_offsets,
-                len(g_steps),
-                found_inf if found_inf is not None else g_steps[0],
-                HAS_FOUND_INF=found_inf is not None,
-                BLOCK=1024,
-            )
+    counters = [(group[5], plan.step_offsets) for plan, _, group in launches]
+    _advance_counters(schedule, state_steps, inputs.found_inf, counters)
     torch.autograd.graph.increment_version(params)
     torch.autograd.graph.increment_version(state_steps)
-    if grad_scale is not None:
+    if inputs.grad_scale is not None:
         torch.autograd.graph.increment_version(grads)
 
 

@@ -73,6 +73,17 @@ def is_available() -> bool:
 
 
 if triton is not None:
+    # Rows of the hyper table, as kernel constants.
+    _H_BETA1 = tl.constexpr(_HYPER.index("beta1"))
+    _H_BETA2 = tl.constexpr(_HYPER.index("beta2"))
+    _H_EPS = tl.constexpr(_HYPER.index("eps"))
+    _H_WD = tl.constexpr(_HYPER.index("weight_decay"))
+    _H_FINAL_LR = tl.constexpr(_HYPER.index("final_lr"))
+    _H_BASE_LR = tl.constexpr(_HYPER.index("base_lr"))
+    _H_GAMMA = tl.constexpr(_HYPER.index("gamma"))
+    _H_LO = tl.constexpr(_HYPER.index("lo"))
+    _H_HI = tl.constexpr(_HYPER.index("hi"))
+    _H_LARGEST = tl.constexpr(_HYPER.index("largest"))
 
     @triton.jit
     def _power(base, exponent):
@@ -98,43 +109,83 @@ if triton is not None:
         return numerator, lower, upper, scale
 
     @triton.jit
-    def _update(
-        base, p_off, g_off, m_off, v_off, vmax_off, local, mask, scale, numerator, lower,
-        upper, rate_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-        weight_decay, box_lo, box_hi,
-        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
-        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
-        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-        VEC: tl.constexpr, BLOCK: tl.constexpr,
+    def _tensor_scalars(
+        t, step, n, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors,
+        COMPUTE: tl.constexpr, SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr,
+        UNSCALED_DECAY: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     ):  # fmt: skip
-        """The element-wise update of one block; ``mask`` is None for a full block."""
-        # Offsets are in elements from `base`; the hints (true when VEC > 1: all addresses
-        # 16-byte aligned, checked on the host) let Triton emit 16-byte vector accesses.
-        p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, VEC), BLOCK)
-        g_idx = tl.max_contiguous(tl.multiple_of(g_off + local, VEC), BLOCK)
-        m_idx = tl.max_contiguous(tl.multiple_of(m_off + local, VEC), BLOCK)
-        v_idx = tl.max_contiguous(tl.multiple_of(v_off + local, VEC), BLOCK)
-        grad = tl.load(base + g_idx, mask=mask).to(COMPUTE)
+        """Tensor ``t``'s element count (0 when ``found_inf`` is set), the gradient scale, and
+        the scalars of its update in COMPUTE, as ``_decayed``, ``_moments`` and
+        ``_bounded_step`` take them. ``step`` is this step's number in float64; a table
+        (SCHEDULE 2) needs none."""
+        beta1 = tl.load(hyper + _H_BETA1)
+        beta2 = tl.load(hyper + _H_BETA2)
+        weight_decay = tl.load(hyper + _H_WD)
+        largest = tl.load(hyper + _H_LARGEST)
+        # The learning rate in float64: a tensor, or a Python float split into two float32
+        # kernel arguments (Triton passes floats as float32) that sum to it.
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        if SCHEDULE == 2:
+            numerator = tl.load(coef + t).to(tl.float64)
+            lower = tl.load(coef + n_tensors + t).to(tl.float64)
+            upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
+            step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
+        else:
+            numerator, lower, upper, step_scale = _step_scalars(
+                step, beta1, beta2, tl.load(hyper + _H_FINAL_LR), tl.load(hyper + _H_BASE_LR),
+                tl.load(hyper + _H_GAMMA), SCHEDULE,
+            )  # fmt: skip
+        # Bounds capped at the arithmetic type's range (dynabound.bounds.within_range).
+        lower = tl.where(lower > largest, largest, lower)
+        upper = tl.where(upper > largest, largest, upper)
+        rate_scale = lr * step_scale
+        if UNSCALED_DECAY:
+            decay = 1 - weight_decay * (lr != 0).to(tl.float64)
+        else:
+            decay = 1 - lr * weight_decay
+        scale = 1.0
         if HAS_GRAD_SCALE:
-            grad = grad / scale
-            tl.store(base + g_idx, grad.to(DTYPE), mask=mask)
-        if MAXIMIZE:
-            grad = -grad
-        param = tl.load(base + p_idx, mask=mask).to(COMPUTE)
+            scale = tl.load(grad_scale).to(COMPUTE)
+        if HAS_FOUND_INF:
+            # An inf/NaN gradient somewhere: treat every tensor as empty (no host sync).
+            n = n * (tl.load(found_inf) == 0).to(tl.int64)
+        scalars = (
+            numerator.to(COMPUTE), lower.to(COMPUTE), upper.to(COMPUTE),
+            rate_scale.to(COMPUTE), decay.to(COMPUTE), beta1.to(COMPUTE),
+            (1 - beta1).to(COMPUTE), beta2.to(COMPUTE), (1 - beta2).to(COMPUTE),
+            tl.load(hyper + _H_EPS).to(COMPUTE), weight_decay.to(COMPUTE),
+            tl.load(hyper + _H_LO).to(COMPUTE), tl.load(hyper + _H_HI).to(COMPUTE),
+        )  # fmt: skip
+        return n, scale, scalars
+
+    @triton.jit
+    def _decayed(grad, param, scalars, WEIGHT_DECAY: tl.constexpr):
+        """(gradient, parameter) after weight decay: L2 (1) or decoupled (2)."""
+        _, _, _, _, decay, _, _, _, _, _, weight_decay, _, _ = scalars
         if WEIGHT_DECAY == 1:
             grad = grad + weight_decay * param
         if WEIGHT_DECAY == 2:
             param = param * decay
-        avg = tl.load(base + m_idx, mask=mask).to(COMPUTE) * beta1 + one_minus_beta1 * grad
-        avg_sq = tl.load(base + v_idx, mask=mask).to(COMPUTE) * beta2
-        avg_sq = avg_sq + one_minus_beta2 * grad * grad
-        second = avg_sq
-        if AMSBOUND:
-            vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, VEC), BLOCK)
-            running = tl.load(base + vmax_idx, mask=mask).to(COMPUTE)
-            running = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
-            tl.store(base + vmax_idx, running.to(DTYPE), mask=mask)
-            second = running
+        return grad, param
+
+    @triton.jit
+    def _moments(grad, avg, avg_sq, scalars):
+        """The new (exp_avg, exp_avg_sq) from the old ones."""
+        _, _, _, _, _, beta1, one_minus_beta1, beta2, one_minus_beta2, _, _, _, _ = scalars
+        avg = avg * beta1 + one_minus_beta1 * grad
+        avg_sq = avg_sq * beta2 + one_minus_beta2 * grad * grad
+        return avg, avg_sq
+
+    @triton.jit
+    def _bounded_step(
+        param, avg, second, scalars, IS_FP64: tl.constexpr, EPS_USED: tl.constexpr,
+        HAS_BOX: tl.constexpr,
+    ):  # fmt: skip
+        """The parameter after the step with the clipped learning rate."""
+        numerator, lower, upper, rate_scale, _, _, _, _, _, eps, _, box_lo, box_hi = scalars
         # IEEE-rounded sqrt and division (tl.sqrt and / are approximate in fp32), so the
         # result matches the eager path to rounding.
         if IS_FP64:
@@ -154,6 +205,43 @@ if triton is not None:
         if HAS_BOX:
             param = tl.where(param < box_lo, box_lo, param)
             param = tl.where(param > box_hi, box_hi, param)
+        return param
+
+    @triton.jit
+    def _update(
+        base, p_off, g_off, m_off, v_off, vmax_off, local, mask, scale, scalars,
+        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
+        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+        VEC: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The element-wise update of one block; ``mask`` is None for a full block."""
+        # Offsets are in elements from `base`; the hints (true when VEC > 1: all addresses
+        # 16-byte aligned, checked on the host) let Triton emit 16-byte vector accesses.
+        p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, VEC), BLOCK)
+        g_idx = tl.max_contiguous(tl.multiple_of(g_off + local, VEC), BLOCK)
+        m_idx = tl.max_contiguous(tl.multiple_of(m_off + local, VEC), BLOCK)
+        v_idx = tl.max_contiguous(tl.multiple_of(v_off + local, VEC), BLOCK)
+        grad = tl.load(base + g_idx, mask=mask).to(COMPUTE)
+        if HAS_GRAD_SCALE:
+            grad = grad / scale
+            tl.store(base + g_idx, grad.to(DTYPE), mask=mask)
+        if MAXIMIZE:
+            grad = -grad
+        param = tl.load(base + p_idx, mask=mask).to(COMPUTE)
+        grad, param = _decayed(grad, param, scalars, WEIGHT_DECAY)
+        avg, avg_sq = _moments(
+            grad, tl.load(base + m_idx, mask=mask).to(COMPUTE),
+            tl.load(base + v_idx, mask=mask).to(COMPUTE), scalars,
+        )  # fmt: skip
+        second = avg_sq
+        if AMSBOUND:
+            vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, VEC), BLOCK)
+            running = tl.load(base + vmax_idx, mask=mask).to(COMPUTE)
+            running = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
+            tl.store(base + vmax_idx, running.to(DTYPE), mask=mask)
+            second = running
+        param = _bounded_step(param, avg, second, scalars, IS_FP64, EPS_USED, HAS_BOX)
         tl.store(base + p_idx, param.to(DTYPE), mask=mask)
         tl.store(base + m_idx, avg.to(DTYPE), mask=mask)
         tl.store(base + v_idx, avg_sq.to(DTYPE), mask=mask)
@@ -172,65 +260,22 @@ if triton is not None:
         block = tl.program_id(0)
         t = tl.load(block_tensor + block).to(tl.int64)
         start = tl.load(block_start + block)
-        n = tl.load(numels + t)
         row = offsets + t * 4
         p_off = tl.load(row)
         m_off = tl.load(row + 1)
         v_off = tl.load(row + 2)
         vmax_off = tl.load(row + 3)
         g_off = tl.load(grad_offsets + t)
-        beta1 = tl.load(hyper)
-        beta2 = tl.load(hyper + 1)
-        eps = tl.load(hyper + 2)
-        weight_decay = tl.load(hyper + 3)
-        box_lo = tl.load(hyper + 7)
-        box_hi = tl.load(hyper + 8)
-        largest = tl.load(hyper + 9)
-        # The learning rate in float64: a tensor, or a Python float split into two float32
-        # kernel arguments (Triton passes floats as float32) that sum to it.
-        if LR_TENSOR:
-            lr = tl.load(lr_ptr).to(tl.float64)
-        else:
-            lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
         if SCHEDULE == 2:
-            numerator = tl.load(coef + t).to(tl.float64)
-            lower = tl.load(coef + n_tensors + t).to(tl.float64)
-            upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
-            step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
+            step = 0.0  # the coefficient table holds this step's scalars
         else:
             # This step's counter before the separate advance launch: the update uses it + 1.
             step = tl.load(steps + tl.load(step_offsets + t)).to(tl.float64) + 1
-            numerator, lower, upper, step_scale = _step_scalars(
-                step, beta1, beta2, tl.load(hyper + 4), tl.load(hyper + 5), tl.load(hyper + 6),
-                SCHEDULE,
-            )  # fmt: skip
-        # Bounds capped at the arithmetic type's range (dynabound.bounds.within_range).
-        lower = tl.where(lower > largest, largest, lower)
-        upper = tl.where(upper > largest, largest, upper)
-        rate_scale = lr * step_scale
-        if UNSCALED_DECAY:
-            decay = 1 - weight_decay * (lr != 0).to(tl.float64)
-        else:
-            decay = 1 - lr * weight_decay
-        scale = 1.0
-        if HAS_GRAD_SCALE:
-            scale = tl.load(grad_scale).to(COMPUTE)
-        if HAS_FOUND_INF:
-            # An inf/NaN gradient somewhere: treat every tensor as empty (no host sync).
-            n = n * (tl.load(found_inf) == 0).to(tl.int64)
-        numerator = numerator.to(COMPUTE)
-        lower = lower.to(COMPUTE)
-        upper = upper.to(COMPUTE)
-        rate_scale = rate_scale.to(COMPUTE)
-        decay = decay.to(COMPUTE)
-        one_minus_beta1 = (1 - beta1).to(COMPUTE)
-        one_minus_beta2 = (1 - beta2).to(COMPUTE)
-        beta1 = beta1.to(COMPUTE)
-        beta2 = beta2.to(COMPUTE)
-        eps = eps.to(COMPUTE)
-        weight_decay = weight_decay.to(COMPUTE)
-        box_lo = box_lo.to(COMPUTE)
-        box_hi = box_hi.to(COMPUTE)
+        n, scale, scalars = _tensor_scalars(
+            t, step, tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
+            grad_scale, n_tensors, COMPUTE, SCHEDULE, LR_TENSOR, UNSCALED_DECAY, HAS_FOUND_INF,
+            HAS_GRAD_SCALE,
+        )  # fmt: skip
         for offset in tl.static_range(0, CHUNK, BLOCK):
             first = start + offset
             local = first + tl.arange(0, BLOCK)
@@ -238,19 +283,15 @@ if triton is not None:
             # Triton from vectorising the accesses.
             if first + BLOCK <= n:
                 _update(
-                    base, p_off, g_off, m_off, v_off, vmax_off, local, None, scale, numerator,
-                    lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, COMPUTE,
-                    IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
-                    HAS_GRAD_SCALE, VEC, BLOCK,
+                    base, p_off, g_off, m_off, v_off, vmax_off, local, None, scale, scalars,
+                    DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED,
+                    HAS_BOX, HAS_GRAD_SCALE, VEC, BLOCK,
                 )  # fmt: skip
             elif first < n:
                 _update(
                     base, p_off, g_off, m_off, v_off, vmax_off, local, local < n, scale,
-                    numerator, lower, upper, rate_scale, decay, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, eps, weight_decay, box_lo, box_hi, DTYPE, COMPUTE,
-                    IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
-                    HAS_GRAD_SCALE, VEC, BLOCK,
+                    scalars, DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE,
+                    EPS_USED, HAS_BOX, HAS_GRAD_SCALE, VEC, BLOCK,
                 )  # fmt: skip
 
     @triton.jit
@@ -381,30 +422,43 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> 
         _check_addresses(p, addresses)
         rows.append(addresses if len(addresses) == 4 else addresses + [0])
         numels.append(p.numel())
+    step_offsets = _step_offsets(state_steps, device)
+    itemsize = _as_real(params[0]).element_size()
+    offsets = [(a - rows[0][0]) // itemsize if a else 0 for row in rows for a in row]
+    return _Plan(
+        offsets=_to_device(offsets, torch.int64, device),
+        **_blocks(numels, CHUNK, device),
+        step_offsets=step_offsets,
+        aligned=all(a % 16 == 0 for row in rows for a in row),
+        strides=[_as_real(p).stride() for p in params],
+    )
+
+
+def _step_offsets(state_steps: list[Tensor], device: torch.device) -> Tensor:
+    """The counters' float32 offsets from the first, on ``device``, once they are checked."""
     for s in state_steps:
         if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
             raise RuntimeError(
                 "fused AdaBound on CUDA needs float32 step counters on the parameters' device "
                 f"(the optimizer creates them there), got a {s.dtype} counter on {s.device}"
             )
-    itemsize = _as_real(params[0]).element_size()
-    offsets = [(a - rows[0][0]) // itemsize if a else 0 for row in rows for a in row]
     step_base = state_steps[0].data_ptr()
     step_offsets = [(s.data_ptr() - step_base) // 4 for s in state_steps]
-    sizes = torch.tensor(numels, dtype=torch.int64)
-    counts = (sizes + CHUNK - 1) // CHUNK
+    return _to_device(step_offsets, torch.int64, device)
+
+
+def _blocks(numels: list[int], size: int, device: torch.device) -> dict:
+    """A plan's block fields: every tensor cut into blocks of ``size`` elements, in order,
+    so one launch covers all tensors however small."""
+    counts = (torch.tensor(numels, dtype=torch.int64) + size - 1) // size
     owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * CHUNK
-    return _Plan(
-        offsets=_to_device(offsets, torch.int64, device),
+    start = (torch.arange(owner.numel(), dtype=torch.int64) - first[owner.long()]) * size
+    return dict(
         numels=_to_device(numels, torch.int64, device),
         block_tensor=_to_device(owner.tolist(), torch.int32, device),
         block_start=_to_device(start.tolist(), torch.int64, device),
         n_blocks=int(owner.numel()),
-        step_offsets=_to_device(step_offsets, torch.int64, device),
-        aligned=all(a % 16 == 0 for row in rows for a in row),
-        strides=[_as_real(p).stride() for p in params],
     )
 
 
@@ -487,8 +541,21 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+class _StepInputs(NamedTuple):
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    lr_tensor: Tensor | None  # None: lr is the float lr_hi + lr_lo
+    lr_hi: float
+    lr_lo: float
 
-def _step_inputs(device, grad_scale, found_inf, lr, capturable):
+    def kernel_args(self, placeholder: Tensor) -> tuple:
+        """The update kernels' lr_hi, lr_lo, lr_ptr, found_inf and grad_scale arguments;
+        ``placeholder`` stands for an absent tensor, which the kernel then never reads."""
+        tensors = (self.lr_tensor, self.found_inf, self.grad_scale)
+        return self.lr_hi, self.lr_lo, *(t if t is not None else placeholder for t in tensors)
+
+
+def _step_inputs(device, grad_scale, found_inf, lr, capturable) -> _StepInputs:
     """The GradScaler tensors on ``device``, and lr as the kernel reads it: a device tensor
     (read in the kernel), or a float sent as two float32 halves (hi, lo)."""
     if grad_scale is not None:
@@ -504,7 +571,53 @@ def _step_inputs(device, grad_scale, found_inf, lr, capturable):
         else:
             lr = lr.item()  # a CPU tensor: no device sync
     lr_hi, lr_lo = _split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
-    return grad_scale, found_inf, lr_tensor, lr_hi, lr_lo
+    return _StepInputs(grad_scale, found_inf, lr_tensor, lr_hi, lr_lo)
+
+
+def _schedule(bounds) -> int:
+    return TABLE if callable(bounds) else (PAPER if bounds == "paper" else REFERENCE)
+
+
+def _flags(hyper: dict, schedule: int, inputs: _StepInputs, amsbound, maximize, box) -> dict:
+    """The compile-time arguments that both update kernels take."""
+    wd = hyper["weight_decay"]
+    return dict(
+        SCHEDULE=schedule,
+        LR_TENSOR=inputs.lr_tensor is not None,
+        AMSBOUND=amsbound,
+        WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
+        UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
+        MAXIMIZE=maximize,
+        EPS_USED=schedule != PAPER,
+        HAS_BOX=box is not None,
+        HAS_FOUND_INF=inputs.found_inf is not None,
+        HAS_GRAD_SCALE=inputs.grad_scale is not None,
+    )
+
+
+def _advance_counters(
+    schedule: int,
+    state_steps: list[Tensor],
+    found_inf: Tensor | None,
+    counters: list[tuple[list[Tensor], Tensor]],
+) -> None:
+    """Count the step after the update launches, one launch per (steps, step_offsets) of
+    ``counters``. A bound function's counters moved before its table was made, so a
+    skipped step (``found_inf``) only takes them back."""
+    if schedule == TABLE:
+        if found_inf is not None:
+            torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
+        return
+    for steps, step_offsets in counters:
+        _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
+            steps[0],
+            step_offsets,
+            len(steps),
+            found_inf if found_inf is not None else steps[0],
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK=BLOCK,
+        )
+
 
 def fused_adabound_triton(
     params: list[Tensor],
@@ -552,9 +665,7 @@ def fused_adabound_triton(
         )  # fmt: skip
         return
     device = params[0].device
-    grad_scale, found_inf, lr_tensor, lr_hi, lr_lo = _step_inputs(
-        device, grad_scale, found_inf, lr, capturable
-    )
+    inputs = _step_inputs(device, grad_scale, found_inf, lr, capturable)
 
     # Validate everything before touching any state, so a refused step changes nothing.
     dtype = params[0].dtype
@@ -571,12 +682,10 @@ def fused_adabound_triton(
         grad_table = _grad_table(plan, lists[0], lists[1])
         launches.append((real, plan, grad_table, _as_real(lists[0][0]), lists[5]))
 
-    schedule = (
-        TABLE if callable(hyper["bounds"]) else (PAPER if hyper["bounds"] == "paper" else REFERENCE)
-    )
+    schedule = _schedule(hyper["bounds"])
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
-    wd = hyper["weight_decay"]
+    flags = _flags(hyper, schedule, inputs, amsbound, maximize, box)
     for real, plan, grad_table, base, steps in launches:
         compute = torch.float64 if real == torch.float64 else torch.float32
         coef = _coefficient_table(steps, hyper, compute) if schedule == TABLE else plan.offsets
@@ -594,44 +703,20 @@ def fused_adabound_triton(
             plan.step_offsets,
             coef,
             _hyper_table(hyper, box, compute, device),
-            lr_hi,
-            lr_lo,
-            lr_tensor if lr_tensor is not None else steps[0],
-            found_inf if found_inf is not None else steps[0],
-            grad_scale if grad_scale is not None else steps[0],
+            *inputs.kernel_args(steps[0]),
             len(steps),
             DTYPE=_TL_DTYPES[real],
             COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
             IS_FP64=compute == torch.float64,
-            SCHEDULE=schedule,
-            LR_TENSOR=lr_tensor is not None,
-            AMSBOUND=amsbound,
-            WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
-            UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
-            MAXIMIZE=maximize,
-            EPS_USED=schedule != PAPER,
-            HAS_BOX=box is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            HAS_GRAD_SCALE=grad_scale is not None,
+            **flags,
             VEC=16 // itemsize if plan.aligned and grad_table.aligned else 1,
             BLOCK=BLOCK,
             CHUNK=CHUNK,
             # No FMA contraction: same operation order and rounding as the CPU kernel.
             enable_fp_fusion=False,
         )
-    if schedule == TABLE:
-        if found_inf is not None:
-            torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
-    else:
-        for _, plan, _, _, steps in launches:
-            _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
-                steps[0],
-                plan.step_offsets,
-                len(steps),
-                found_inf if found_inf is not None else steps[0],
-                HAS_FOUND_INF=found_inf is not None,
-                BLOCK=BLOCK,
-            )
+    counters = [(steps, plan.step_offsets) for _, plan, _, _, steps in launches]
+    _advance_counters(schedule, state_steps, inputs.found_inf, counters)
     torch.autograd.graph.increment_version(params)
     torch.autograd.graph.increment_version(state_steps)
 
