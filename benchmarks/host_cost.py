@@ -4,8 +4,9 @@
 
 An eager GPU step is bound by the host when the kernel is fast: what the Python side does
 per step (validation, tables, scalar math) and how many device operations it enqueues.
-This script runs dynabound's CUDA code path (``dynabound.kernels.triton_kernel``) on CPU
-tensors with the two Triton kernels replaced by recorders, so it needs no GPU. It reports,
+This script runs dynabound's CUDA code path (``dynabound.kernels.triton_kernel``, and
+``triton_encoded`` for bf16 and 8-bit state) on CPU tensors with the Triton kernels replaced
+by recorders, so it needs no GPU. It reports,
 for parameter lists of growing length:
 
 * microseconds per ``optimizer.step()`` (median of interleaved repeats), whole step and per
@@ -32,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynabound
-from dynabound.kernels import cpu, triton_kernel
+from dynabound.kernels import cpu, triton_encoded, triton_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import resnet34_cifar_shapes  # noqa: E402
@@ -65,8 +66,9 @@ class OpCounter(TorchDispatchMode):
 def route_cpu_steps_through_cuda_path() -> list[LaunchRecorder]:
     """CPU tensors take the CUDA code path, with recorders instead of kernels; torch's
     fused Adam keeps its Python side and loses its kernel the same way, as a yardstick."""
-    recorders = [LaunchRecorder(), LaunchRecorder(), LaunchRecorder()]
+    recorders = [LaunchRecorder(), LaunchRecorder(), LaunchRecorder(), LaunchRecorder()]
     triton_kernel._adabound_kernel, triton_kernel._advance_steps = recorders[:2]
+    triton_encoded._encoded_kernel = recorders[3]
     cpu.fused_adabound_cpu = triton_kernel.fused_adabound_triton
     adam_kernel = recorders[2][None]
     torch._fused_adam_ = torch._fused_adamw_ = lambda *args, **kwargs: adam_kernel()
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         "AdaBound": {},
         "AMSBound, weight decay": dict(amsbound=True, weight_decay=5e-4),
         "bound function": dict(bounds=lambda t: (0.1 - 0.1 / (t + 1), 0.1 + 0.1 / t)),
+        "AdaBound, bf16 state": dict(state_dtype=torch.bfloat16),
+        "AdaBound, 8-bit state": dict(state_dtype="8bit"),
     }
     report = {
         "command": " ".join(["host_cost.py", *(argv or sys.argv[1:])]),

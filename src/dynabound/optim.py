@@ -328,6 +328,9 @@ class AdaBound(Optimizer):
         has_complex = False
         amsbound, differentiable = group["amsbound"], group["differentiable"]
         state_dtype = group["state_dtype"]
+        # What exp_avg's dtype is when the moments are stored as state_dtype says (None:
+        # the parameter's own): one comparison per step notices a changed state_dtype.
+        stored_dtype = formats.moment_dtype(state_dtype)
         all_state = self.state
         for position, p in enumerate(group["params"]):
             grad = p.grad
@@ -346,8 +349,9 @@ class AdaBound(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
                 for moment in formats.MOMENTS if amsbound else formats.MOMENTS[:2]:
                     state.update(formats.new_moment(p, moment, state_dtype))
-            elif state["exp_avg"].dtype is not p.dtype or state_dtype is not None:
-                # The group's state_dtype was changed after the state was created.
+            elif state["exp_avg"].dtype is not (stored_dtype or p.dtype):
+                # The group's state_dtype was changed after the state was created (or the
+                # parameter's dtype, which keeps the moments as they are).
                 if formats.stored_format(state, p) != formats.storage(state_dtype, p):
                     formats.convert(state, p, state_dtype)
             step = state["step"]

@@ -234,6 +234,14 @@ def storage(state_dtype, param: Tensor):
     return state_dtype
 
 
+def moment_dtype(state_dtype) -> torch.dtype | None:
+    """The dtype of ``exp_avg`` stored as ``state_dtype`` says, or None for the parameter's
+    own dtype (bfloat16 moments of a bfloat16 parameter are that too)."""
+    if state_dtype == EIGHT_BIT:
+        return torch.int8
+    return state_dtype
+
+
 def stored_format(state: dict, param: Tensor):
     """How the moments in ``state`` are stored (None: in the parameter's dtype)."""
     if scale_key("exp_avg") in state:

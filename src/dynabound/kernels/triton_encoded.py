@@ -370,16 +370,26 @@ def _storage(moment, state_format: int) -> tuple[Tensor | None, Tensor | None]:
     return _as_real(moment), None
 
 
+def _addresses(moment_lists) -> list[int]:
+    """Where every moment is stored (codes and scales of an 8-bit one), for a plan's key;
+    inline rather than through _storage, as it runs every step over every moment."""
+    out: list[int] = []
+    for moments in moment_lists:
+        for t in moments:
+            if type(t) is formats.Quantized:
+                out += (t.codes.data_ptr(), t.scales.data_ptr())
+            else:
+                out.append(-1 if t is None else t.data_ptr())
+    return out
+
+
 def _plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, seeds, state_format):
     """The cached plan for these tensors; validated and built when their addresses are new."""
-    stored = [
-        _storage(t, state_format) for ts in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) for t in ts
-    ]
     key = (
         state_format,
         params[0].dtype,
         *[p.data_ptr() for p in params],
-        *[t.data_ptr() if t is not None else -1 for pair in stored for t in pair],
+        *_addresses((exp_avgs, exp_avg_sqs, max_exp_avg_sqs)),
         *[s.data_ptr() for s in state_steps],
         *[p.numel() for p in params],
         *seeds,
