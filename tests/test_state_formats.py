@@ -229,6 +229,35 @@ def test_fused_cpu_kernel_matches_the_reference(state_dtype, options):
             assert close.float().mean() > 0.99, key
 
 
+@pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize(
+    "decay", [{}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True}],
+    ids=["no decay", "L2", "decoupled"],
+)  # fmt: skip
+def test_non_finite_values_propagate_as_in_the_reference(state_dtype, decay):
+    # An infinite parameter stays infinite without L2 decay (no 0 * inf in the kernel) and
+    # poisons only what the reference's arithmetic poisons; NaN and infinite gradients too.
+    if not kernels.is_available("cpu"):
+        pytest.skip(kernels.unavailable_reason("cpu"))
+    inf, nan = float("inf"), float("nan")
+    runs = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.tensor([inf, -inf, 1.0, nan, 2.0] + [0.5] * 295))
+        opt = AdaBound([p], lr=1e-2, final_lr=0.1, fused=fused, state_dtype=state_dtype, **decay)
+        p.grad = torch.ones_like(p)
+        p.grad[[2, 4]] = torch.tensor([inf, nan])
+        opt.step()
+        runs.append((p.detach().clone(), decoded_state(opt, p)))
+    (ref, ref_state), (got, got_state) = runs
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(got[finite], ref[finite], rtol=1e-5, atol=2e-5)
+    for key, want in ref_state.items():
+        assert torch.equal(got_state[key].isnan(), want.isnan()), key
+    if not decay or decay.get("decoupled_weight_decay"):
+        assert ref[0] == inf and ref[1] == -inf
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
 def test_low_precision_parameters_with_low_precision_state(dtype, state_dtype):

@@ -414,12 +414,14 @@ struct EncodedTensor {
 struct EncodedScalars {
   Scalars<float> k;
   uint32_t key_state, key_param;
+  bool coupled;  // L2 weight decay on: weight_decay != 0 and not decoupled
 };
 
 // Elements [begin, end) of one tensor; begin is a multiple of kBlock. The loops have no
-// data-dependent branches, so they vectorise: weight decay is arithmetic (a coupled
-// coefficient of 0 and a decay factor of 1 when off), and the parameter's rounding adds
-// either the random bits or round-to-nearest-even's increment.
+// data-dependent branches, so they vectorise: weight decay is a select on a loop-invariant
+// flag (a coupled term 0 * p would make an infinite parameter's gradient NaN) and a decay
+// factor of 1 when off, and the parameter's rounding adds either the random bits or
+// round-to-nearest-even's increment.
 template <typename S, int F, bool AMS>
 DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
                                    const EncodedScalars& es, bool unscale, bool round_param) {
@@ -440,7 +442,8 @@ DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_
       const int64_t i = start + j;
       float grad = Io<S>::load(g[i]) * k.sign;
       float param = Io<S>::load(p[i]);
-      grad = grad + k.weight_decay * param;
+      const float coupled_grad = grad + k.weight_decay * param;
+      grad = es.coupled ? coupled_grad : grad;
       param = param * k.decay;
       float m_old, v_old, vmax_old = 0.0f;
       if (F == kState8Bit) {
@@ -584,8 +587,7 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
                 int unscale, int round_param, int num_threads, int64_t chunk) {
   const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, vector_isa());
   Scalars<float> base = shared_scalars<float>(hyper);
-  // Weight decay as arithmetic, so the loops need no branch on its mode.
-  if (weight_decay_mode != kCoupled) base.weight_decay = 0.0f;
+  // Decoupled decay as arithmetic (a factor of 1 when off), so the loops need no branch.
   if (weight_decay_mode != kDecoupled) base.decay = 1.0f;
 
   // Work units never straddle tensors, and start on block boundaries of their tensor.
@@ -609,6 +611,7 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     scalars[t].k.rate_scale = float(c[kERateScale]);
     scalars[t].key_state = uint32_t(c[kEKeyState]);
     scalars[t].key_param = uint32_t(c[kEKeyParam]);
+    scalars[t].coupled = weight_decay_mode == kCoupled;
     for (int64_t b = 0; b < numels[t]; b += chunk) {
       units.push_back(Unit{t, b, b + chunk < numels[t] ? b + chunk : numels[t]});
     }
