@@ -92,10 +92,6 @@ def check_state_dtype(state_dtype) -> None:
     )
 
 
-def is_low_precision(state_dtype) -> bool:
-    return state_dtype is not None
-
-
 # --- the random bits ------------------------------------------------------------------
 
 
