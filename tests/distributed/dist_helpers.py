@@ -50,6 +50,9 @@ def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s
     )
     try:
         fn(rank, *args)
+        # Every rank reaches here before any tears down: rank 0 hosts the rendezvous store,
+        # and a rank still talking to it after it is gone can abort at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
