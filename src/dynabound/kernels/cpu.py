@@ -132,7 +132,7 @@ def _build() -> ctypes.CDLL:
     if not is_built(name):
         # A first step that silently takes this long looks like a hang inside a trainer.
         print(
-            "dynabound: compiling the fused CPU kernel (once per torch version; about 10-20 s, "
+            "dynabound: compiling the fused CPU kernel (once per torch version; about 15-25 s, "
             "cached afterwards; `python -m dynabound.kernels build` does it ahead of time)",
             file=sys.stderr,
             flush=True,

@@ -1,6 +1,6 @@
 // Fused AdaBound/AMSBound step for CPU tensors: one pass per element over p, g, m, v (, vmax).
 //
-// Deliberately free of torch headers so it compiles in about a second: Python passes raw data
+// Deliberately free of torch headers, which are slow to compile: Python passes raw data
 // pointers, element counts and the per-tensor scalars from dynabound.bounds.step_coefficients.
 // The element-wise math mirrors dynabound.functional._single_tensor_adabound operation by
 // operation (no FMA contraction: -ffp-contract=off), in float for float/bfloat16/float16
@@ -366,36 +366,40 @@ DB_INLINE uint16_t bfloat16_stochastic(float x, uint32_t noise) {
   return x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>((float_bits(x) + noise) >> 16);
 }
 
-// Integer selects only, so that the loops vectorise.
+// Integer selects only, so that the loops vectorise. The sign goes into the bits before
+// the multiply, which rounds -a * s exactly as -(a * s).
 DB_INLINE float decode8(int32_t code, int32_t offset, float scale) {
-  const int32_t negative = code >> 31;  // all ones when code < 0
-  const int32_t magnitude = (code ^ negative) - negative;
+  const int32_t magnitude = code < 0 ? -code : code;
   uint32_t bits = uint32_t(magnitude + offset) << kCut;
   bits = magnitude != 0 ? bits : 0u;
-  const float value = bits_float(bits) * scale;
-  return bits_float(float_bits(value) ^ (uint32_t(negative) & 0x80000000u));
+  bits |= uint32_t(code) & 0x80000000u;
+  return bits_float(bits) * scale;
 }
 
-// Magnitude code of x / scale (inverse = 1 / scale, or 0 for a zero scale).
-DB_INLINE int32_t encode8(float x, float inverse, uint32_t noise, int32_t offset) {
-  float relative = std::fabs(x) * inverse;
-  relative = relative > 1.0f ? 1.0f : relative;
-  relative = relative != relative ? 0.0f : relative;
-  const int32_t top = int32_t((float_bits(relative) + (noise << kNoiseShift)) >> kCut);
+// Magnitude code of x / scale (inverse = 1 / scale, or 0 for a zero scale). NaN gives code
+// 0: the comparisons are ordered so that NaN fails the first. kFinite: the caller knows that
+// x * inverse is a finite non-negative float (scale and inverse finite), which makes the
+// clamp a single integer minimum.
+template <bool kFinite>
+DB_INLINE int32_t encode8(float magnitude, float inverse, uint32_t noise, int32_t offset) {
+  float relative = magnitude * inverse;
+  uint32_t bits;
+  if (kFinite) {
+    // A non-negative float orders as its bits do: an integer minimum, one instruction.
+    bits = float_bits(relative);
+    bits = bits < 0x3F800000u ? bits : 0x3F800000u;  // 1.0f
+  } else {
+    relative = relative > 0.0f ? relative : 0.0f;
+    relative = relative < 1.0f ? relative : 1.0f;
+    bits = float_bits(relative);
+  }
+  const int32_t top = int32_t((bits + (noise << kNoiseShift)) >> kCut);
   const int32_t code = top - offset;
   return code < 0 ? 0 : code;
 }
 
-// Largest |x|, NaN if any x is NaN (as torch.amax). Non-negative floats order as their
-// bits do, and NaN's bits exceed infinity's, so an integer maximum (which vectorises,
-// unlike a float one) finds it.
-DB_INLINE float max_magnitude(const float* x, int64_t n) {
-  uint32_t a = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t m = float_bits(x[i]) & 0x7FFFFFFFu;
-    a = m > a ? m : a;
-  }
-  return a > 0x7F800000u ? std::numeric_limits<float>::quiet_NaN() : bits_float(a);
+DB_INLINE float magnitude_of(uint32_t bits) {
+  return bits > 0x7F800000u ? std::numeric_limits<float>::quiet_NaN() : bits_float(bits);
 }
 
 DB_INLINE float inverse_of(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
@@ -415,119 +419,310 @@ struct EncodedScalars {
   Scalars<float> k;
   uint32_t key_state, key_param;
   bool coupled;  // L2 weight decay on: weight_decay != 0 and not decoupled
+  bool plain;    // no weight decay, no box, minimising: the update's identities skipped
 };
 
-// Elements [begin, end) of one tensor; begin is a multiple of kBlock. The loops have no
-// data-dependent branches, so they vectorise: weight decay is a select on a loop-invariant
-// flag (a coupled term 0 * p would make an infinite parameter's gradient NaN) and a decay
-// factor of 1 when off, and the parameter's rounding adds either the random bits or
-// round-to-nearest-even's increment.
+// The float32 update of element j of a stretch starting at p, g: m, v and vmax hold the
+// decoded moments and receive the new ones. The arithmetic has no data-dependent branches,
+// so the loops around it vectorise: weight decay is a select on a loop-invariant flag (a
+// coupled term 0 * p would make an infinite parameter's gradient NaN) and a decay factor of
+// 1 when off, and a bfloat16 parameter's rounding adds either the random bits or
+// round-to-nearest-even's increment. param_key: the parameter's random key plus the
+// stretch's first element index.
+template <typename S, bool AMS, bool kPlain = false>
+DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
+                              uint32_t param_key, float& m, float& v, float& vmax,
+                              const EncodedScalars& es, bool round_param) {
+  const Scalars<float>& k = es.k;
+  float grad = Io<S>::load(g[j]);
+  float param = Io<S>::load(p[j]);
+  if (!kPlain) {
+    grad = grad * k.sign;
+    const float coupled_grad = grad + k.weight_decay * param;
+    grad = es.coupled ? coupled_grad : grad;
+    param = param * k.decay;
+  }
+  const float avg = m * k.beta1 + k.one_minus_beta1 * grad;
+  const float avg_sq = v * k.beta2 + k.one_minus_beta2 * grad * grad;
+  float second = avg_sq;
+  if (AMS) {
+    vmax = (vmax < avg_sq || avg_sq != avg_sq) ? avg_sq : vmax;
+    second = vmax;
+  }
+  float rate = (1.0f / (std::sqrt(second) + k.eps)) * k.numerator;
+  rate = rate < k.lower ? k.lower : rate;
+  rate = rate > k.upper ? k.upper : rate;
+  rate = rate * k.rate_scale;
+  param = param - rate * avg;
+  if (!kPlain) {
+    param = param < k.box_lo ? k.box_lo : param;
+    param = param > k.box_hi ? k.box_hi : param;
+  }
+  if constexpr (std::is_same_v<S, BFloat16>) {
+    const uint32_t u = float_bits(param);
+    const uint32_t random = mix32(param_key + uint32_t(j)) & 0xFFFFu;
+    const uint32_t increment = round_param ? random : 0x7FFFu + ((u >> 16) & 1u);
+    p[j] = BFloat16{param != param ? uint16_t(0x7FC0) : uint16_t((u + increment) >> 16)};
+  } else {
+    (void)param_key;
+    (void)round_param;
+    p[j] = Io<S>::store(param);
+  }
+  m = avg;
+  v = avg_sq;
+}
+
+// Moments stored as bfloat16 (F = kStateBFloat16) or in the parameter's dtype
+// (kStateParam): one block's update into float32 buffers, then its rounding and store.
+template <typename S, int F, bool AMS, bool kPlain>
+DB_INLINE void update_wide_block(const EncodedTensor& t, int64_t start, int32_t n,
+                                 const EncodedScalars& es, bool round_param) {
+  using M = std::conditional_t<F == kStateParam, S, BFloat16>;
+  M* __restrict m_store = static_cast<M*>(t.m) + start;
+  M* __restrict v_store = static_cast<M*>(t.v) + start;
+  M* __restrict vmax_store = AMS ? static_cast<M*>(t.vmax) + start : nullptr;
+  S* p = static_cast<S*>(t.p) + start;
+  const S* g = static_cast<const S*>(t.g) + start;
+  const uint32_t param_key = es.key_param + uint32_t(start);
+  alignas(64) float m[kBlock], v[kBlock], vmax[kBlock];
+  for (int32_t j = 0; j < n; ++j) {
+    m[j] = Io<M>::load(m_store[j]);
+    v[j] = Io<M>::load(v_store[j]);
+    vmax[j] = AMS ? Io<M>::load(vmax_store[j]) : 0.0f;
+    update_element<S, AMS, kPlain>(p, g, j, param_key, m[j], v[j], vmax[j], es, round_param);
+  }
+  if constexpr (F == kStateParam) {
+    for (int32_t j = 0; j < n; ++j) {
+      m_store[j] = Io<M>::store(m[j]);
+      v_store[j] = Io<M>::store(v[j]);
+      if (AMS) vmax_store[j] = Io<M>::store(vmax[j]);
+    }
+  } else {
+    const uint32_t key = es.key_state + uint32_t(start);
+    for (int32_t j = 0; j < n; ++j) {
+      const uint32_t r = mix32(key + uint32_t(j));
+      m_store[j] = BFloat16{bfloat16_stochastic(m[j], r & 0xFFFFu)};
+      v_store[j] = BFloat16{bfloat16_stochastic(v[j], r >> 16)};
+      if (AMS) vmax_store[j] = BFloat16{bfloat16_stochastic(vmax[j], r >> 16)};
+    }
+  }
+}
+
+template <typename S, int F, bool AMS>
+DB_INLINE void update_wide_body(const EncodedTensor& t, int64_t begin, int64_t end,
+                                const EncodedScalars& es, bool round_param) {
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
+    if (es.plain) {
+      update_wide_block<S, F, AMS, true>(t, start, n, es, round_param);
+    } else {
+      update_wide_block<S, F, AMS, false>(t, start, n, es, round_param);
+    }
+  }
+}
+
+// One block's float32 moments (decoded, then updated in place) and their codes.
+struct Block8 {
+  alignas(64) float m[kBlock];
+  alignas(64) float v[kBlock];
+  alignas(64) float vmax[kBlock];
+};
+
+struct Codes8 {
+  alignas(64) int32_t m[kBlock];
+  alignas(64) int32_t v[kBlock];
+  alignas(64) int32_t vmax[kBlock];
+};
+
+// A block's scales (largest magnitudes, as float bits while they are being found) and the
+// factors that encode relative to them.
+struct Scales8 {
+  uint32_t m_top = 0, v_top = 0, vmax_top = 0;
+  float m, v, vmax, m_inverse, v_inverse, vmax_inverse;
+  bool finite;  // every scale and inverse: no element's x * inverse is NaN
+
+  DB_INLINE void finish() {
+    m = magnitude_of(m_top);
+    v = magnitude_of(v_top);
+    vmax = magnitude_of(vmax_top);
+    m_inverse = inverse_of(m);
+    v_inverse = inverse_of(v);
+    vmax_inverse = inverse_of(vmax);
+    const float largest = std::numeric_limits<float>::max();
+    finite = m <= largest && v <= largest && vmax <= largest && m_inverse <= largest &&
+             v_inverse <= largest && vmax_inverse <= largest;
+  }
+};
+
+DB_INLINE void keep_largest(uint32_t& top, float x) {
+  const uint32_t bits = float_bits(x) & 0x7FFFFFFFu;
+  top = bits > top ? bits : top;
+}
+
+template <bool AMS>
+DB_INLINE void decode_block(const EncodedTensor& t, int64_t start, int32_t n, Block8& b) {
+  const int64_t block = start / kBlock;
+  const int8_t* __restrict m_codes = static_cast<const int8_t*>(t.m) + start;
+  const uint8_t* __restrict v_codes = static_cast<const uint8_t*>(t.v) + start;
+  const float m_scale = t.m_scale[block], v_scale = t.v_scale[block];
+  for (int32_t j = 0; j < n; ++j) {
+    b.m[j] = decode8(m_codes[j], kFirstOffset, m_scale);
+    b.v[j] = decode8(v_codes[j], kSecondOffset, v_scale);
+  }
+  if (AMS) {
+    const uint8_t* __restrict vmax_codes = static_cast<const uint8_t*>(t.vmax) + start;
+    const float vmax_scale = t.vmax_scale[block];
+    for (int32_t j = 0; j < n; ++j) b.vmax[j] = decode8(vmax_codes[j], kSecondOffset, vmax_scale);
+  }
+}
+
+// Codes of element j of a block; key: the state's random key plus the block's first index.
+// The second moments are never negative, nor -0 (sums of +0 and squares), so their
+// magnitude is the value itself.
+template <bool AMS, bool kFinite>
+DB_INLINE void encode_element(const Block8& b, int32_t j, uint32_t key, const Scales8& s,
+                              Codes8& c) {
+  const uint32_t r = mix32(key + uint32_t(j));
+  const int32_t m_code =
+      encode8<kFinite>(std::fabs(b.m[j]), s.m_inverse, r & 0xFFFFu, kFirstOffset);
+  c.m[j] = b.m[j] < 0.0f ? -m_code : m_code;
+  c.v[j] = encode8<kFinite>(b.v[j], s.v_inverse, r >> 16, kSecondOffset);
+  if (AMS) c.vmax[j] = encode8<kFinite>(b.vmax[j], s.vmax_inverse, r >> 16, kSecondOffset);
+}
+
+template <bool AMS, bool kFinite>
+DB_INLINE void encode_rest(const Block8& b, int32_t from, int32_t to, uint32_t key,
+                           const Scales8& s, Codes8& c) {
+  for (int32_t j = from; j < to; ++j) encode_element<AMS, kFinite>(b, j, key, s, c);
+}
+
+template <bool AMS>
+DB_INLINE void store_block(const EncodedTensor& t, int64_t start, int32_t n, const Codes8& c,
+                           const Scales8& s) {
+  int8_t* __restrict m_codes = static_cast<int8_t*>(t.m) + start;
+  uint8_t* __restrict v_codes = static_cast<uint8_t*>(t.v) + start;
+  for (int32_t j = 0; j < n; ++j) {
+    m_codes[j] = int8_t(c.m[j]);
+    v_codes[j] = uint8_t(c.v[j]);
+  }
+  const int64_t block = start / kBlock;
+  t.m_scale[block] = s.m;
+  t.v_scale[block] = s.v;
+  if (AMS) {
+    uint8_t* __restrict vmax_codes = static_cast<uint8_t*>(t.vmax) + start;
+    for (int32_t j = 0; j < n; ++j) vmax_codes[j] = uint8_t(c.vmax[j]);
+    t.vmax_scale[block] = s.vmax;
+  }
+}
+
+// The previous block of a pipelined 8-bit update: its new moments and scales, and the
+// codes they are being encoded into.
+struct Pending8 {
+  const Block8* block;
+  const Scales8* scales;
+  Codes8* codes;
+  uint32_t key;  // the state's random key plus the block's first element index
+};
+
+// Update of a block's elements [0, n), whose decoded moments are in b; its new scales go to
+// s. kEncode: the previous block, which is whole, is encoded in the same loop.
+template <typename S, bool AMS, bool kPlain, bool kEncode>
+DB_INLINE void update_block(S* __restrict p, const S* __restrict g, int32_t n,
+                            uint32_t param_key, Block8& b, Scales8& s, const Pending8& pending,
+                            const EncodedScalars& es, bool round_param) {
+  uint32_t m_top = 0, v_top = 0, vmax_top = 0;
+  for (int32_t j = 0; j < n; ++j) {
+    update_element<S, AMS, kPlain>(p, g, j, param_key, b.m[j], b.v[j], b.vmax[j], es,
+                                   round_param);
+    keep_largest(m_top, b.m[j]);
+    keep_largest(v_top, b.v[j]);
+    if (AMS) keep_largest(vmax_top, b.vmax[j]);
+    if (kEncode) {
+      encode_element<AMS, true>(*pending.block, j, pending.key, *pending.scales, *pending.codes);
+    }
+  }
+  s.m_top = m_top;
+  s.v_top = v_top;
+  s.vmax_top = vmax_top;
+  s.finish();
+}
+
+template <typename S, bool AMS, bool kPlain>
+DB_INLINE void update_block(S* p, const S* g, int32_t n, uint32_t param_key, Block8& b,
+                            Scales8& s, const Pending8* pending, const EncodedScalars& es,
+                            bool round_param) {
+  if (pending != nullptr && pending->scales->finite) {
+    update_block<S, AMS, kPlain, true>(p, g, n, param_key, b, s, *pending, es, round_param);
+    encode_rest<AMS, true>(*pending->block, n, kBlock, pending->key, *pending->scales,
+                           *pending->codes);
+    return;
+  }
+  update_block<S, AMS, kPlain, false>(p, g, n, param_key, b, s, Pending8{}, es, round_param);
+  if (pending != nullptr) {
+    encode_rest<AMS, false>(*pending->block, 0, kBlock, pending->key, *pending->scales,
+                            *pending->codes);
+  }
+}
+
+// 8-bit moments, elements [begin, end) of one tensor. A block's codes need its new scale,
+// its largest magnitude, so they can only be computed after the block's update. They are
+// computed in the loop that updates the next block: that update alone is bound by the
+// throughput of sqrt and division, and leaves the units that encoding needs idle
+// (measured here: 3-4% faster than encoding each block after its own update).
+template <typename S, bool AMS>
+DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t end,
+                                const EncodedScalars& es, bool round_param) {
+  Block8 blocks[2];
+  Scales8 scales[2];
+  Codes8 codes;
+  int current = 0;
+  int64_t previous_start = -1;
+  for (int64_t start = begin; start < end; start += kBlock, current ^= 1) {
+    const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
+    Block8& b = blocks[current];
+    decode_block<AMS>(t, start, n, b);
+    S* p = static_cast<S*>(t.p) + start;
+    const S* g = static_cast<const S*>(t.g) + start;
+    const uint32_t param_key = es.key_param + uint32_t(start);
+    const Pending8 pending{&blocks[current ^ 1], &scales[current ^ 1], &codes,
+                           es.key_state + uint32_t(previous_start)};
+    const Pending8* before = previous_start >= 0 ? &pending : nullptr;
+    if (es.plain) {
+      update_block<S, AMS, true>(p, g, n, param_key, b, scales[current], before, es,
+                                 round_param);
+    } else {
+      update_block<S, AMS, false>(p, g, n, param_key, b, scales[current], before, es,
+                                  round_param);
+    }
+    if (before != nullptr) store_block<AMS>(t, previous_start, kBlock, codes, scales[current ^ 1]);
+    previous_start = start;
+  }
+  if (previous_start < 0) return;
+  const Block8& last = blocks[current ^ 1];
+  const Scales8& s = scales[current ^ 1];
+  const int32_t n = int32_t(end - previous_start);
+  const uint32_t key = es.key_state + uint32_t(previous_start);
+  if (s.finite) {
+    encode_rest<AMS, true>(last, 0, n, key, s, codes);
+  } else {
+    encode_rest<AMS, false>(last, 0, n, key, s, codes);
+  }
+  store_block<AMS>(t, previous_start, n, codes, s);
+}
+
+// Elements [begin, end) of one tensor; begin is a multiple of kBlock.
 template <typename S, int F, bool AMS>
 DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
                                    const EncodedScalars& es, bool unscale, bool round_param) {
-  const Scalars<float>& k = es.k;
-  S* __restrict p = static_cast<S*>(t.p);
-  S* __restrict g = static_cast<S*>(t.g);
   if (unscale) {
-    for (int64_t i = begin; i < end; ++i) g[i] = Io<S>::store(Io<S>::load(g[i]) / k.grad_scale);
+    S* __restrict g = static_cast<S*>(t.g);
+    const float grad_scale = es.k.grad_scale;
+    for (int64_t i = begin; i < end; ++i) g[i] = Io<S>::store(Io<S>::load(g[i]) / grad_scale);
   }
-  float m_new[kBlock], v_new[kBlock], vmax_new[kBlock];
-  for (int64_t start = begin; start < end; start += kBlock) {
-    const int64_t n = end - start < kBlock ? end - start : kBlock;
-    const int64_t block = start / kBlock;
-    const float m_scale_old = F == kState8Bit ? t.m_scale[block] : 0.0f;
-    const float v_scale_old = F == kState8Bit ? t.v_scale[block] : 0.0f;
-    const float vmax_scale_old = F == kState8Bit && AMS ? t.vmax_scale[block] : 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = start + j;
-      float grad = Io<S>::load(g[i]) * k.sign;
-      float param = Io<S>::load(p[i]);
-      const float coupled_grad = grad + k.weight_decay * param;
-      grad = es.coupled ? coupled_grad : grad;
-      param = param * k.decay;
-      float m_old, v_old, vmax_old = 0.0f;
-      if (F == kState8Bit) {
-        m_old = decode8(static_cast<const int8_t*>(t.m)[i], kFirstOffset, m_scale_old);
-        v_old = decode8(static_cast<const uint8_t*>(t.v)[i], kSecondOffset, v_scale_old);
-        if (AMS) {
-          vmax_old =
-              decode8(static_cast<const uint8_t*>(t.vmax)[i], kSecondOffset, vmax_scale_old);
-        }
-      } else if (F == kStateParam) {
-        m_old = Io<S>::load(static_cast<const S*>(t.m)[i]);
-        v_old = Io<S>::load(static_cast<const S*>(t.v)[i]);
-        if (AMS) vmax_old = Io<S>::load(static_cast<const S*>(t.vmax)[i]);
-      } else {
-        m_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.m)[i]);
-        v_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.v)[i]);
-        if (AMS) vmax_old = Io<BFloat16>::load(static_cast<const BFloat16*>(t.vmax)[i]);
-      }
-      const float avg = m_old * k.beta1 + k.one_minus_beta1 * grad;
-      const float avg_sq = v_old * k.beta2 + k.one_minus_beta2 * grad * grad;
-      float second = avg_sq;
-      if (AMS) {
-        vmax_old = (vmax_old < avg_sq || avg_sq != avg_sq) ? avg_sq : vmax_old;
-        second = vmax_old;
-      }
-      float rate = (1.0f / (std::sqrt(second) + k.eps)) * k.numerator;
-      rate = rate < k.lower ? k.lower : rate;
-      rate = rate > k.upper ? k.upper : rate;
-      rate = rate * k.rate_scale;
-      param = param - rate * avg;
-      param = param < k.box_lo ? k.box_lo : param;
-      param = param > k.box_hi ? k.box_hi : param;
-      if constexpr (std::is_same_v<S, BFloat16>) {
-        const uint32_t u = float_bits(param);
-        const uint32_t random = mix32(uint32_t(i) + es.key_param) & 0xFFFFu;
-        const uint32_t increment = round_param ? random : 0x7FFFu + ((u >> 16) & 1u);
-        p[i] = BFloat16{param != param ? uint16_t(0x7FC0) : uint16_t((u + increment) >> 16)};
-      } else {
-        p[i] = Io<S>::store(param);
-      }
-      m_new[j] = avg;
-      v_new[j] = avg_sq;
-      vmax_new[j] = vmax_old;
-    }
-    if (F == kStateParam) {
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = start + j;
-        static_cast<S*>(t.m)[i] = Io<S>::store(m_new[j]);
-        static_cast<S*>(t.v)[i] = Io<S>::store(v_new[j]);
-        if (AMS) static_cast<S*>(t.vmax)[i] = Io<S>::store(vmax_new[j]);
-      }
-      continue;
-    }
-    if (F == kStateBFloat16) {
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = start + j;
-        const uint32_t r = mix32(uint32_t(i) + es.key_state);
-        static_cast<BFloat16*>(t.m)[i] = BFloat16{bfloat16_stochastic(m_new[j], r & 0xFFFFu)};
-        static_cast<BFloat16*>(t.v)[i] = BFloat16{bfloat16_stochastic(v_new[j], r >> 16)};
-        if (AMS) {
-          static_cast<BFloat16*>(t.vmax)[i] = BFloat16{bfloat16_stochastic(vmax_new[j], r >> 16)};
-        }
-      }
-      continue;
-    }
-    const float m_scale = max_magnitude(m_new, n);
-    const float v_scale = max_magnitude(v_new, n);
-    const float vmax_scale = AMS ? max_magnitude(vmax_new, n) : 0.0f;
-    const float m_inverse = inverse_of(m_scale), v_inverse = inverse_of(v_scale);
-    const float vmax_inverse = inverse_of(vmax_scale);
-    int8_t* __restrict m_codes = static_cast<int8_t*>(t.m);
-    uint8_t* __restrict v_codes = static_cast<uint8_t*>(t.v);
-    uint8_t* __restrict vmax_codes = static_cast<uint8_t*>(t.vmax);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = start + j;
-      const uint32_t r = mix32(uint32_t(i) + es.key_state);
-      const int32_t m_code = encode8(m_new[j], m_inverse, r & 0xFFFFu, kFirstOffset);
-      m_codes[i] = int8_t(m_new[j] < 0.0f ? -m_code : m_code);
-      v_codes[i] = uint8_t(encode8(v_new[j], v_inverse, r >> 16, kSecondOffset));
-      if (AMS) vmax_codes[i] = uint8_t(encode8(vmax_new[j], vmax_inverse, r >> 16, kSecondOffset));
-    }
-    t.m_scale[block] = m_scale;
-    t.v_scale[block] = v_scale;
-    if (AMS) t.vmax_scale[block] = vmax_scale;
+  if constexpr (F == kState8Bit) {
+    update_8bit_body<S, AMS>(t, begin, end, es, round_param);
+  } else {
+    update_wide_body<S, F, AMS>(t, begin, end, es, round_param);
   }
 }
 
@@ -612,6 +807,9 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     scalars[t].key_state = uint32_t(c[kEKeyState]);
     scalars[t].key_param = uint32_t(c[kEKeyParam]);
     scalars[t].coupled = weight_decay_mode == kCoupled;
+    scalars[t].plain = weight_decay_mode == kNoDecay && base.sign == 1.0f &&
+                       base.box_lo == -std::numeric_limits<float>::infinity() &&
+                       base.box_hi == std::numeric_limits<float>::infinity();
     for (int64_t b = 0; b < numels[t]; b += chunk) {
       units.push_back(Unit{t, b, b + chunk < numels[t] ? b + chunk : numels[t]});
     }
