@@ -398,6 +398,9 @@ DB_INLINE int32_t encode8(float magnitude, float inverse, uint32_t noise, int32_
   return code < 0 ? 0 : code;
 }
 
+// Block maxima are found on the bits of |x|: non-negative floats order as their bits do, and
+// NaN's bits exceed infinity's, so an integer maximum (which vectorises, unlike a float one)
+// finds the largest magnitude, or NaN if any x is NaN (as torch.amax).
 DB_INLINE float magnitude_of(uint32_t bits) {
   return bits > 0x7F800000u ? std::numeric_limits<float>::quiet_NaN() : bits_float(bits);
 }
@@ -539,7 +542,7 @@ struct Codes8 {
 struct Scales8 {
   uint32_t m_top = 0, v_top = 0, vmax_top = 0;
   float m, v, vmax, m_inverse, v_inverse, vmax_inverse;
-  bool finite;  // every scale and inverse: no element's x * inverse is NaN
+  bool finite;  // every scale and inverse finite, so every |x| * inverse is too
 
   DB_INLINE void finish() {
     m = magnitude_of(m_top);
