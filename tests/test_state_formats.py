@@ -258,6 +258,34 @@ def test_non_finite_values_propagate_as_in_the_reference(state_dtype, decay):
         assert ref[0] == inf and ref[1] == -inf
 
 
+@pytest.mark.parametrize("amsbound", [False, True], ids=["adabound", "amsbound"])
+def test_blocks_whose_scale_has_no_finite_inverse_encode_as_in_the_reference(amsbound):
+    # A block whose largest first moment is subnormal has an infinite inverse scale: its
+    # zeros give 0 * inf = NaN, which the reference encodes as code 0. The kernel encodes
+    # such blocks apart from the finite ones (whose clamp would turn NaN into the top code).
+    if not kernels.is_available("cpu"):
+        pytest.skip(kernels.unavailable_reason("cpu"))
+    runs = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 4 * formats.BLOCK))
+        opt = AdaBound([p], lr=1e-2, fused=fused, state_dtype=formats.EIGHT_BIT,
+                       amsbound=amsbound)  # fmt: skip
+        for step in range(3):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            g[formats.BLOCK : 2 * formats.BLOCK] = 0.0
+            g[formats.BLOCK + 7] = 1e-38  # the second block's first moment: about 1e-39
+            p.grad = g
+            opt.step()
+        runs.append((p.detach().clone(), decoded_state(opt, p), opt.state[p]))
+    (ref, ref_state, ref_raw), (got, got_state, got_raw) = runs
+    tiny = slice(formats.BLOCK, 2 * formats.BLOCK)
+    assert ref_raw["exp_avg_scale"][1] < torch.finfo(torch.float32).tiny
+    assert torch.equal(got_raw["exp_avg"][tiny], ref_raw["exp_avg"][tiny])
+    assert torch.equal(got_state["exp_avg"][tiny], ref_state["exp_avg"][tiny])
+    assert torch.count_nonzero(got_state["exp_avg"][tiny]) == 1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
 def test_low_precision_parameters_with_low_precision_state(dtype, state_dtype):
