@@ -537,14 +537,13 @@ struct Codes8 {
   alignas(64) int32_t vmax[kBlock];
 };
 
-// A block's scales (largest magnitudes, as float bits while they are being found) and the
-// factors that encode relative to them.
+// A block's scales (largest magnitudes) and the factors that encode relative to them.
 struct Scales8 {
-  uint32_t m_top = 0, v_top = 0, vmax_top = 0;
   float m, v, vmax, m_inverse, v_inverse, vmax_inverse;
   bool finite;  // every scale and inverse finite, so every |x| * inverse is too
 
-  DB_INLINE void finish() {
+  // From the bits of the largest |x| of each moment (see magnitude_of).
+  DB_INLINE void set(uint32_t m_top, uint32_t v_top, uint32_t vmax_top) {
     m = magnitude_of(m_top);
     v = magnitude_of(v_top);
     vmax = magnitude_of(vmax_top);
@@ -644,10 +643,7 @@ DB_INLINE void update_block(S* __restrict p, const S* __restrict g, int32_t n,
       encode_element<AMS, true>(*pending.block, j, pending.key, *pending.scales, *pending.codes);
     }
   }
-  s.m_top = m_top;
-  s.v_top = v_top;
-  s.vmax_top = vmax_top;
-  s.finish();
+  s.set(m_top, v_top, vmax_top);
 }
 
 template <typename S, bool AMS, bool kPlain>
