@@ -783,6 +783,10 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
   Scalars<float> base = shared_scalars<float>(hyper);
   // Decoupled decay as arithmetic (a factor of 1 when off), so the loops need no branch.
   if (weight_decay_mode != kDecoupled) base.decay = 1.0f;
+  const bool coupled = weight_decay_mode == kCoupled;
+  const bool plain = weight_decay_mode == kNoDecay && base.sign == 1.0f &&
+                     base.box_lo == -std::numeric_limits<float>::infinity() &&
+                     base.box_hi == std::numeric_limits<float>::infinity();
 
   // Work units never straddle tensors, and start on block boundaries of their tensor.
   chunk = (chunk + kBlock - 1) / kBlock * kBlock;
@@ -805,10 +809,8 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     scalars[t].k.rate_scale = float(c[kERateScale]);
     scalars[t].key_state = uint32_t(c[kEKeyState]);
     scalars[t].key_param = uint32_t(c[kEKeyParam]);
-    scalars[t].coupled = weight_decay_mode == kCoupled;
-    scalars[t].plain = weight_decay_mode == kNoDecay && base.sign == 1.0f &&
-                       base.box_lo == -std::numeric_limits<float>::infinity() &&
-                       base.box_hi == std::numeric_limits<float>::infinity();
+    scalars[t].coupled = coupled;
+    scalars[t].plain = plain;
     for (int64_t b = 0; b < numels[t]; b += chunk) {
       units.push_back(Unit{t, b, b + chunk < numels[t] ? b + chunk : numels[t]});
     }
