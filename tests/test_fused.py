@@ -590,13 +590,14 @@ _ISA_SCRIPT = textwrap.dedent(
     from dynabound.kernels import cpu
 
     DECOUPLED = {"weight_decay": 0.1, "decoupled_weight_decay": True}
+    EVERY_TERM = {"weight_decay": 0.01, "maximize": True, "box": (-0.5, 0.7)}
     digests = {}
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for state_dtype in (None, torch.bfloat16, "8bit"):
             if dtype == torch.float64 and state_dtype is not None:
                 continue
             for amsbound in (False, True):
-                for decay in ({}, {"weight_decay": 0.1}, DECOUPLED):
+                for decay in ({}, {"weight_decay": 0.1}, DECOUPLED, EVERY_TERM):
                     gen = torch.Generator().manual_seed(0)
                     params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
                               for n in (1, 37, 255, 300, 4099)]
@@ -643,7 +644,7 @@ def test_every_vector_copy_of_the_loops_computes_the_same_bits():
         results[cap] = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["generic"]["isa"] == "generic"
     assert results["avx2"]["isa"] in {"generic", "avx2"}
-    assert len(results["generic"]["digests"]) == 3 * (3 * 2 * 3) + 2 * 3  # float64: no encoding
+    assert len(results["generic"]["digests"]) == 3 * (3 * 2 * 4) + 2 * 4  # float64: no encoding
     for cap in ("avx2", "best"):
         assert results[cap]["digests"] == results["generic"]["digests"], (
             f"{results[cap]['isa']} differs from the generic loops"

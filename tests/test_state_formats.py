@@ -237,12 +237,14 @@ def test_fused_cpu_kernel_matches_the_reference(state_dtype, options):
 def test_non_finite_values_propagate_as_in_the_reference(state_dtype, decay):
     # An infinite parameter stays infinite without L2 decay (no 0 * inf in the kernel) and
     # poisons only what the reference's arithmetic poisons; NaN and infinite gradients too.
+    # Two whole blocks and a part: the non-finite first block is encoded while the second,
+    # finite one is updated, by the kernel's whole-block loop where it has one.
     if not kernels.is_available("cpu"):
         pytest.skip(kernels.unavailable_reason("cpu"))
     inf, nan = float("inf"), float("nan")
     runs = []
     for fused in (False, True):
-        p = torch.nn.Parameter(torch.tensor([inf, -inf, 1.0, nan, 2.0] + [0.5] * 295))
+        p = torch.nn.Parameter(torch.tensor([inf, -inf, 1.0, nan, 2.0] + [0.5] * 595))
         opt = AdaBound([p], lr=1e-2, final_lr=0.1, fused=fused, state_dtype=state_dtype, **decay)
         p.grad = torch.ones_like(p)
         p.grad[[2, 4]] = torch.tensor([inf, nan])

@@ -46,6 +46,10 @@
 #define DB_X86_DISPATCH 0
 #endif
 
+#if DB_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 #if defined(__FLT16_MAX__)
 #define DB_HAS_FLOAT16 1
 #else
@@ -599,6 +603,14 @@ DB_INLINE void encode_rest(const Block8& b, int32_t from, int32_t to, uint32_t k
 }
 
 template <bool AMS>
+DB_INLINE void store_scales(const EncodedTensor& t, int64_t start, const Scales8& s) {
+  const int64_t block = start / kBlock;
+  t.m_scale[block] = s.m;
+  t.v_scale[block] = s.v;
+  if (AMS) t.vmax_scale[block] = s.vmax;
+}
+
+template <bool AMS>
 DB_INLINE void store_block(const EncodedTensor& t, int64_t start, int32_t n, const Codes8& c,
                            const Scales8& s) {
   int8_t* __restrict m_codes = static_cast<int8_t*>(t.m) + start;
@@ -607,14 +619,11 @@ DB_INLINE void store_block(const EncodedTensor& t, int64_t start, int32_t n, con
     m_codes[j] = int8_t(c.m[j]);
     v_codes[j] = uint8_t(c.v[j]);
   }
-  const int64_t block = start / kBlock;
-  t.m_scale[block] = s.m;
-  t.v_scale[block] = s.v;
   if (AMS) {
     uint8_t* __restrict vmax_codes = static_cast<uint8_t*>(t.vmax) + start;
     for (int32_t j = 0; j < n; ++j) vmax_codes[j] = uint8_t(c.vmax[j]);
-    t.vmax_scale[block] = s.vmax;
   }
+  store_scales<AMS>(t, start, s);
 }
 
 // The previous block of a pipelined 8-bit update: its new moments and scales, and the
@@ -663,12 +672,16 @@ DB_INLINE void update_block(S* p, const S* g, int32_t n, uint32_t param_key, Blo
   }
 }
 
+#if DB_X86_DISPATCH
+#include "cpu_kernel_avx512.h"
+#endif
+
 // 8-bit moments, elements [begin, end) of one tensor. A block's codes need its new scale,
 // its largest magnitude, so they can only be computed after the block's update. They are
 // computed in the loop that updates the next block: that update alone is bound by the
 // throughput of sqrt and division, and leaves the units that encoding needs idle
 // (measured here: 3-4% faster than encoding each block after its own update).
-template <typename S, bool AMS>
+template <typename S, bool AMS, bool kAvx512Loop>
 DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t end,
                                 const EncodedScalars& es, bool round_param) {
   Block8 blocks[2];
@@ -679,13 +692,29 @@ DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t e
   for (int64_t start = begin; start < end; start += kBlock, current ^= 1) {
     const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
     Block8& b = blocks[current];
+    const Pending8 pending{&blocks[current ^ 1], &scales[current ^ 1], &codes,
+                           es.key_state + uint32_t(previous_start)};
+    const Pending8* before = previous_start >= 0 ? &pending : nullptr;
+#if DB_X86_DISPATCH
+    if constexpr (kAvx512Loop && std::is_same_v<S, float>) {
+      if (n == kBlock) {
+        if (update_block_avx512<AMS>(t, start, b, scales[current], before, previous_start,
+                                     es)) {
+          store_scales<AMS>(t, previous_start, scales[current ^ 1]);
+        } else if (before != nullptr) {
+          encode_rest<AMS, false>(blocks[current ^ 1], 0, kBlock, pending.key,
+                                  scales[current ^ 1], codes);
+          store_block<AMS>(t, previous_start, kBlock, codes, scales[current ^ 1]);
+        }
+        previous_start = start;
+        continue;
+      }
+    }
+#endif
     decode_block<AMS>(t, start, n, b);
     S* p = static_cast<S*>(t.p) + start;
     const S* g = static_cast<const S*>(t.g) + start;
     const uint32_t param_key = es.key_param + uint32_t(start);
-    const Pending8 pending{&blocks[current ^ 1], &scales[current ^ 1], &codes,
-                           es.key_state + uint32_t(previous_start)};
-    const Pending8* before = previous_start >= 0 ? &pending : nullptr;
     if (es.plain) {
       update_block<S, AMS, true>(p, g, n, param_key, b, scales[current], before, es,
                                  round_param);
@@ -710,7 +739,7 @@ DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t e
 }
 
 // Elements [begin, end) of one tensor; begin is a multiple of kBlock.
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kAvx512Loop = false>
 DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
                                    const EncodedScalars& es, bool unscale, bool round_param) {
   if (unscale) {
@@ -719,7 +748,7 @@ DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_
     for (int64_t i = begin; i < end; ++i) g[i] = Io<S>::store(Io<S>::load(g[i]) / grad_scale);
   }
   if constexpr (F == kState8Bit) {
-    update_8bit_body<S, AMS>(t, begin, end, es, round_param);
+    update_8bit_body<S, AMS, kAvx512Loop>(t, begin, end, es, round_param);
   } else {
     update_wide_body<S, F, AMS>(t, begin, end, es, round_param);
   }
@@ -741,7 +770,7 @@ DB_TARGET_AVX2 void update_encoded_avx2(const EncodedTensor& t, int64_t begin, i
 template <typename S, int F, bool AMS>
 DB_TARGET_AVX512 void update_encoded_avx512(const EncodedTensor& t, int64_t begin, int64_t end,
                                             const EncodedScalars& es, bool unscale, bool round) {
-  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
+  update_encoded_body<S, F, AMS, true>(t, begin, end, es, unscale, round);
 }
 #endif
 
