@@ -672,6 +672,25 @@ DB_INLINE void update_block(S* p, const S* g, int32_t n, uint32_t param_key, Blo
   }
 }
 
+// The two blocks in flight in an 8-bit update: the one being updated, `current`, and the
+// previous one, whose new moments and scales wait to be encoded.
+struct Pipeline8 {
+  Block8 blocks[2];
+  Scales8 scales[2];
+  Codes8 codes;
+  int current = 0;
+  int64_t previous_start = -1;  // none yet
+
+  DB_INLINE Pending8 pending(const EncodedScalars& es) {
+    return Pending8{&blocks[current ^ 1], &scales[current ^ 1], &codes,
+                    es.key_state + uint32_t(previous_start)};
+  }
+  DB_INLINE void advance(int64_t start) {
+    previous_start = start;
+    current ^= 1;
+  }
+};
+
 #if DB_X86_DISPATCH
 #include "cpu_kernel_avx512.h"
 #endif
@@ -684,58 +703,42 @@ DB_INLINE void update_block(S* p, const S* g, int32_t n, uint32_t param_key, Blo
 template <typename S, bool AMS, bool kAvx512Loop>
 DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t end,
                                 const EncodedScalars& es, bool round_param) {
-  Block8 blocks[2];
-  Scales8 scales[2];
-  Codes8 codes;
-  int current = 0;
-  int64_t previous_start = -1;
-  for (int64_t start = begin; start < end; start += kBlock, current ^= 1) {
-    const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
-    Block8& b = blocks[current];
-    const Pending8 pending{&blocks[current ^ 1], &scales[current ^ 1], &codes,
-                           es.key_state + uint32_t(previous_start)};
-    const Pending8* before = previous_start >= 0 ? &pending : nullptr;
+  Pipeline8 pipe;
+  int64_t start = begin;
 #if DB_X86_DISPATCH
-    if constexpr (kAvx512Loop && std::is_same_v<S, float>) {
-      if (n == kBlock) {
-        if (update_block_avx512<AMS>(t, start, b, scales[current], before, previous_start,
-                                     es)) {
-          store_scales<AMS>(t, previous_start, scales[current ^ 1]);
-        } else if (before != nullptr) {
-          encode_rest<AMS, false>(blocks[current ^ 1], 0, kBlock, pending.key,
-                                  scales[current ^ 1], codes);
-          store_block<AMS>(t, previous_start, kBlock, codes, scales[current ^ 1]);
-        }
-        previous_start = start;
-        continue;
-      }
-    }
+  if constexpr (kAvx512Loop && std::is_same_v<S, float>) {
+    start = update_whole_blocks_avx512<AMS>(t, begin, end, pipe, es);
+  }
 #endif
+  for (; start < end; start += kBlock) {
+    const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
+    Block8& b = pipe.blocks[pipe.current];
+    const Pending8 pending = pipe.pending(es);
+    const Pending8* before = pipe.previous_start >= 0 ? &pending : nullptr;
     decode_block<AMS>(t, start, n, b);
     S* p = static_cast<S*>(t.p) + start;
     const S* g = static_cast<const S*>(t.g) + start;
     const uint32_t param_key = es.key_param + uint32_t(start);
+    Scales8& s = pipe.scales[pipe.current];
     if (es.plain) {
-      update_block<S, AMS, true>(p, g, n, param_key, b, scales[current], before, es,
-                                 round_param);
+      update_block<S, AMS, true>(p, g, n, param_key, b, s, before, es, round_param);
     } else {
-      update_block<S, AMS, false>(p, g, n, param_key, b, scales[current], before, es,
-                                  round_param);
+      update_block<S, AMS, false>(p, g, n, param_key, b, s, before, es, round_param);
     }
-    if (before != nullptr) store_block<AMS>(t, previous_start, kBlock, codes, scales[current ^ 1]);
-    previous_start = start;
+    if (before != nullptr) {
+      store_block<AMS>(t, pipe.previous_start, kBlock, pipe.codes, *pending.scales);
+    }
+    pipe.advance(start);
   }
-  if (previous_start < 0) return;
-  const Block8& last = blocks[current ^ 1];
-  const Scales8& s = scales[current ^ 1];
-  const int32_t n = int32_t(end - previous_start);
-  const uint32_t key = es.key_state + uint32_t(previous_start);
-  if (s.finite) {
-    encode_rest<AMS, true>(last, 0, n, key, s, codes);
+  if (pipe.previous_start < 0) return;
+  const Pending8 last = pipe.pending(es);
+  const int32_t n = int32_t(end - pipe.previous_start);
+  if (last.scales->finite) {
+    encode_rest<AMS, true>(*last.block, 0, n, last.key, *last.scales, pipe.codes);
   } else {
-    encode_rest<AMS, false>(last, 0, n, key, s, codes);
+    encode_rest<AMS, false>(*last.block, 0, n, last.key, *last.scales, pipe.codes);
   }
-  store_block<AMS>(t, previous_start, n, codes, s);
+  store_block<AMS>(t, pipe.previous_start, n, pipe.codes, *last.scales);
 }
 
 // Elements [begin, end) of one tensor; begin is a multiple of kBlock.

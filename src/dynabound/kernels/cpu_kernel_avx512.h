@@ -82,10 +82,9 @@ DB_TARGET_AVX512 DB_INLINE __m512i magnitude_bits(__m512 x) {
 // kEncode, the pending block at pending_start encoded into its bytes in the same loop.
 template <bool AMS, bool kPlain, bool kEncode>
 DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t start,
-                                                 Block8& b, Scales8& s, const Pending8& pending,
-                                                 int64_t pending_start,
-                                                 const EncodedScalars& es) {
-  const Wide8Constants c(es);
+                                                 const Wide8Constants& c, Block8& b, Scales8& s,
+                                                 const Pending8& pending,
+                                                 int64_t pending_start) {
   const int64_t block = start / kBlock;
   const int8_t* m_codes = static_cast<const int8_t*>(t.m) + start;
   const uint8_t* v_codes = static_cast<const uint8_t*>(t.v) + start;
@@ -178,25 +177,37 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
         AMS ? _mm512_reduce_max_epu32(vmax_top) : 0u);
 }
 
-// Returns whether the pending block (if any) was encoded and its bytes stored: only when
-// its scales are finite; else the caller encodes it with the exact portable loop.
+// Whole blocks from `start` on, through the pipeline of update_8bit_body; returns where
+// they end. A pending block whose scales are not finite is encoded by the exact portable
+// loop instead.
 template <bool AMS>
-DB_TARGET_AVX512 __attribute__((noinline)) bool update_block_avx512(
-    const EncodedTensor& t, int64_t start, Block8& b, Scales8& s, const Pending8* pending,
-    int64_t pending_start, const EncodedScalars& es) {
-  const bool encode = pending != nullptr && pending->scales->finite;
-  const Pending8 none{nullptr, nullptr, nullptr, 0};
-  const Pending8& other = encode ? *pending : none;
-  if (es.plain) {
-    if (encode) {
-      update_block_x16<AMS, true, true>(t, start, b, s, other, pending_start, es);
+DB_TARGET_AVX512 __attribute__((noinline)) int64_t update_whole_blocks_avx512(
+    const EncodedTensor& t, int64_t start, int64_t end, Pipeline8& pipe,
+    const EncodedScalars& es) {
+  const Wide8Constants c(es);
+  for (; end - start >= kBlock; start += kBlock) {
+    Block8& b = pipe.blocks[pipe.current];
+    Scales8& s = pipe.scales[pipe.current];
+    const Pending8 pending = pipe.pending(es);
+    const int64_t pending_start = pipe.previous_start;
+    const bool encode = pending_start >= 0 && pending.scales->finite;
+    if (es.plain && encode) {
+      update_block_x16<AMS, true, true>(t, start, c, b, s, pending, pending_start);
+    } else if (es.plain) {
+      update_block_x16<AMS, true, false>(t, start, c, b, s, pending, pending_start);
+    } else if (encode) {
+      update_block_x16<AMS, false, true>(t, start, c, b, s, pending, pending_start);
     } else {
-      update_block_x16<AMS, true, false>(t, start, b, s, other, pending_start, es);
+      update_block_x16<AMS, false, false>(t, start, c, b, s, pending, pending_start);
     }
-  } else if (encode) {
-    update_block_x16<AMS, false, true>(t, start, b, s, other, pending_start, es);
-  } else {
-    update_block_x16<AMS, false, false>(t, start, b, s, other, pending_start, es);
+    if (encode) {
+      store_scales<AMS>(t, pending_start, *pending.scales);
+    } else if (pending_start >= 0) {
+      encode_rest<AMS, false>(*pending.block, 0, kBlock, pending.key, *pending.scales,
+                              pipe.codes);
+      store_block<AMS>(t, pending_start, kBlock, pipe.codes, *pending.scales);
+    }
+    pipe.advance(start);
   }
-  return encode;
+  return start;
 }
