@@ -355,22 +355,102 @@ def _scalars(
     return rows, (ctypes.c_double * len(_HYPER))(*(float(hyper[k]) for k in _HYPER))
 
 
-_ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _fused_encoded(
     lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr_value,
     grad_scale, amsbound, state_dtype, stochastic_rounding, rounding_seeds,
     decoupled_weight_decay, **hyper,
 ) -> None:  # fmt: skip
     """The step with moments in bfloat16 or 8 bits (or stochastically rounded bfloat16
-    parameters): one kernel call per parameter dtype, validated every step."""
+    parameters): one kernel call per parameter dtype."""
+    moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None)
+    plan = _encoded_plan(lib, params, grads, moments, state_steps, state_dtype)
+    values = _increment_steps(lib, state_steps, plan.step_pointers)
+    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
+    wd_mode = _weight_decay_mode(hyper["weight_decay"], decoupled_weight_decay)
+    for launch in plan.launches:
+        round_param = stochastic_rounding and launch.code == _DTYPE_CODES[torch.bfloat16]
+        coef = []
+        for i in launch.members:
+            # The kernel derives the random keys (state_formats.step_key) from these two.
+            seed = rounding_seeds[i] if rounding_seeds is not None else i
+            coef += rows[i]
+            coef += (seed % 2**32, values[i])
+        n = len(launch.members)
+        status = lib.dynabound_adabound_cpu_encoded(
+            launch.code,
+            _state_format(state_dtype),
+            n,
+            launch.pointers,
+            launch.numels,
+            (ctypes.c_double * (6 * n))(*coef),
+            hyper_array,
+            wd_mode,
+            int(amsbound),
+            int(grad_scale is not None),
+            int(round_param),
+            torch.get_num_threads(),
+            _CHUNK,
+        )
+        if status != 0:
+            raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
+        if grad_scale is not None:
+            for grad, copy in launch.copies:
+                grad.copy_(copy)
+    torch.autograd.graph.increment_version(params)
+    if grad_scale is not None:
+        torch.autograd.graph.increment_version(grads)
+
+
+def _state_format(state_dtype) -> int:
+    """The moments' format code in cpu_kernel.cpp (2: the parameter's dtype)."""
+    if state_dtype == formats.EIGHT_BIT:
+        return 1
+    return 0 if state_dtype is torch.bfloat16 else 2
+
+
+def _encoded_plan(lib, params, grads, moments, state_steps, state_dtype) -> _Plan:
+    """:func:`_plan` for low-precision moments, keyed by the addresses of their codes and
+    block scales as well."""
     eight_bit = state_dtype == formats.EIGHT_BIT
-    state_format = 1 if eight_bit else (0 if state_dtype is torch.bfloat16 else 2)
+    try:
+        if eight_bit:
+            stored = [a for ms in moments if ms for m in ms for a in (m.codes, m.scales)]
+        else:
+            stored = [m for ms in moments if ms for m in ms]
+        addresses = [t.data_ptr() for t in stored]
+    except AttributeError:  # moments of another format: validation says so
+        addresses = None
+    key = (
+        "encoded",
+        _state_format(state_dtype),
+        moments[2] is not None,
+        *[p.data_ptr() for p in params],
+        *[g.data_ptr() for g in grads],
+        *(addresses or ()),
+        *[s.data_ptr() for s in state_steps],
+        *[p.numel() for p in params],
+    )
+    return _cached_plan(
+        None if addresses is None else key,
+        [g.stride() for g in grads],
+        lambda: (
+            _launches(lib, _collect_encoded(params, grads, moments, state_dtype), 8),
+            _step_pointers(state_steps),
+        ),
+    )
+
+
+_ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _collect_encoded(params, grads, moments, state_dtype) -> dict[torch.dtype, _Batch]:
+    """Group by dtype, validate, and gather the 8 pointers of each tensor: p, g, the three
+    moments' codes and their block scales (0 where absent)."""
+    eight_bit = state_dtype == formats.EIGHT_BIT
+    state_format = _state_format(state_dtype)
     batches: dict[torch.dtype, _Batch] = {}
     for i, p in enumerate(params):
         g = grads[i]
-        moments = [exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsbound else None]
         if p.is_complex():
             p, g = torch.view_as_real(p), torch.view_as_real(g)
         if p.dtype not in _ENCODED_DTYPES or not p.is_cpu:
@@ -391,11 +471,12 @@ def _fused_encoded(
             g = copy
         pointers = [p.data_ptr(), g.data_ptr()]
         scales = []
-        for k, moment in enumerate(moments):
-            if moment is None:
+        for k, stored in enumerate(moments):
+            if stored is None:
                 pointers.append(0)
                 scales.append(0)
                 continue
+            moment = stored[i]
             codes = moment.codes if eight_bit else moment
             if eight_bit:
                 expected: tuple[torch.dtype, ...] = (torch.int8 if k == 0 else torch.uint8,)
@@ -425,46 +506,7 @@ def _fused_encoded(
         batch.pointers += pointers + scales
         batch.numels.append(p.numel())
         batch.members.append(i)
-
-    pointers = _step_pointers(state_steps)
-    values = _increment_steps(lib, state_steps, pointers)
-    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
-    wd_mode = _weight_decay_mode(hyper["weight_decay"], decoupled_weight_decay)
-    for dtype, batch in batches.items():
-        round_param = stochastic_rounding and dtype is torch.bfloat16
-        coef = []
-        for i in batch.members:
-            seed = rounding_seeds[i] if rounding_seeds is not None else i
-            step = int(values[i])
-            coef += rows[i]
-            coef += [
-                formats.step_key(seed, step, formats.STREAM_STATE),
-                formats.step_key(seed, step, formats.STREAM_PARAM),
-            ]
-        n = len(batch.members)
-        status = lib.dynabound_adabound_cpu_encoded(
-            _DTYPE_CODES[dtype],
-            state_format,
-            n,
-            (ctypes.c_void_p * (8 * n))(*batch.pointers),
-            (ctypes.c_int64 * n)(*batch.numels),
-            (ctypes.c_double * (6 * n))(*coef),
-            hyper_array,
-            wd_mode,
-            int(amsbound),
-            int(grad_scale is not None),
-            int(round_param),
-            torch.get_num_threads(),
-            _CHUNK,
-        )
-        if status != 0:
-            raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
-        for grad, copy in batch.copies:
-            if grad_scale is not None:
-                grad.copy_(copy)
-    torch.autograd.graph.increment_version(params)
-    if grad_scale is not None:
-        torch.autograd.graph.increment_version(grads)
+    return batches
 
 
 def _step_pointers(steps: list[Tensor]) -> ctypes.Array | None:
@@ -477,7 +519,7 @@ class _Launch(NamedTuple):
     """One kernel call: the tensors of one dtype."""
 
     code: int  # the dtype's code in cpu_kernel.cpp
-    pointers: ctypes.Array  # p, g, m, v, vmax of each tensor
+    pointers: ctypes.Array  # p, g, m, v, vmax of each tensor (and 3 block scales if encoded)
     numels: ctypes.Array
     members: list[int]  # their indices in the step's lists
     copies: list[tuple[Tensor, Tensor]]  # (gradient, copy in its parameter's layout)
@@ -495,8 +537,7 @@ _CACHE_SIZE = 8
 
 def _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> _Plan:
     """The validated kernel calls for these tensors, cached by their addresses and sizes: a
-    step then reads addresses and gradient strides instead of validating every tensor.
-    Plans that copy a gradient into its parameter's layout are never cached."""
+    step then reads addresses and gradient strides instead of validating every tensor."""
     key = (
         *[p.data_ptr() for p in params],
         *[g.data_ptr() for g in grads],
@@ -506,14 +547,37 @@ def _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         *[s.data_ptr() for s in state_steps],
         *[p.numel() for p in params],
     )
-    grad_strides = [g.stride() for g in grads]
-    plan = _plans.get(key)
+
+    def build():
+        batches, step_pointers = _collect(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+        )
+        if step_pointers is not None:
+            step_pointers = (ctypes.c_void_p * len(step_pointers))(*step_pointers)
+        return _launches(lib, batches, 5), step_pointers
+
+    return _cached_plan(key, [g.stride() for g in grads], build)
+
+
+def _cached_plan(key: tuple | None, grad_strides: list, build) -> _Plan:
+    """The plan cached under ``key`` for these gradient strides, else a new one from
+    ``build() -> (launches, step pointers)``. Plans that copy a gradient into its
+    parameter's layout are never cached, nor any under the key None."""
+    plan = _plans.get(key) if key is not None else None
     if plan is not None and plan.grad_strides == grad_strides:
         _plans.move_to_end(key)
         return plan
-    batches, step_pointers = _collect(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-    )
+    launches, step_pointers = build()
+    plan = _Plan(launches, step_pointers, grad_strides)
+    if key is not None and not any(launch.copies for launch in launches):
+        _plans[key] = plan
+        if len(_plans) > _CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def _launches(lib, batches: dict[torch.dtype, _Batch], width: int) -> list[_Launch]:
+    """One kernel call per dtype; ``width``: pointers per tensor."""
     supported = lib.dynabound_supported_dtypes()
     launches = []
     for dtype, batch in batches.items():
@@ -521,20 +585,10 @@ def _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         if code is None or not (supported >> code) & 1:
             raise RuntimeError(f"dynabound's fused CPU kernel does not support {dtype} parameters")
         n = len(batch.numels)
-        pointers = (ctypes.c_void_p * (5 * n))(*batch.pointers)
-        launches.append(
-            _Launch(
-                code, pointers, (ctypes.c_int64 * n)(*batch.numels), batch.members, batch.copies
-            )
-        )
-    if step_pointers is not None:
-        step_pointers = (ctypes.c_void_p * len(step_pointers))(*step_pointers)
-    plan = _Plan(launches, step_pointers, grad_strides)
-    if not any(launch.copies for launch in launches):
-        _plans[key] = plan
-        if len(_plans) > _CACHE_SIZE:
-            _plans.popitem(last=False)
-    return plan
+        pointers = (ctypes.c_void_p * (width * n))(*batch.pointers)
+        numels = (ctypes.c_int64 * n)(*batch.numels)
+        launches.append(_Launch(code, pointers, numels, batch.members, batch.copies))
+    return launches
 
 
 def _collect(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):

@@ -331,8 +331,8 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
 // ---- Moments stored in bfloat16 or block-wise 8 bits (dynabound/state_formats.py) ----
 //
 // Each moment is decoded into float, updated as above, and encoded again with stochastic
-// rounding: the random bits are lowbias32(element index + key), the key a per-tensor,
-// per-step hash computed in Python, so every backend draws the same bits. 8-bit codes
+// rounding: the random bits are lowbias32(element index + key), the key a hash of the
+// parameter's seed and step (step_key), so every backend draws the same bits. 8-bit codes
 // keep a float's exponent and top 3 mantissa bits relative to the block's largest
 // magnitude (the block's float32 scale); code 0 is zero.
 
@@ -805,7 +805,13 @@ EncodedFn pick_encoded(int state_format, bool ams, int isa) {
 }
 
 // Layout of the per-tensor rows of `coef` for the encoded kernel.
-enum EncodedCoef { kENumerator, kELower, kEUpper, kERateScale, kEKeyState, kEKeyParam, kENum };
+enum EncodedCoef { kENumerator, kELower, kEUpper, kERateScale, kESeed, kEStep, kENum };
+
+// state_formats.step_key in 32-bit unsigned arithmetic, whose wraparound is its masking.
+enum Stream : uint32_t { kStreamState = 0, kStreamParam = 1 };
+uint32_t step_key(uint32_t seed, uint32_t step, Stream stream) {
+  return mix32(mix32(seed * 0x9E3779B9u + stream) + step);
+}
 
 template <typename S>
 int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const int64_t* numels,
@@ -839,8 +845,9 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     scalars[t].k.lower = float(c[kELower]);
     scalars[t].k.upper = float(c[kEUpper]);
     scalars[t].k.rate_scale = float(c[kERateScale]);
-    scalars[t].key_state = uint32_t(c[kEKeyState]);
-    scalars[t].key_param = uint32_t(c[kEKeyParam]);
+    const uint32_t seed = uint32_t(c[kESeed]), step = uint32_t(int64_t(c[kEStep]));
+    scalars[t].key_state = step_key(seed, step, kStreamState);
+    scalars[t].key_param = step_key(seed, step, kStreamParam);
     scalars[t].coupled = coupled;
     scalars[t].plain = plain;
     for (int64_t b = 0; b < numels[t]; b += chunk) {
@@ -891,7 +898,7 @@ int dynabound_adabound_cpu(int dtype, int64_t n_tensors, void* const* ptrs, cons
 // stochastically rounded bfloat16 parameters); dtype as above (float64 excluded).
 // ptrs: n_tensors rows of (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, and the three
 // float32 block-scale arrays, unused for bfloat16); coef rows: numerator, lower, upper,
-// rate scale, state key, parameter key. Returns 0 on success.
+// rate scale, the parameter's random seed (mod 2^32) and its step. Returns 0 on success.
 int dynabound_adabound_cpu_encoded(int dtype, int state_format, int64_t n_tensors,
                                    void* const* ptrs, const int64_t* numels, const double* coef,
                                    const double* hyper, int weight_decay_mode, int amsbound,
