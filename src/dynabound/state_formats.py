@@ -2,8 +2,8 @@
 
 An AdaBound step with float32 moments is memory-bound. Storing the moments in fewer bits
 makes the state smaller, and the step faster where decoding and encoding cost less than the
-bytes they save: on a 2-core CPU, bf16 moments take 0.75x the time of torch's fused Adam
-and 8-bit moments 0.95x (docs/figures/state-dtype-results.md).
+bytes they save: on a 2-core CPU, bf16 moments take 0.72x the time of torch's fused Adam
+and 8-bit moments 0.75x (docs/figures/state-dtype-results.md).
 
 Every backend decodes the stored moments into float32, runs the float32 update, and
 encodes them again; this module is the eager reference of the encodings.

@@ -21,8 +21,11 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   the widest the CPU runs picked at run time (:func:`vector_isa`), so one cached build runs
   on every x86-64 machine sharing the cache. Software prefetching 2 KB ahead made the
   one-thread step 5-10% faster on 64 MB tensors. The low-precision-state loops are
-  compute-bound, and 512-bit vectors make them faster: 1.03x (bf16) and 1.14x (8-bit) with
-  two threads on GPT-2 124M shapes (benchmarks/README.md).
+  compute-bound, and 512-bit vectors make them faster; whole blocks of float32 parameters
+  with 8-bit moments take a loop written with AVX-512 intrinsics
+  (``cpu_kernel_avx512.h``), which keeps decoded moments and codes in registers: 0.75x
+  torch's fused Adam with two threads on GPT-2 124M shapes, against 1.09x for the AVX2
+  copy of the portable loops (benchmarks/README.md).
 * Per step, Python compares the tensors' addresses (and the gradients' strides) with a
   cached plan of validated kernel calls, rebuilt when a tensor moves: small models, where
   the host side is most of a step, stay near torch's fused Adam (a 784-256-10 perceptron:
