@@ -1,8 +1,8 @@
-// The 8-bit step of one whole block of float32 parameters, written with AVX-512 intrinsics.
+// The 8-bit step of whole blocks of float32 parameters, written with AVX-512 intrinsics.
 // Part of cpu_kernel.cpp, included inside its anonymous namespace after the portable 8-bit
 // loops, whose operations this repeats in the same order: decode8, update_element,
-// keep_largest and encode8<true>, so the two compute the same bits (tests compare both with
-// the reference; DYNABOUND_CPU_ISA=avx2 selects the portable loops).
+// keep_largest and encode8<true>, so the two compute the same bits (the tests compare this
+// copy with the portable ones, which DYNABOUND_CPU_ISA=avx2 selects, and the reference).
 //
 // Why by hand: compilers vectorise the portable loops as wide as their narrowest type, 64
 // one-byte codes at a time, which spills, and so they pass the decoded moments and 32-bit
