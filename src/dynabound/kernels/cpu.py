@@ -261,48 +261,49 @@ def fused_adabound_cpu(
     if found_inf is not None and found_inf.item() != 0:
         return
     lr_value = lr.item() if isinstance(lr, Tensor) else float(lr)
-    if state_dtype is not None or (
+    max_exp_avg_sqs = max_exp_avg_sqs if amsbound else None
+    # Low-precision moments or stochastically rounded bf16 parameters: the encoded kernel.
+    encoded = state_dtype is not None or (
         stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
-    ):
-        _fused_encoded(
-            lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None,
-            state_steps, lr_value=lr_value, grad_scale=grad_scale, amsbound=amsbound,
-            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
-            rounding_seeds=rounding_seeds, bounds=bounds, final_lr=final_lr, base_lr=base_lr,
-            gamma=gamma, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, unscaled_decay=unscaled_decay,
-            box=box, maximize=maximize,
-        )  # fmt: skip
-        return
-    plan = _plan(
-        lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None,
-        state_steps,
-    )  # fmt: skip
+    )
+    if encoded:
+        moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        plan = _encoded_plan(lib, params, grads, moments, state_steps, state_dtype)
+    else:
+        plan = _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     values = _increment_steps(lib, state_steps, plan.step_pointers)
-    hyper = dict(
-        bounds=bounds, final_lr=final_lr, base_lr=base_lr, gamma=gamma, beta1=beta1,
-        beta2=beta2, eps=eps, weight_decay=weight_decay, unscaled_decay=unscaled_decay,
-        box=box, maximize=maximize,
+    rows, hyper_array = _scalars(
+        values, lr_value, grad_scale, bounds=bounds, final_lr=final_lr, base_lr=base_lr,
+        gamma=gamma, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        unscaled_decay=unscaled_decay, box=box, maximize=maximize,
     )  # fmt: skip
-
-    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
-    wd_mode = _weight_decay_mode(weight_decay, decoupled_weight_decay)
+    flags = (
+        _weight_decay_mode(weight_decay, decoupled_weight_decay),
+        int(amsbound),
+        int(grad_scale is not None),
+    )
     for launch in plan.launches:
         n = len(launch.members)
-        coef = [x for i in launch.members for x in rows[i]]
-        status = lib.dynabound_adabound_cpu(
-            launch.code,
-            n,
-            launch.pointers,
-            launch.numels,
-            (ctypes.c_double * (4 * n))(*coef),
-            hyper_array,
-            wd_mode,
-            int(amsbound),
-            int(grad_scale is not None),
-            torch.get_num_threads(),
-            _CHUNK,
-        )
+        if encoded:
+            coef = []
+            for i in launch.members:
+                # The kernel derives the random keys (state_formats.step_key) from these two.
+                seed = rounding_seeds[i] if rounding_seeds is not None else i
+                coef += rows[i]
+                coef += (seed % 2**32, values[i])
+            round_param = stochastic_rounding and launch.code == _DTYPE_CODES[torch.bfloat16]
+            status = lib.dynabound_adabound_cpu_encoded(
+                launch.code, _state_format(state_dtype), n, launch.pointers, launch.numels,
+                (ctypes.c_double * (6 * n))(*coef), hyper_array, *flags, int(round_param),
+                torch.get_num_threads(), _CHUNK,
+            )  # fmt: skip
+        else:
+            coef = [x for i in launch.members for x in rows[i]]
+            status = lib.dynabound_adabound_cpu(
+                launch.code, n, launch.pointers, launch.numels,
+                (ctypes.c_double * (4 * n))(*coef), hyper_array, *flags,
+                torch.get_num_threads(), _CHUNK,
+            )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
         if grad_scale is not None:
@@ -356,52 +357,6 @@ def _scalars(
         hi=box[1] if box is not None else math.inf,
     )
     return rows, (ctypes.c_double * len(_HYPER))(*(float(hyper[k]) for k in _HYPER))
-
-
-def _fused_encoded(
-    lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr_value,
-    grad_scale, amsbound, state_dtype, stochastic_rounding, rounding_seeds,
-    decoupled_weight_decay, **hyper,
-) -> None:  # fmt: skip
-    """The step with moments in bfloat16 or 8 bits (or stochastically rounded bfloat16
-    parameters): one kernel call per parameter dtype."""
-    moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else None)
-    plan = _encoded_plan(lib, params, grads, moments, state_steps, state_dtype)
-    values = _increment_steps(lib, state_steps, plan.step_pointers)
-    rows, hyper_array = _scalars(values, lr_value, grad_scale, **hyper)
-    wd_mode = _weight_decay_mode(hyper["weight_decay"], decoupled_weight_decay)
-    for launch in plan.launches:
-        round_param = stochastic_rounding and launch.code == _DTYPE_CODES[torch.bfloat16]
-        coef = []
-        for i in launch.members:
-            # The kernel derives the random keys (state_formats.step_key) from these two.
-            seed = rounding_seeds[i] if rounding_seeds is not None else i
-            coef += rows[i]
-            coef += (seed % 2**32, values[i])
-        n = len(launch.members)
-        status = lib.dynabound_adabound_cpu_encoded(
-            launch.code,
-            _state_format(state_dtype),
-            n,
-            launch.pointers,
-            launch.numels,
-            (ctypes.c_double * (6 * n))(*coef),
-            hyper_array,
-            wd_mode,
-            int(amsbound),
-            int(grad_scale is not None),
-            int(round_param),
-            torch.get_num_threads(),
-            _CHUNK,
-        )
-        if status != 0:
-            raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
-        if grad_scale is not None:
-            for grad, copy in launch.copies:
-                grad.copy_(copy)
-    torch.autograd.graph.increment_version(params)
-    if grad_scale is not None:
-        torch.autograd.graph.increment_version(grads)
 
 
 def _state_format(state_dtype) -> int:
