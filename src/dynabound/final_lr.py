@@ -1,0 +1,125 @@
+"""Choosing ``final_lr``: the AdaBound limit that takes the steps of a given SGD recipe.
+
+Once AdaBound's bounds have closed, its update is ``p -= final * m`` with
+``m = beta1*m + (1-beta1)*g`` (``m`` starts at zero) and ``final = final_lr * lr / base_lr``.
+``torch.optim.SGD(lr, momentum, dampening)`` steps ``p -= lr * b`` with
+``b = momentum*b + (1-dampening)*g``, except on its first step, where torch seeds the buffer
+with the gradient itself (``b = g``, no dampening).
+
+Both are linear filters of the gradients. In steady state (a constant gradient ``g``) SGD's
+step is ``lr * (1-dampening)/(1-momentum) * g`` and AdaBound's is ``final * g``, so
+
+    final = lr * (1 - dampening) / (1 - momentum)
+
+When ``momentum == beta1`` the two filters have the same shape and the match holds step by
+step, not only in steady state:
+
+* ``dampening = 0`` (torch's default): exact from the first step. ``b`` equals
+  ``m / (1-beta1)`` at every step, torch's seeding included. An SGD recipe with momentum
+  0.9 at lr 0.1 is AdaBound's limit with ``final_lr = 1.0``.
+* ``dampening = momentum`` (Savarese, arXiv:1908.04457; Keskar and Socher's SWATS): equal
+  filters, ``final = lr``, but torch's undampened first step moves the parameters by an
+  extra ``lr * dampening * g1 / (1-momentum)`` over the following steps (``g1`` the first
+  gradient), which no ``final_lr`` reproduces. An SGD whose buffer starts at zero (set
+  ``optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)`` before the first step)
+  is matched exactly.
+
+Otherwise (``momentum != beta1``, Nesterov momentum, or no momentum at all) the match is
+the steady-state one: the same step for a slowly varying gradient, with a different
+response to fast changes. AdaBound's lr schedule scales ``final`` (``lr / base_lr``), so an
+SGD schedule that multiplies its rate by ``k(t)`` is matched by the same schedule on
+AdaBound's lr.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+__all__ = ["final_lr_from_sgd", "sgd_step_factor"]
+
+
+def _check(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> None:
+    real = isinstance(value, Real) and math.isfinite(value)
+    inside = real and (low <= value < high if high_open else low <= value <= high)
+    if not inside:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, Real) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def sgd_step_factor(momentum: float, dampening: float = 0.0, *, nesterov: bool = False) -> float:
+    """How many gradients one steady-state step of ``torch.optim.SGD`` takes per unit of lr:
+    ``(1 - dampening) / (1 - momentum)``, or 1 without momentum (torch then ignores
+    ``dampening``).
+
+    Nesterov momentum steps ``lr * (g + momentum*b)``: in steady state
+    ``1 + momentum/(1-momentum) = 1/(1-momentum)``, and torch requires ``dampening = 0``
+    with it.
+    """
+    _check("momentum", momentum, 0.0, 1.0)
+    _check("dampening", dampening, 0.0, 1.0, high_open=False)
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening (as in torch)")
+    if momentum == 0:
+        return 1.0
+    return (1.0 - dampening) / (1.0 - momentum)
+
+
+def final_lr_from_sgd(
+    lr: float,
+    momentum: float = 0.9,
+    dampening: float = 0.0,
+    *,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_lr: float | None = None,
+    base_lr: float | None = None,
+) -> float:
+    """The ``final_lr`` whose SGD phase takes the steps of ``torch.optim.SGD(lr, momentum,
+    dampening, nesterov)``.
+
+    ``final = lr * (1 - dampening) / (1 - momentum)``: exact step by step when
+    ``momentum == betas[0]`` and ``dampening == 0``, exact but for torch's undampened first
+    step when ``dampening == momentum``, and a steady-state match otherwise (see the module
+    documentation). Examples: ``final_lr_from_sgd(0.1)`` is 1.0 (momentum 0.9, torch's
+    default dampening 0), ``final_lr_from_sgd(0.1, dampening=0.9)`` is 0.1.
+
+    ``final_lr`` is referred to the group's ``base_lr``: AdaBound's final rate is
+    ``final_lr * adam_lr / base_lr``. Leave both out when the optimizer is built with its
+    ``base_lr`` equal to its lr (the default); give both when they differ, for example when
+    building AdaBound from a checkpoint whose lr has already been decayed.
+
+    Args:
+        lr: the SGD recipe's learning rate (positive).
+        momentum: its momentum, in [0, 1).
+        dampening: its dampening, in [0, 1) (1 would make every step zero).
+        nesterov: whether the recipe uses Nesterov momentum.
+        betas: AdaBound's betas; only ``betas[0]`` matters, for whether the match is exact.
+        adam_lr: AdaBound's lr at the time the match should hold, with ``base_lr``.
+        base_lr: AdaBound's ``base_lr``, with ``adam_lr``.
+
+    Returns:
+        The ``final_lr`` to pass to ``AdaBound`` and its siblings (and to the optax and
+        Keras ports, whose ``final_lr`` is referred to their base rate alike).
+    """
+    _check_positive("lr", lr)
+    if dampening == 1 and momentum != 0:
+        raise ValueError("dampening 1 makes every SGD step zero; no final_lr matches it")
+    _check("betas[0]", betas[0], 0.0, 1.0)
+    if (adam_lr is None) != (base_lr is None):
+        raise ValueError("give both adam_lr and base_lr, or neither")
+    ratio = 1.0
+    if adam_lr is not None and base_lr is not None:
+        _check_positive("adam_lr", adam_lr)
+        _check_positive("base_lr", base_lr)
+        ratio = base_lr / adam_lr
+    final_lr = lr * sgd_step_factor(momentum, dampening, nesterov=nesterov) * ratio
+    # 1 - 0.9 is 0.09999999999999998 in binary, so 0.1 / (1 - 0.9) would print as
+    # 1.0000000000000002; 15 significant digits give the decimal value the recipe meant and
+    # stay within float rounding of the exact quotient.
+    return float(f"{final_lr:.15g}")
