@@ -36,6 +36,12 @@ examples:
 HPARAMS = (
     ("lr", float, "learning rate (Adam-phase lr for the bounded methods)"),
     ("momentum", float, "SGDM momentum"),
+    (
+        "dampening",
+        float,
+        "SGDM: dampening, the gradient enters the momentum buffer times 1 - dampening "
+        "(default 0; sgdm-damped: equal to the momentum, AdaBound's limit)",
+    ),
     ("beta1", float, "first-moment coefficient"),
     ("beta2", float, "second-moment coefficient"),
     ("beta3", float, "Adan: coefficient of its second moment (its beta2 is the difference's)"),
@@ -232,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="offline demo: two convex counterexamples + six optimizers on digits (CPU, ~20 s)",
+        help="offline demo: two convex counterexamples + seven optimizers on digits (CPU, ~20 s)",
         description="Runs offline on CPU: (1) the online convex counterexample where Adam "
         "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
-        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training "
-        "an MLP on scikit-learn's handwritten digits. Writes DIR/report.md with a results "
-        "table and PNG figures.",
+        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound, and "
+        "dampened SGDM (AdaBound's limit), training an MLP on scikit-learn's handwritten "
+        "digits. Writes DIR/report.md with a results table and PNG figures.",
     )
     demo.add_argument(
         "--out", default="dynabound-demo", help="output directory (default ./dynabound-demo)"

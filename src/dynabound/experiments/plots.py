@@ -34,6 +34,7 @@ PathLike = str | os.PathLike[str]
 # One colour per optimizer in every figure; the bounded methods get the warm colours.
 COLOURS = {
     "sgdm": "#1f77b4",
+    "sgdm-damped": "#6baed6",
     "adagrad": "#9467bd",
     "adam": "#2ca02c",
     "amsgrad": "#17becf",
