@@ -321,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIM=KEY",
         help="instead of curves, draw the final and best test metric against the "
         "hyperparameter each optimizer's runs vary, one curve per optimizer, e.g. "
-        "--against sgdm=lr adabound=final_lr (a sensitivity study)",
+        "--against sgdm=lr adabound=final_lr (a sensitivity study); or --against "
+        "effective-step: every method on the step it takes in its SGD regime, lr/(1-momentum) "
+        "for SGDM, lr for dampened SGDM, final_lr for the bounded methods. Runs that differ "
+        "only by their seed make one point (their mean, a bar from lowest to highest); the "
+        "points are printed as a table",
     )
 
     probe = sub.add_parser(

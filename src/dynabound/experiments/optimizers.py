@@ -36,6 +36,7 @@ __all__ = [
     "DampedSGD",
     "build_optimizer",
     "display_name",
+    "effective_sgd_step",
     "is_dynabound",
 ]
 
@@ -102,11 +103,54 @@ def is_dynabound(name_or_optimizer: str | torch.optim.Optimizer) -> bool:
     return isinstance(name_or_optimizer, AdaBound)
 
 
+def effective_sgd_step(name: str, hparams: Mapping[str, Any]) -> tuple[float, str]:
+    """The step per unit of gradient that an optimizer takes in its SGD regime, and its
+    formula: the common axis on which SGDM's lr and AdaBound's final_lr can be compared.
+
+    * SGD with momentum ``m`` and dampening ``d``: under a steady gradient ``g`` the buffer
+      settles at ``g (1-d)/(1-m)``, so the step is ``lr (1-d)/(1-m)``: ``lr/(1-m)`` for
+      torch's default d = 0 (ten times lr at m = 0.9), ``lr`` with d = m. Without momentum
+      torch ignores the dampening: the step is ``lr``.
+    * The bounded methods, once the bounds have closed: ``final * m`` with ``m`` an average
+      of gradients, and ``final = final_lr * lr / base_lr`` is ``final_lr`` (a run's lr is
+      its base lr). The paper's bounds (``bounds="paper"``) divide the rate by sqrt(t) and
+      have no such constant step.
+
+    Missing values take :func:`build_optimizer`'s defaults. Other optimizers have no SGD
+    regime: ValueError.
+    """
+    key = _check_name(name)
+    if key in ("sgdm", "sgdm-damped"):
+        lr, momentum = hparams.get("lr", 0.1), hparams.get("momentum", 0.9)
+        dampening = hparams.get("dampening", momentum if key == "sgdm-damped" else 0.0)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"{display_name(key)}: momentum must lie in [0, 1), got {momentum}")
+        if momentum == 0:
+            return lr, "lr"
+        if dampening == momentum:
+            return lr, "lr"
+        if dampening == 0:
+            return lr / (1 - momentum), "lr/(1-momentum)"
+        return lr * (1 - dampening) / (1 - momentum), "lr(1-dampening)/(1-momentum)"
+    if key in DYNABOUND_OPTIMIZERS:
+        if hparams.get("bounds", "reference") == "paper":
+            raise ValueError(
+                f"{display_name(key)} with the paper's bounds has no constant SGD step: its "
+                "rate is divided by sqrt(t)"
+            )
+        return hparams.get("final_lr", 0.1), "final_lr"
+    raise ValueError(
+        f"{display_name(key)} has no effective SGD step: it is defined for SGDM, dampened "
+        f"SGDM and the bounded methods ({', '.join(DYNABOUND_OPTIMIZERS)})"
+    )
+
+
 def build_optimizer(
     name: str, params: Iterable[Any], hparams: Mapping[str, Any]
 ) -> torch.optim.Optimizer:
     """A ready optimizer for ``params``; missing hyperparameters take each class's defaults,
-    except SGDM's momentum (0.9, the paper's) and AdaGrad's initial accumulator (0)."""
+    except SGDM's momentum (0.9, the paper's), dampened SGDM's dampening (its momentum) and
+    AdaGrad's initial accumulator (0)."""
     key = _check_name(name)
     unknown = set(hparams) - ALLOWED[key]
     if unknown:
