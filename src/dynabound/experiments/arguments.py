@@ -343,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="sample",
         help="one sampled kernel per layer (paper) or the mean over channels",
     )
+    probe.add_argument(
+        "--all-elements",
+        action="store_true",
+        help="also draw the elements whose second moment is still zero (no gradient yet: "
+        "their rate is lr/eps for Adam, set by eps, not by the optimizer's dynamics); by "
+        "default they are left out, grey, and the title counts them",
+    )
     probe.add_argument("--device", default="cpu")
 
     convert = sub.add_parser(

@@ -369,7 +369,9 @@ def _transition_names(runs: list[Path]) -> dict[Path, str]:
 def _cmd_probe(ns: argparse.Namespace) -> int:
     from .probe import probe_run
 
-    path = probe_run(ns.run, ns.out, kernel=ns.kernel, device=ns.device)
+    path = probe_run(
+        ns.run, ns.out, kernel=ns.kernel, device=ns.device, all_elements=ns.all_elements
+    )
     print(path)
     return 0
 
