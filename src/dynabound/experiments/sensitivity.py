@@ -41,7 +41,8 @@ class SensitivityPoint:
 
     @property
     def label(self) -> str:
-        return f"{DISPLAY_NAMES.get(self.optim, self.optim)} ({self.formula or self.key})"
+        name = DISPLAY_NAMES.get(self.optim, self.optim)
+        return f"{name}: x = {self.formula}" if self.formula else f"{name} ({self.key})"
 
 
 def sensitivity_points(
