@@ -136,6 +136,7 @@ def test_effective_step_puts_every_method_on_one_axis(matched):
     assert sgdm.final["mean"] == pytest.approx(98.12) and sgdm.final["min"] == 98.11
     table = sensitivity_table(points)
     assert "| SGDM | 1 (lr/(1-momentum)) | lr = 0.1 | 3 | 98.12 ± 0.01 |" in table
+    assert table.splitlines()[2].endswith("| 1: 98.15, 2: 98.15, 3: 98.15 | 2 |")
     assert "| AdaBound | 1 (final_lr) | final_lr = 1 | 3 | 97.70 ± 0.00 |" in table
 
 

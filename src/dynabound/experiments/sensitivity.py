@@ -37,6 +37,7 @@ class SensitivityPoint:
     final: dict[str, Any]
     best: dict[str, Any]
     seeds: tuple[int, ...]
+    epochs: tuple[int, ...]  # each run's last finished epoch: a study still running shows
     metric: str
 
     @property
@@ -97,6 +98,7 @@ def sensitivity_points(
                 final=summarize(finals),
                 best=summarize(bests),
                 seeds=tuple(group.seeds),
+                epochs=tuple(m[-1]["epoch"] for m in group.metrics),
                 metric=metric,
             )
         )
@@ -107,25 +109,29 @@ def sensitivity_points(
 
 
 def sensitivity_table(points: Sequence[SensitivityPoint]) -> str:
-    """The points as a markdown table: method, hyperparameter, effective step, seeds, and
-    the final and best test metric (mean ± sample standard deviation over the seeds)."""
+    """The points as a markdown table: method, effective step, hyperparameter, seeds, the
+    final and best test metric (mean ± sample standard deviation over the seeds), each
+    seed's final value and the epochs the runs have reached."""
     if not points:
         return "no runs\n"
     name = "test perplexity" if points[0].metric == "perplexity" else "test accuracy (%)"
     effective = points[0].formula is not None
     lines = [
         f"| method | {'effective SGD step | ' if effective else ''}setting | n | "
-        f"final {name} | best {name} | final, seed: value |",
-        "|---|---|---|---|---|---|" + ("---|" if effective else ""),
+        f"final {name} | best {name} | final, seed: value | epochs |",
+        "|---|---|---|---|---|---|---|" + ("---|" if effective else ""),
     ]
     for p in points:
         step = f"{p.x:g} ({p.formula}) | " if effective else ""
         per_seed = ", ".join(
             f"{s}: {v:.2f}" for s, v in zip(p.seeds, p.final["values"], strict=True)
         )
+        low, high = min(p.epochs), max(p.epochs)
+        epochs = str(low) if low == high else f"{low}-{high}"
         lines.append(
             f"| {DISPLAY_NAMES.get(p.optim, p.optim)} | {step}{p.key} = {p.value:g} | "
-            f"{len(p.seeds)} | {_mean_std(p.final)} | {_mean_std(p.best)} | {per_seed} |"
+            f"{len(p.seeds)} | {_mean_std(p.final)} | {_mean_std(p.best)} | {per_seed} | "
+            f"{epochs} |"
         )
     return "\n".join(lines) + "\n"
 
