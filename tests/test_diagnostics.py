@@ -518,3 +518,105 @@ def test_diagnostics_import_without_matplotlib(monkeypatch):
     assert set(fresh.effective_lr(opt)) == set(params)
     with pytest.raises(ImportError, match="blocked"):
         fresh.plot_transition([{"step": 1, "lower": 0, "free": 1, "upper": 0}], "unused.png")
+
+
+class DeadUnitMLP(nn.Module):
+    """8-16-4 ReLU perceptron whose hidden unit 5 never fires and whose input 3 is always 0:
+    the weights touching them never get a nonzero gradient."""
+
+    DEAD, BLANK = 5, 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.fc1.weight[self.DEAD] = 0
+            self.fc1.bias[self.DEAD] = -100.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+ZERO_MOMENT_CASES = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-3),
+    "adabound": lambda ps: AdaBound(ps, lr=1e-3, foreach=False),
+    "amsbound-8bit": lambda ps: AMSBound(ps, lr=1e-3, state_dtype="8bit"),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_MOMENT_CASES))
+def test_elements_that_never_had_a_gradient_are_excluded_and_counted(case):
+    model = DeadUnitMLP()
+    opt = ZERO_MOMENT_CASES[case](list(model.parameters()))
+    g = torch.Generator().manual_seed(3)
+    touched = {p: torch.zeros_like(p, dtype=torch.bool) for p in model.parameters()}
+    for _ in range(20):
+        x = torch.randn(32, 8, generator=g)
+        x[:, DeadUnitMLP.BLANK] = 0
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.randint(0, 4, (32,), generator=g)).backward()
+        for p in model.parameters():
+            touched[p] |= p.grad != 0
+        opt.step()
+    never = {p: ~t for p, t in touched.items()}
+    n_never = sum(int(m.sum()) for m in never.values())
+    assert n_never == 8 + 1 + 4 + 15  # the dead unit's row, bias, outgoing column; input 3
+
+    kept = effective_lr(opt)
+    assert kept.excluded == 0
+    rates = effective_lr(opt, exclude_zero_second_moment=True)
+    assert rates.excluded == n_never and rates.numel == sum(p.numel() for p in model.parameters())
+    for p, rate in rates.items():
+        assert torch.equal(rate.isnan(), never[p])
+        torch.testing.assert_close(rate[~never[p]], kept[p][~never[p]], rtol=0, atol=0)
+    remaining = rate_statistics(rates.values())["rate_max"]
+    everything = rate_statistics(kept.values())["rate_max"]
+    assert remaining < everything
+    if case in ("adam", "amsgrad", "adamw", "adamax"):
+        # The artifact: exactly lr/eps (bias-corrected), only where the moment is zero.
+        eps_rate = 1e-3 / (1 - 0.9**20) / 1e-8
+        assert everything == pytest.approx(eps_rate, rel=1e-6)
+        assert remaining < 1e-3 / 1e-8
+
+
+def test_sgd_has_no_second_moment_to_exclude():
+    model = DeadUnitMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    rates = effective_lr(opt, exclude_zero_second_moment=True)
+    assert rates.excluded == 0 and not any(r.isnan().any() for r in rates.values())
+
+
+def test_the_heatmap_states_how_many_elements_were_left_out(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    model = DeadUnitMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    rates = effective_lr(opt, exclude_zero_second_moment=True)
+    titles = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.append(fig._suptitle.get_text())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    blocks = select_figure1_params(model, rates, kernel="sample")
+    blocks.append(("fc1.weight[5]", rates[model.fc1.weight][DeadUnitMLP.DEAD, :3][None]))
+    path = plot_rate_heatmap(
+        blocks, tmp_path / "heat.png", title="Adam", excluded=(rates.excluded, rates.numel), dpi=50
+    )
+    assert path.stat().st_size > 10_000
+    assert titles[0].startswith("Adam\n")
+    assert f"{rates.excluded:,} of {rates.numel:,} elements" in titles[0]
+    mean = select_figure1_params(model, rates, kernel="mean")  # no conv: matrix blocks
+    assert all(not torch.isnan(b).all() for _, b in mean)

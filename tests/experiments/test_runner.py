@@ -268,6 +268,26 @@ def test_run_files_get_the_umasks_permissions(umask, mnist_dir, tmp_path):
     finally:
         os.umask(previous)
     expected = 0o666 & ~umask
-    assert modes == dict.fromkeys(("config.json", "metrics.jsonl", "checkpoint.pt"), expected)
-    names = ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png", "transition.png")
+    files = ("config.json", "metrics.jsonl", "checkpoint.pt", "environment.jsonl")
+    assert modes == dict.fromkeys(files, expected)
+    names = (*files, "curves.png", "transition.png")
     assert modes_after == dict.fromkeys(names, expected)
+
+
+def test_every_start_and_resume_records_the_code_and_machine(mnist_dir, tmp_path):
+    def interrupt(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (2, 1):
+            raise KeyboardInterrupt
+
+    config = _mnist_config(mnist_dir, epochs=2)
+    first = train(config, tmp_path, quiet=True, checkpoint_steps=1, on_batch=interrupt)
+    train({}, tmp_path, resume=True, quiet=True, figures=False)
+    lines = (tmp_path / "environment.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["from_step"] for r in records] == [0, first.steps_done]
+    for r in records:
+        assert r["torch"] == torch.__version__ and r["threads"] == torch.get_num_threads()
+        assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert r["device"] == "cpu" and r["processes"] == 1
+        # The checkout's commit (this test runs from one), "+dirty" if the package differs.
+        assert r["source"] is None or len(r["source"].split("+")[0]) == 40

@@ -56,7 +56,8 @@ def select_figure1_params(
     kernels, evenly spread over depth (first and last included), then the per-element
     rates of the last bias vector (the final layer's biases). ``kernel="sample"`` takes one
     ``(out, in)`` kernel per layer chosen with a ``seed``-ed generator, as the paper
-    samples kernels; ``kernel="mean"`` averages the rates over all in/out channels.
+    samples kernels; ``kernel="mean"`` averages the rates over all in/out channels (NaN
+    rates, elements left out, are not averaged).
     Models with fewer conv layers (an MLP) fill the remaining slots with randomly placed
     3x3 blocks of weight matrices, spread evenly over the layers.
     """
@@ -78,7 +79,7 @@ def select_figure1_params(
     convs = [(n, r) for n, r in named if r.dim() == 4 and tuple(r.shape[-2:]) == (3, 3)]
     for name, r in _evenly_spread(convs, n_kernels):
         if kernel == "mean":
-            blocks.append((f"{name} (mean)", r.mean(dim=(0, 1))))
+            blocks.append((f"{name} (mean)", r.nanmean(dim=(0, 1))))
         else:
             out, inp = draw(r.shape[0]), draw(r.shape[1])
             blocks.append((f"{name}[{out},{inp}]", r[out, inp]))
@@ -133,15 +134,20 @@ def plot_rate_heatmap(
     cmap: str = "viridis",
     max_bias: int = 16,
     dpi: int = 150,
+    excluded: tuple[int, int] | None = None,
 ) -> Path:
     """Figure 1 of the paper: per-element rates of small blocks on one log colour scale.
 
     ``named_rates`` holds ``(label, rates)``: 2-D blocks (e.g. 3x3 kernels) are drawn in a
     grid, 1-D vectors (biases; the first ``max_bias`` elements) as full-width rows below.
     :func:`select_figure1_params` chooses them as the paper does. Every cell is annotated
-    with its value; zero or negative rates are grey. ``bounds=(lower, upper)`` marks the
-    bounds on the colour bar. Writes a PNG (or any format matplotlib infers from ``path``),
-    creating parent directories, and returns ``path``.
+    with its value; zero, negative and NaN rates are grey (NaN: an element
+    ``effective_lr(..., exclude_zero_second_moment=True)`` left out, marked "-").
+    ``excluded=(count, total)``, that call's ``rates.excluded`` and ``rates.numel``, adds
+    a line under the title saying how many elements of the model were left out, so that the
+    figure states it. ``bounds=(lower, upper)`` marks the bounds on the colour bar. Writes a
+    PNG (or any format matplotlib infers from ``path``), creating parent directories, and
+    returns ``path``.
     """
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
@@ -174,8 +180,16 @@ def plot_rate_heatmap(
     heights = [1.0] * nrows + [0.45] * len(rows)
     width, height = 2.3 * ncols + 1.8, 2.2 * nrows + 1.0 * len(rows) + 0.6
     # A fixed layout: constrained layout measures every annotation and takes seconds.
+    if excluded is not None:
+        count, total = excluded
+        note = (
+            f"left out (grey, -): {count:,} of {total:,} elements whose second moment is "
+            "still zero (no gradient yet; their rate comes from eps or the bound)"
+        )
+        title = f"{title}\n{note}" if title else note
     fig = Figure(figsize=(width, height))
-    top = 1 - (0.75 if title else 0.35) / height
+    lines = title.count("\n") + 1 if title else 0
+    top = 1 - (0.35 + 0.4 * lines) / height
     spec = fig.add_gridspec(
         len(heights), ncols, height_ratios=heights, left=0.02, right=1 - 1.9 / width,
         bottom=0.1 / height, top=top, hspace=0.25, wspace=0.06,
@@ -200,7 +214,7 @@ def plot_rate_heatmap(
         label += f"\nred: bounds {bounds[0]:.3g} and {bounds[1]:.3g}"
     bar.set_label(label)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=12 if lines == 1 else 9)
     return _save(fig, path, dpi)
 
 
@@ -224,7 +238,7 @@ def _draw_block(ax: Any, a: np.ndarray, norm: Any, colormap: Any, annotate: bool
         ax.text(
             j,
             i,
-            f"{value:.2g}",
+            "-" if np.isnan(value) else f"{value:.2g}",
             ha="center",
             va="center",
             fontsize=fontsize,

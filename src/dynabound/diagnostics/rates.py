@@ -25,6 +25,12 @@ Formulas (``u`` is the second-moment buffer, ``t`` the per-parameter step):
 
 Complex parameters are treated as pairs of real coordinates, as the optimizers do: their
 rates have shape ``(*p.shape, 2)`` (``torch.view_as_real`` layout).
+
+Elements whose second moment is still exactly zero (no nonzero gradient so far: the weights
+of a dead hidden unit, of an input pixel that is blank in every image) get the largest rate
+there is, ``lr/eps`` for Adam (the bound for AdaBound), from eps, not from any gradient.
+``effective_lr(..., exclude_zero_second_moment=True)`` leaves them out (as NaN) and counts
+them, so that a figure of the rates shows the optimizer's dynamics, not this artifact.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ..optim import AdaBound
 
 __all__ = [
     "BoundActivity",
+    "EffectiveRates",
     "ParamActivity",
     "SUPPORTED_OPTIMIZERS",
     "bound_activity",
@@ -107,18 +114,9 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
         beta1=_float(beta1),
         beta2=_float(beta2),
     )
-    # A group switched to amsbound after its last step has no running max yet; the next
-    # step starts it from exp_avg_sq, which is also what the last step used.
-    moment = "exp_avg_sq"
-    if group["amsbound"] and "max_exp_avg_sq" in state:
-        moment = "max_exp_avg_sq"
     # Same operations as dynabound.functional (in place to spare memory), so rounding
     # matches the step's; moments stored in fewer bits are read as the step reads them.
-    u = state[moment]
-    if formats.scale_key(moment) in state or u.dtype in (torch.bfloat16, torch.float16):
-        raw = formats.moment_float32(state, moment).sqrt_()
-    else:
-        raw = _real(u).sqrt()
+    raw = _dynabound_moment(group, state).sqrt()
     if c.eps_used:
         raw.add_(group["eps"])
     raw.reciprocal_().mul_(c.numerator)
@@ -126,6 +124,38 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     absolute = _float(group["lr"]) * _float(c.scale)
     rate = raw.clamp(lower, upper).mul_(absolute)
     return _DynaboundRate(rate, raw, lower, upper, absolute, step)
+
+
+def _dynabound_moment(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
+    """The second moment the rate uses, in float32 or wider, read as the step reads it (also
+    from bfloat16 or 8-bit storage); the state's own tensor where it is stored as such."""
+    # A group switched to amsbound after its last step has no running max yet; the next
+    # step starts it from exp_avg_sq, which is also what the last step used.
+    moment = "exp_avg_sq"
+    if group["amsbound"] and "max_exp_avg_sq" in state:
+        moment = "max_exp_avg_sq"
+    u = state[moment]
+    if formats.scale_key(moment) in state or u.dtype in (torch.bfloat16, torch.float16):
+        return formats.moment_float32(state, moment)
+    return _real(u)
+
+
+def _second_moment(
+    optimizer: Optimizer, group: Mapping[str, Any], state: Mapping[str, Any]
+) -> Tensor | None:
+    """The accumulated squared gradients the rate divides by (None for SGD, which has none);
+    an element where it is exactly zero has had no nonzero gradient yet."""
+    if isinstance(optimizer, AdaBound):
+        return _dynabound_moment(group, state)
+    if isinstance(optimizer, Adam):
+        return _real(state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"])
+    if isinstance(optimizer, Adamax):  # max(b2*u, |g| + eps) holds eps until a gradient
+        return _real(state["exp_inf"]) - group["eps"]
+    if isinstance(optimizer, RMSprop):
+        return _real(state["square_avg"])
+    if isinstance(optimizer, Adagrad):
+        return _real(state["sum"])
+    return None
 
 
 def _torch_rate(optimizer: Optimizer, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
@@ -162,7 +192,23 @@ def _stepped(optimizer: Optimizer) -> Iterable[tuple[dict[str, Any], Tensor, dic
                 yield group, p, state
 
 
-def effective_lr(optimizer: Optimizer) -> dict[Tensor, Tensor]:
+class EffectiveRates(dict[Tensor, Tensor]):
+    """``{param: rate}`` as returned by :func:`effective_lr`, with ``excluded``, the number
+    of elements it left out (NaN in their rate) because their second moment is still exactly
+    zero, and ``numel``, the number of elements of all the rates."""
+
+    def __init__(self, rates: Mapping[Tensor, Tensor] = (), excluded: int = 0) -> None:
+        super().__init__(rates)
+        self.excluded = excluded
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel() for r in self.values())
+
+
+def effective_lr(
+    optimizer: Optimizer, *, exclude_zero_second_moment: bool = False
+) -> EffectiveRates:
     """Per-element effective rate of each parameter at the optimizer's current state.
 
     Returns ``{param: rate}`` for the parameters that have taken a step (for SGD without
@@ -170,9 +216,17 @@ def effective_lr(optimizer: Optimizer) -> dict[Tensor, Tensor]:
     parameter's shape (``(*shape, 2)`` for complex parameters) and is the factor that the
     last step applied to the update direction; see the module docstring for each formula.
     Raises ``TypeError`` for optimizers whose update has no such per-element rate.
+
+    ``exclude_zero_second_moment=True`` sets the rate of every element whose second moment
+    (Adam's ``exp_avg_sq``, or the running maximum with amsgrad/amsbound; RMSprop's
+    ``square_avg``, Adagrad's ``sum``; Adamax's ``exp_inf`` less its eps) is still exactly
+    zero to NaN,
+    and counts those elements in the result's ``excluded``: their rate comes from eps (or
+    the upper bound), because they have never had a nonzero gradient. SGD has no second
+    moment and excludes nothing.
     """
     check_supported(optimizer)
-    rates: dict[Tensor, Tensor] = {}
+    rates = EffectiveRates()
     if isinstance(optimizer, SGD):
         for group in optimizer.param_groups:
             lr = _float(group["lr"])
@@ -183,9 +237,14 @@ def effective_lr(optimizer: Optimizer) -> dict[Tensor, Tensor]:
     with torch.no_grad():
         for group, p, state in _stepped(optimizer):
             if isinstance(optimizer, AdaBound):
-                rates[p] = _dynabound_rate(group, state).rate
+                rate = _dynabound_rate(group, state).rate
             else:
-                rates[p] = _torch_rate(optimizer, group, state)
+                rate = _torch_rate(optimizer, group, state)
+            if exclude_zero_second_moment:
+                never = _second_moment(optimizer, group, state) == 0
+                rate.masked_fill_(never, math.nan)
+                rates.excluded += int(never.sum())
+            rates[p] = rate
     return rates
 
 
@@ -196,10 +255,14 @@ def rate_statistics(
 
     Quantiles interpolate linearly between order statistics (numpy's default). They are
     exact up to :data:`EXACT_QUANTILE_LIMIT` elements in total; above, they are computed on
-    a fixed-seed uniform sample of that many elements (min and max stay exact).
+    a fixed-seed uniform sample of that many elements (min and max stay exact). NaN rates,
+    the elements ``effective_lr(..., exclude_zero_second_moment=True)`` left out, are not
+    counted.
     """
     _check_quantiles(quantiles)
-    flats = [r.detach().reshape(-1) for r in rates if r.numel()]
+    flats = [r.detach().reshape(-1) for r in rates]
+    flats = [f[~f.isnan()] if f.isnan().any() else f for f in flats]
+    flats = [f for f in flats if f.numel()]
     extremes = [torch.aminmax(f) for f in flats]
     stats = {
         "rate_min": min((_float(e.min) for e in extremes), default=math.nan),

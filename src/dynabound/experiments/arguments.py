@@ -36,6 +36,12 @@ examples:
 HPARAMS = (
     ("lr", float, "learning rate (Adam-phase lr for the bounded methods)"),
     ("momentum", float, "SGDM momentum"),
+    (
+        "dampening",
+        float,
+        "SGDM: dampening, the gradient enters the momentum buffer times 1 - dampening "
+        "(default 0; sgdm-damped: equal to the momentum, AdaBound's limit)",
+    ),
     ("beta1", float, "first-moment coefficient"),
     ("beta2", float, "second-moment coefficient"),
     ("beta3", float, "Adan: coefficient of its second moment (its beta2 is the difference's)"),
@@ -232,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="offline demo: two convex counterexamples + six optimizers on digits (CPU, ~20 s)",
+        help="offline demo: two convex counterexamples + seven optimizers on digits (CPU, ~20 s)",
         description="Runs offline on CPU: (1) the online convex counterexample where Adam "
         "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
-        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training "
-        "an MLP on scikit-learn's handwritten digits. Writes DIR/report.md with a results "
-        "table and PNG figures.",
+        "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound, and "
+        "dampened SGDM (AdaBound's limit), training an MLP on scikit-learn's handwritten "
+        "digits. Writes DIR/report.md with a results table and PNG figures.",
     )
     demo.add_argument(
         "--out", default="dynabound-demo", help="output directory (default ./dynabound-demo)"
@@ -315,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIM=KEY",
         help="instead of curves, draw the final and best test metric against the "
         "hyperparameter each optimizer's runs vary, one curve per optimizer, e.g. "
-        "--against sgdm=lr adabound=final_lr (a sensitivity study)",
+        "--against sgdm=lr adabound=final_lr (a sensitivity study); or --against "
+        "effective-step: every method on the step it takes in its SGD regime, lr/(1-momentum) "
+        "for SGDM, lr for dampened SGDM, final_lr for the bounded methods. Runs that differ "
+        "only by their seed make one point (their mean, a bar from lowest to highest); the "
+        "points are printed as a table",
     )
 
     probe = sub.add_parser(
@@ -332,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sample", "mean"),
         default="sample",
         help="one sampled kernel per layer (paper) or the mean over channels",
+    )
+    probe.add_argument(
+        "--all-elements",
+        action="store_true",
+        help="also draw the elements whose second moment is still zero (no gradient yet: "
+        "their rate is lr/eps for Adam, set by eps, not by the optimizer's dynamics); by "
+        "default they are left out, grey, and the title counts them",
     )
     probe.add_argument("--device", default="cpu")
 

@@ -316,13 +316,7 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 
     runs = [run for r in ns.runs for run in find_runs(r)]
     if ns.against:
-        from .plots import plot_sensitivity
-
-        pairs = [a.split("=", 1) for a in ns.against]
-        if any(len(p) != 2 or not all(p) for p in pairs):
-            raise ValueError(f"--against takes OPTIM=KEY pairs, got {' '.join(ns.against)}")
-        print(plot_sensitivity(runs, Path(ns.out or "sensitivity.png"), dict(pairs), ns.title))
-        return 0
+        return _plot_against(runs, ns)
     default = runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png")
     out = Path(ns.out) if ns.out else default
     paths = [plot_runs(runs, out, title=ns.title, band=None if ns.each else ns.band)]
@@ -343,6 +337,28 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_against(runs: list[Path], ns: argparse.Namespace) -> int:
+    """The sensitivity figure, and its points as a table on stdout."""
+    from .plots import plot_sensitivity
+    from .sensitivity import EFFECTIVE_STEP, sensitivity_points, sensitivity_table
+
+    against: dict[str, str] | str
+    if EFFECTIVE_STEP in ns.against:
+        if len(ns.against) > 1:
+            raise ValueError(f"--against {EFFECTIVE_STEP} takes no OPTIM=KEY pairs")
+        against = EFFECTIVE_STEP
+    else:
+        pairs = [a.split("=", 1) for a in ns.against]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            raise ValueError(
+                f"--against takes OPTIM=KEY pairs or {EFFECTIVE_STEP}, got {' '.join(ns.against)}"
+            )
+        against = dict(pairs)
+    print(sensitivity_table(sensitivity_points(runs, against)))
+    print(plot_sensitivity(runs, Path(ns.out or "sensitivity.png"), against, ns.title))
+    return 0
+
+
 def _transition_names(runs: list[Path]) -> dict[Path, str]:
     """Each run's last path component, or its last two joined by "-" where runs share the
     last one (adabound/seed-1 and amsbound/seed-1)."""
@@ -353,7 +369,9 @@ def _transition_names(runs: list[Path]) -> dict[Path, str]:
 def _cmd_probe(ns: argparse.Namespace) -> int:
     from .probe import probe_run
 
-    path = probe_run(ns.run, ns.out, kernel=ns.kernel, device=ns.device)
+    path = probe_run(
+        ns.run, ns.out, kernel=ns.kernel, device=ns.device, all_elements=ns.all_elements
+    )
     print(path)
     return 0
 

@@ -5,9 +5,9 @@
    Algorithm 2) to the optimum x = -1.
    The AdaBound paper's own Section 3 example (the convex task's ``section3`` problem):
    Adam stays on x >= 0, far from the optimal x < 0, the other three overshoot into x < 0.
-2. SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training a small MLP on
-   scikit-learn's handwritten digits, with the Figure 1 style rate heatmaps of Adam and
-   AdaBound and AdaBound's transition plot.
+2. SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound, and dampened SGDM (AdaBound's
+   own limit), training a small MLP on scikit-learn's handwritten digits, with the Figure 1
+   style rate heatmaps of Adam and AdaBound and AdaBound's transition plot.
 
 Every training is a normal run directory (config, metrics, checkpoint), so the figures can
 be redrawn with ``dynabound plot``. Rerunning the demo resumes runs with the same settings
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .devices import check_device
-from .optimizers import PAPER_SIX, display_name
+from .optimizers import COMPARED, display_name
 from .plots import plot_convex, plot_run_transition, plot_runs
 from .probe import probe_run
 from .rundir import CHECKPOINT, CONFIG, read_metrics
@@ -91,9 +91,9 @@ def run_demo(
     )
 
     n_epochs = DIGITS_EPOCHS[quick]
-    say(f"[3/3] digits: six optimizers, {n_epochs} epochs each")
+    say(f"[3/3] digits: {len(COMPARED)} optimizers, {n_epochs} epochs each")
     digits_rows, digits_dirs = [], []
-    for optim in PAPER_SIX:
+    for optim in COMPARED:
         config = build_config("digits", optim, epochs=n_epochs, device=device)
         run_dir = out / "digits" / optim
         metrics = _run(config, run_dir, progress)
@@ -170,13 +170,26 @@ def _convex_part(
     return rows
 
 
-def _rate_range(run_dir: Path) -> tuple[float, float]:
-    """Smallest and largest per-element effective learning rate at the end of a run."""
+def _rate_range(run_dir: Path) -> dict[str, float]:
+    """Smallest and largest per-element effective learning rate at the end of a run, of all
+    elements and of those whose second moment is not zero (which have had a gradient), and
+    how many of how many elements are left out."""
     from dynabound.diagnostics import effective_lr
 
     _, _, optimizer, _ = restore(run_dir)
+    rates = effective_lr(optimizer, exclude_zero_second_moment=True)
     every = torch.cat([r.flatten() for r in effective_lr(optimizer).values()])
-    return float(every.min()), float(every.max())
+    kept = torch.cat([r.flatten() for r in rates.values()])
+    kept = kept[~kept.isnan()]
+    return {
+        "min": float(every.min()),
+        "max": float(every.max()),
+        "kept_min": float(kept.min()),
+        "kept_max": float(kept.max()),
+        "kept_above_1000": int((kept > 1000).sum()),
+        "excluded": rates.excluded,
+        "numel": rates.numel,
+    }
 
 
 def _adam_x(rows: list[tuple[str, float, float]]) -> float:
@@ -198,10 +211,11 @@ def _report(
     digits_epochs: int,
     elapsed: float,
     quick: bool,
-    spread: dict[str, tuple[float, float]],
+    spread: dict[str, dict[str, float]],
     last_bound: dict[str, Any],
 ) -> str:
     b = last_bound["bounds"]
+    adam, bound = spread["adam"], spread["adabound"]
     lines = [
         "# dynabound demo",
         "",
@@ -252,7 +266,9 @@ def _report(
         "",
         f"A 64-128-10 MLP, batch 32, {digits_epochs} epochs, the paper's presets (SGDM lr 0.1 "
         "momentum 0.9; AdaGrad lr 0.01; Adam/AMSGrad lr 1e-3; AdaBound/AMSBound lr 1e-3, "
-        "final_lr 0.1, gamma 1e-3).",
+        "final_lr 0.1, gamma 1e-3), and dampened SGDM, the SGD AdaBound becomes once its "
+        "bounds have closed (lr 0.1 = final_lr, momentum = dampening 0.9): undampened SGDM at "
+        "lr 0.1 steps about 10 times further.",
         "",
         "| optimizer | final train loss | final train acc (%) | final test acc (%) | "
         "best test acc (%) | time (s) |",
@@ -266,16 +282,17 @@ def _report(
         "",
         "### Per-element learning rates at the end of training (the paper's Figure 1)",
         "",
-        f"Adam's effective rates range from {spread['adam'][0]:.3g} to "
-        f"{spread['adam'][1]:.3g}; AdaBound's from {spread['adabound'][0]:.3g} to "
-        f"{spread['adabound'][1]:.3g}, inside its bounds "
-        f"[{b['lower_bound']:.3g}, {b['upper_bound']:.3g}] around final_lr 0.1."
-        + (
-            " (Adam's largest rate is lr/eps: elements that never received a gradient, "
-            "such as weights of pixels that are blank in every image.)"
-            if spread["adam"][1] >= 0.99 * 1e-3 / 1e-8
-            else ""
-        ),
+        f"Adam's effective rates range from {adam['min']:.3g} to {adam['max']:.3g}; "
+        f"AdaBound's from {bound['min']:.3g} to {bound['max']:.3g}, inside its bounds "
+        f"[{b['lower_bound']:.3g}, {b['upper_bound']:.3g}] around final_lr 0.1. "
+        f"{adam['excluded']:,} of Adam's {adam['numel']:,} elements have never had a "
+        "nonzero gradient (such as the weights of pixels that are blank in every image, or "
+        "of hidden units that never fire): their second moment is zero and their rate is "
+        "lr/eps, set by eps, not by Adam's dynamics. Without them Adam's rates range from "
+        f"{adam['kept_min']:.3g} to {adam['kept_max']:.3g}, and "
+        f"{adam['kept_above_1000']:,} still exceed 1000 (a second moment that is tiny but not "
+        "zero). The heatmaps leave the elements without a gradient out (grey) and count them "
+        "in their titles (`dynabound probe --all-elements` draws them).",
         "",
         "![Adam](figure1-adam.png)",
         "",

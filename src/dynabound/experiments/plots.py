@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ PathLike = str | os.PathLike[str]
 # One colour per optimizer in every figure; the bounded methods get the warm colours.
 COLOURS = {
     "sgdm": "#1f77b4",
+    "sgdm-damped": "#6baed6",
     "adagrad": "#9467bd",
     "adam": "#2ca02c",
     "amsgrad": "#17becf",
@@ -405,48 +406,58 @@ def plot_sweep(
 
 
 def plot_sensitivity(
-    run_dirs: Sequence[PathLike], path: PathLike, against: dict[str, str], title: str = ""
+    run_dirs: Sequence[PathLike],
+    path: PathLike,
+    against: Mapping[str, str] | str,
+    title: str = "",
 ) -> Path:
     """Final (and best) test metric against a hyperparameter, one curve per optimizer.
 
     ``against`` maps an optimizer to the hyperparameter its runs vary (``{"sgdm": "lr",
-    "adabound": "final_lr"}``); runs of other optimizers are refused. The x axis is that
-    hyperparameter's value on a log scale, so methods with different knobs share one axis
-    (the paper's Appendix G: SGDM's lr against AdaBound's final_lr).
+    "adabound": "final_lr"}``): the x axis is that value on a log scale (the paper's
+    Appendix G: SGDM's lr against AdaBound's final_lr). ``against="effective-step"`` puts
+    every method on the effective SGD step its value gives instead (``lr/(1-momentum)`` for
+    SGDM, ``lr`` for dampened SGDM, ``final_lr`` for the bounded methods; see
+    :func:`~.optimizers.effective_sgd_step`), the axis on which their steps are equal.
+    Runs that differ only by their seed make one point, their mean, with a bar from the
+    lowest to the highest run. Runs of optimizers without an axis are refused.
     """
-    points: dict[str, list[tuple[float, float, float]]] = {}
-    metric = "accuracy"
-    for run in run_dirs:
-        config, metrics = load_run(run)
-        optim = config["optim"]
-        if optim not in against:
-            raise ValueError(f"{run}: no --against given for {optim} (use {optim}=KEY)")
-        key = against[optim]
-        if key not in config["hparams"]:
-            raise ValueError(f"{run}: {optim} has no hyperparameter {key!r} in its config")
-        if not metrics:
-            raise ValueError(f"{run} has no finished epoch")
-        if "test_ppl" in metrics[-1]:
-            metric = "perplexity"
-        field = "test_ppl" if metric == "perplexity" else "test_acc"
-        values = [m[field] for m in metrics]
-        best = min(values) if metric == "perplexity" else max(values)
-        points.setdefault(optim, []).append((config["hparams"][key], values[-1], best))
+    from .sensitivity import EFFECTIVE_STEP, sensitivity_points
+
+    points = sensitivity_points(run_dirs, against)
+    metric = points[0].metric
     fig, axes = _figure(1, 1, width=6.5)
     ax = axes[0][0]
-    for optim, rows in points.items():
-        rows.sort()
-        label = f"{DISPLAY_NAMES.get(optim, optim)} ({against[optim]})"
+    for optim in dict.fromkeys(p.optim for p in points):
+        rows = [p for p in points if p.optim == optim]
+        label = rows[0].label
+        seeds = sorted({len(p.seeds) for p in rows})
+        several = seeds[-1] > 1
+        if several:  # mean over seeds, with a bar from the lowest to the highest run
+            label += f", n={seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else "")
         colour = COLOURS.get(optim)
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", color=colour, label=label)
-        ax.plot([r[0] for r in rows], [r[2] for r in rows], linestyle=":", marker=".",
+        xs = [p.x for p in rows]
+        finals = [p.final["mean"] for p in rows]
+        ax.plot(xs, finals, marker="o", color=colour, label=label)
+        if several:  # max(0, ...): a mean of equal values can round past them
+            below = [max(0.0, p.final["mean"] - p.final["min"]) for p in rows]
+            above = [max(0.0, p.final["max"] - p.final["mean"]) for p in rows]
+            ax.errorbar(xs, finals, yerr=[below, above], fmt="none", ecolor=colour,
+                        capsize=3, linewidth=1)  # fmt: skip
+        ax.plot(xs, [p.best["mean"] for p in rows], linestyle=":", marker=".",
                 color=colour, label=f"{label}, best epoch")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("hyperparameter value")
+    effective = against == EFFECTIVE_STEP
+    ax.set_xlabel("effective SGD step" if effective else "hyperparameter value")
     ax.set_ylabel("test perplexity" if metric == "perplexity" else "test accuracy (%)")
     if metric == "perplexity":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title or "sensitivity: final test metric against each method's hyperparameter")
+    default = (
+        "sensitivity: final test metric against the effective SGD step"
+        if effective
+        else "sensitivity: final test metric against each method's hyperparameter"
+    )
+    fig.suptitle(title or default)
     return _save(fig, path)

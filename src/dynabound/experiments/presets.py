@@ -8,6 +8,10 @@ Sources, in order of authority:
 * MNIST and digits: the paper tunes each method on the same grids and reports no
   per-method MNIST values, so the CIFAR-10 winners of those grids are used (without weight
   decay, as in the paper's MNIST setup).
+* Dampened SGDM (``sgdm-damped``): AdaBound's limit on each task, so it is the SGD that
+  AdaBound's preset becomes: momentum and dampening 0.9 (AdaBound's beta1) and lr equal
+  to AdaBound's final_lr (0.1; 10 on Penn Treebank), with AdaBound's weight decay. Savarese
+  (arXiv 1908.04457) compares AdaBound with this baseline.
 * AdamW/AdaBoundW: decoupled decay chosen so that ``lr * weight_decay`` per step equals
   SGDM's ``0.1 * 5e-4``: 0.05 at lr 1e-3.
 * Penn Treebank: the paper gives no values and released no code for its LSTMs. The values
@@ -41,6 +45,7 @@ __all__ = ["TASK_PRESETS", "preset"]
 
 _BASE: dict[str, dict[str, Any]] = {
     "sgdm": {"lr": 0.1, "momentum": 0.9},
+    "sgdm-damped": {"lr": 0.1, "momentum": 0.9, "dampening": 0.9},
     "adagrad": {"lr": 0.01},
     "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999},
     "amsgrad": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999},
@@ -75,13 +80,14 @@ _CIFAR = _with(
     _BASE,
     **{
         name: {"weight_decay": 5e-4}
-        for name in ("sgdm", "adagrad", "adam", "amsgrad", "adabound", "amsbound")
+        for name in ("sgdm", "sgdm-damped", "adagrad", "adam", "amsgrad", "adabound", "amsbound")
     },
 )
 _PTB = _with(
     _BASE,
     sgdm={"lr": 1.0},
     adagrad={"lr": 0.05},
+    **{"sgdm-damped": {"lr": 10.0}},
     adabound={"final_lr": 10.0},
     amsbound={"final_lr": 10.0},
     adaboundw={"final_lr": 10.0, "weight_decay": 0.0},
@@ -114,7 +120,9 @@ def preset(
     model: str | None = None,
 ) -> dict[str, Any]:
     """Hyperparameters for ``optim`` on ``task`` (``model`` picks CIFAR's Adam beta1), with
-    ``overrides`` applied last. Overrides with value None are ignored."""
+    ``overrides`` applied last. Overrides with value None are ignored. Dampened SGDM's
+    dampening follows a momentum given without a dampening: the method is dampening =
+    momentum."""
     if task not in TASK_PRESETS:
         raise ValueError(f"no presets for task {task!r}; known: {', '.join(TASK_PRESETS)}")
     name = optim.lower()
@@ -128,10 +136,11 @@ def preset(
     values = dict(table[name])
     if task == "cifar10" and name in ("adam", "amsgrad"):
         values["beta1"] = 0.9 if model == "densenet121" else 0.99
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in given.items():
         if key not in ALLOWED[name]:
             raise ValueError(f"{optim} does not take {key!r}; it takes {sorted(ALLOWED[name])}")
         values[key] = value
+    if name == "sgdm-damped" and "momentum" in given and "dampening" not in given:
+        values["dampening"] = given["momentum"]
     return values

@@ -18,9 +18,13 @@ def probe_run(
     *,
     kernel: str = "sample",
     device: str = "cpu",
+    all_elements: bool = False,
 ) -> Path:
     """The paper's Figure 1 for a run: per-element effective learning rates of its latest
-    checkpoint (nine 3x3 kernels or weight blocks and the last biases, log colour scale)."""
+    checkpoint (nine 3x3 kernels or weight blocks and the last biases, log colour scale).
+
+    Elements whose second moment is still zero (never a nonzero gradient: their Adam rate is
+    lr/eps) are left out, drawn grey, and counted in the title; ``all_elements`` keeps them."""
     from dynabound.diagnostics import (
         bound_activity,
         effective_lr,
@@ -29,7 +33,7 @@ def probe_run(
     )
 
     task, model, optimizer, ckpt = restore(run_dir, device=device)
-    rates = effective_lr(optimizer)
+    rates = effective_lr(optimizer, exclude_zero_second_moment=not all_elements)
     if not rates:
         raise ValueError(f"{run_dir}: the checkpoint's optimizer has not taken a step yet")
     blocks = select_figure1_params(model, rates, kernel=kernel)
@@ -49,4 +53,5 @@ def probe_run(
         f"{when} (step {ckpt['global_step']})"
     )
     out = Path(path) if path is not None else Path(run_dir) / "figure1.png"
-    return plot_rate_heatmap(blocks, out, title=title, bounds=bounds)
+    excluded = None if all_elements else (rates.excluded, rates.numel)
+    return plot_rate_heatmap(blocks, out, title=title, bounds=bounds, excluded=excluded)

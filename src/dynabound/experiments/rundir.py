@@ -2,7 +2,9 @@
 
 ``config.json`` (the run's configuration), ``metrics.jsonl`` (one JSON object per finished
 epoch, appended), ``checkpoint.pt`` (replaced atomically: at the start, inside epochs and
-after every epoch) and ``.lock`` (the pid of the process training there). Every other module
+after every epoch), ``environment.jsonl`` (one line per start or resume: the code, versions,
+threads and machine, see :mod:`.environment`) and ``.lock`` (the pid of the process
+training there). Every other module
 of the harness reads and writes run directories through this one.
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts, and is loaded with
@@ -32,6 +34,7 @@ __all__ = [
     "METRICS",
     "RunLock",
     "UnsafeCheckpointError",
+    "append_environment",
     "append_metrics",
     "atomic_write",
     "convert_checkpoint",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.jsonl", "checkpoint.pt"
+ENVIRONMENT = "environment.jsonl"
 LOCK = ".lock"
 # The checkpoint's layout; a change that older code cannot read gets a new number.
 FORMAT = "dynabound-run/2"
@@ -96,6 +100,11 @@ def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / METRICS, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def append_environment(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / ENVIRONMENT, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from .config import RESUMABLE_CHANGES, build_config, check_hparams, check_resume_config
 from .console import PROGRESS_EVERY, Console, ProgressLines
 from .devices import ensure_distributed, resolve_device, shutdown_distributed
+from .environment import describe_environment
 from .generators import rng_state, seed_all, set_rng_state
 from .optimizers import build_optimizer, is_dynabound
 from .rundir import (
@@ -42,6 +43,7 @@ from .rundir import (
     CONFIG,
     METRICS,
     RunLock,
+    append_environment,
     append_metrics,
     load_checkpoint,
     load_run,
@@ -135,6 +137,9 @@ class _Run:
             self._restore(ckpt)
         else:
             self._start()
+        if dist.is_main:  # what the numbers from here on depend on besides the config
+            where = describe_environment(device, dist.world_size)
+            append_environment(run_dir, {"from_step": self.global_step, **where})
 
     def _build_task(self, task_cls: type[Task], ckpt: dict[str, Any] | None) -> None:
         self.task = task_cls(self.config, self.device, self.dist)

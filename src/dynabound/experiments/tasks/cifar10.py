@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, normalize, random_crop_flip
 from ..models import densenet121, resnet18, resnet34
-from ..optimizers import PAPER_SIX
+from ..optimizers import COMPARED
 from .base import ClassificationTask, EpochContext, check_positive
 
 __all__ = ["CIFAR10Task"]
@@ -26,7 +26,7 @@ class CIFAR10Task(ClassificationTask):
         "batch 128, weight decay 5e-4, lr x0.1 after epoch 150, random crop + flip"
     )
     defaults = {"epochs": 200, "batch_size": 128, "milestones": [150], "lr_decay": 0.1}
-    optimizers = PAPER_SIX
+    optimizers = COMPARED
     eval_batch_size = 500
 
     @classmethod

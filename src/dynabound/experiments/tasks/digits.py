@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data import load_digits_split
 from ..models import MLP
-from ..optimizers import PAPER_SIX
+from ..optimizers import COMPARED
 from .base import ClassificationTask, check_positive
 
 __all__ = ["DigitsTask"]
@@ -22,7 +22,7 @@ class DigitsTask(ClassificationTask):
         "train / 450 test 8x8 images) with a 64-H-10 MLP; runs offline in seconds"
     )
     defaults = {"epochs": 30, "batch_size": 32, "milestones": [], "lr_decay": 0.1}
-    optimizers = PAPER_SIX
+    optimizers = COMPARED
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data import MNIST_MEAN, MNIST_STD, load_mnist, normalize
 from ..models import MLP
-from ..optimizers import PAPER_SIX
+from ..optimizers import COMPARED
 from .base import ClassificationTask, check_positive
 
 __all__ = ["MNISTTask"]
@@ -22,7 +22,7 @@ class MNISTTask(ClassificationTask):
         "100 epochs, batch 128, no augmentation (the paper's Figure 2)"
     )
     defaults = {"epochs": 100, "batch_size": 128, "milestones": [], "lr_decay": 0.1}
-    optimizers = PAPER_SIX
+    optimizers = COMPARED
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data import batchify, bptt_batches, load_corpus
 from ..models import LSTMLanguageModel, detach_hidden
+from ..optimizers import COMPARED
 from .base import EpochContext, EpochState, Task, check_positive
 
 __all__ = ["PTBTask"]
@@ -34,7 +35,7 @@ class PTBTask(Task):
     )
     metric = "perplexity"
     defaults = {"epochs": 40, "batch_size": 20, "milestones": [], "lr_decay": 0.1}
-    optimizers = ("sgdm", "adagrad", "adam", "amsgrad", "adabound", "amsbound")
+    optimizers = COMPARED
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
