@@ -1,17 +1,19 @@
-"""torch.compile runs the fused kernels as one opaque custom op."""
+"""torch.compile runs the fused kernels as one opaque custom op (on torch 2.4, which
+cannot compile it, between graphs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_required import require_cpu_kernel
 
-from dynabound import AdaBound, kernels
+from dynabound import AdaBound
+from dynabound.kernels import compat
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_kernel():
-    if not kernels.is_available("cpu"):
-        pytest.skip(f"CPU kernel unavailable: {kernels.unavailable_reason('cpu')}")
+    require_cpu_kernel()
 
 
 def params_and_twins(seed=0):
@@ -58,7 +60,10 @@ def test_compiled_default_step_is_the_fused_op_and_a_scheduler_does_not_recompil
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     ops = [op for graph in backend.graphs for op in graph]
-    assert any(op.startswith("dynabound.fused_step_") for op in ops), ops
+    # torch 2.4 cannot compile the op (compat.COMPILES_FUSED_OP): the kernel runs between
+    # graphs there, still the fused path.
+    in_graph = any(op.startswith("dynabound.fused_step_") for op in ops)
+    assert in_graph == compat.COMPILES_FUSED_OP, ops
     assert not any("_foreach" in op for op in ops), ops  # the foreach path was not traced
     # The first call sees empty state; after that one graph serves every lr the scheduler
     # sets (a float lr is handed to the graph as a tensor).

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_required import require_tested_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynabound import AdaBound
@@ -286,6 +287,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 def test_kernel_scalars_and_remaining_options_in_interpreter():
+    require_tested_triton()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))

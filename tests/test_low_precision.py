@@ -14,10 +14,11 @@ import math
 
 import pytest
 import torch
+from kernel_required import require_cpu_kernel
 from option_sets import EVERY_OPTION
 from test_conventions import LiveTemporaries
 
-from dynabound import AdaBound, kernels
+from dynabound import AdaBound
 from dynabound.bounds import StepCoefficients, within_range
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -39,8 +40,7 @@ PATHS = {
 def require_path(path: str, dtype: torch.dtype) -> None:
     if path != "fused":
         return
-    if not kernels.is_available("cpu"):
-        pytest.skip(f"CPU kernel unavailable: {kernels.unavailable_reason('cpu')}")
+    require_cpu_kernel()
     from dynabound.kernels import cpu
 
     if dtype not in cpu.supported_dtypes():

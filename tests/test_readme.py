@@ -131,6 +131,8 @@ def test_quick_start_is_two_commands_and_the_second_is_what_ci_runs():
     commands = [line for line in quick[0].splitlines() if line.strip()]
     assert len(commands) == 2
     assert commands[0].endswith("&& dynabound demo")
-    assert commands[1] == 'python -m pip install "torch==2.13.0" -e ".[dev]" && python -m pytest -q'
+    assert commands[1] == (
+        'python -m pip install "torch==2.13.0" -e ".[dev]" && python -m pytest -q -n auto'
+    )
     ci_lines = [line.strip() for line in CI_SCRIPT.read_text(encoding="utf-8").splitlines()]
     assert commands[1] in ci_lines

@@ -16,9 +16,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_required import require_cpu_kernel
 from option_sets import EVERY_OPTION
 
-from dynabound import AdaBound, kernels
+from dynabound import AdaBound
 from dynabound import state_formats as formats
 from dynabound.diagnostics import bound_activity, effective_lr
 
@@ -211,8 +212,7 @@ PATH_OPTIONS = {k: v for k, v in EVERY_OPTION.items() if k != "lr_zero"}
 @pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("options", PATH_OPTIONS.values(), ids=PATH_OPTIONS.keys())
 def test_fused_cpu_kernel_matches_the_reference(state_dtype, options):
-    if not kernels.is_available("cpu"):
-        pytest.skip(kernels.unavailable_reason("cpu"))
+    require_cpu_kernel()
     runs = {}
     for fused in (False, True):
         params = make_params()
@@ -239,8 +239,7 @@ def test_non_finite_values_propagate_as_in_the_reference(state_dtype, decay):
     # poisons only what the reference's arithmetic poisons; NaN and infinite gradients too.
     # Two whole blocks and a part: the non-finite first block is encoded while the second,
     # finite one is updated, by the kernel's whole-block loop where it has one.
-    if not kernels.is_available("cpu"):
-        pytest.skip(kernels.unavailable_reason("cpu"))
+    require_cpu_kernel()
     inf, nan = float("inf"), float("nan")
     runs = []
     for fused in (False, True):
@@ -265,8 +264,7 @@ def test_blocks_whose_scale_has_no_finite_inverse_encode_as_in_the_reference(ams
     # A block whose largest first moment is subnormal has an infinite inverse scale: its
     # zeros give 0 * inf = NaN, which the reference encodes as code 0. The kernel encodes
     # such blocks apart from the finite ones (whose clamp would turn NaN into the top code).
-    if not kernels.is_available("cpu"):
-        pytest.skip(kernels.unavailable_reason("cpu"))
+    require_cpu_kernel()
     runs = []
     for fused in (False, True):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 4 * formats.BLOCK))
@@ -291,8 +289,7 @@ def test_blocks_whose_scale_has_no_finite_inverse_encode_as_in_the_reference(ams
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
 def test_low_precision_parameters_with_low_precision_state(dtype, state_dtype):
-    if not kernels.is_available("cpu"):
-        pytest.skip(kernels.unavailable_reason("cpu"))
+    require_cpu_kernel()
     runs = []
     for fused in (False, True):
         params = make_params(dtype)
@@ -459,8 +456,8 @@ def test_stochastic_rounding_of_bfloat16_parameters_keeps_small_updates():
     st.integers(0, 2**16),
 )
 def test_finite_gradients_give_finite_state(state_dtype, amsbound, fused, exponent, seed):
-    if fused and not kernels.is_available("cpu"):
-        return
+    if fused:
+        require_cpu_kernel()
     gen = torch.Generator().manual_seed(seed)
     p = torch.randn(700, generator=gen, requires_grad=True)
     opt = AdaBound([p], lr=1e-2, final_lr=0.1, state_dtype=state_dtype, amsbound=amsbound,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_required import require_tested_triton
 
 FORMATS = {"bf16": torch.bfloat16, "8bit": "8bit", "param_sr": None}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +45,7 @@ BASE = dict(
 
 
 def run_script(*cases: str) -> None:
-    pytest.importorskip("triton")
+    require_tested_triton()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
@@ -81,7 +82,7 @@ def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant):
     """Compile (no GPU needed): catches what the interpreter accepts but the compiler does
     not; full blocks use vector accesses, float32 has no FMA contraction and no
     approximate division or square root (the CPU kernel's rounding)."""
-    triton = pytest.importorskip("triton")
+    triton = require_tested_triton()
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the compiler")
     from triton.backends.compiler import GPUTarget
@@ -235,9 +236,17 @@ def assert_same_bits(got, want, what):
 
 
 def cpu_kernel():
+    """The fused CPU kernel to compare bits with; None where it cannot be built, unless it
+    is required (kernel_required.py)."""
+    from kernel_required import kernel_required
+
     from dynabound.kernels import cpu
 
-    return cpu.fused_adabound_cpu if cpu.is_available() else None
+    if cpu.is_available():
+        return cpu.fused_adabound_cpu
+    if kernel_required():
+        raise RuntimeError(f"the fused CPU kernel cannot be built: {cpu.unavailable_reason()}")
+    return None
 
 
 def against_reference(

@@ -133,11 +133,13 @@ def train(
 
 
 def require_fully_shard() -> None:
+    """Skip unless FSDP2 runs on CPU here: ``fully_shard`` is public from torch 2.6, and it
+    records events on its streams, which CPU streams take from torch 2.7 on."""
     import pytest
     from torch.distributed import fsdp
 
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    if not hasattr(fsdp, "fully_shard") or not hasattr(torch.cpu.Stream, "record_event"):
+        pytest.skip(f"FSDP2 does not run on CPU in torch {torch.__version__} (2.7 and later do)")
 
 
 def shard_fsdp2(model: nn.Module, mesh: Any) -> None:

@@ -25,6 +25,7 @@ from dist_helpers import (
     spawn_two,
     train,
 )
+from kernel_required import require_cpu_kernel
 
 from dynabound import AdaBound
 
@@ -100,10 +101,7 @@ def fused_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Any, Any]
     # Apart from the eager paths, so that a crashing kernel takes only these cases down.
     if not HAS_FUSED:
         pytest.skip("dynabound.kernels (the fused paths) is not in this build")
-    from dynabound import kernels
-
-    if not kernels.is_available("cpu"):  # builds the kernel once, before the workers load it
-        pytest.skip(f"fused CPU kernel unavailable: {kernels.unavailable_reason('cpu')}")
+    require_cpu_kernel()  # builds the kernel once, before the workers load it
     return _run(tmp_path_factory, ["fused"])
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import SGD, Adagrad, Adam, Adamax, Optimizer, RMSprop
+from torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, Optimizer, RMSprop
 
 from .. import state_formats as formats
 from ..bounds import step_coefficients
@@ -58,7 +58,10 @@ __all__ = [
     "rate_statistics",
 ]
 
-SUPPORTED_OPTIMIZERS: tuple[type[Optimizer], ...] = (AdaBound, Adam, Adamax, RMSprop, Adagrad, SGD)
+# AdamW by name: torch 2.4 to 2.6 at least define it apart from Adam, not as a subclass.
+SUPPORTED_OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    AdaBound, Adam, AdamW, Adamax, RMSprop, Adagrad, SGD,
+)  # fmt: skip
 
 # Above this many elements, quantiles come from a fixed-seed uniform sample: an exact sort of
 # a 21M-element ResNet-34 takes seconds on a small CPU, while the sample's rank error stays
@@ -161,7 +164,7 @@ def _second_moment(
 def _torch_rate(optimizer: Optimizer, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
     lr = _float(group["lr"])
     t = _step(state)
-    if isinstance(optimizer, Adam):
+    if isinstance(optimizer, Adam | AdamW):
         beta1, beta2 = (_float(b) for b in group["betas"])
         u = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         denom = (_real(u).sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])

@@ -7,12 +7,13 @@ import: the CPU kernel is built on first use, Triton is imported on first CUDA u
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections import defaultdict
 
 import torch
 from torch import Tensor
+
+from . import compat
 
 __all__ = ["DEVICE_TYPES", "can_fuse", "fused_adabound", "is_available", "unavailable_reason"]
 
@@ -137,7 +138,7 @@ def fused_adabound(
     from . import ops  # registers the op; imported on the first traced step
 
     encoded = kwargs.get("state_dtype") is not None or kwargs.get("stochastic_rounding")
-    if callable(kwargs["bounds"]) or encoded:
+    if callable(kwargs["bounds"]) or encoded or not compat.COMPILES_FUSED_OP:
         # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
         ops.fused_step_outside_graph(*tensors, **kwargs)
     else:
@@ -190,8 +191,7 @@ def default_kernel_ready(device_type: str) -> bool:
 def _local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """DTensors (FSDP2, tensor parallel) own no storage: the update is element-wise, so it
     runs on each rank's local shard, as torch's fused Adam does."""
-    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
-    dtensor = getattr(module, "DTensor", None)
+    dtensor = compat.dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in lists[0]):
         return lists
     return tuple([t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in lists)

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .. import state_formats as formats
 from ..bounds import decoupled_decay_factor, step_coefficients, within_range
-from . import dense_layout
+from . import compat, dense_layout
 
 __all__ = [
     "fused_adabound_cpu",
@@ -143,15 +143,8 @@ def _build() -> ctypes.CDLL:
             file=sys.stderr,
             flush=True,
         )
-    path = cpp_extension.load_inline(
-        name=name,
-        cpp_sources=[source],
-        extra_cflags=cflags,
-        extra_include_paths=[str(_SOURCE.parent)],
-        extra_ldflags=ldflags,
-        is_python_module=False,
-        no_implicit_headers=True,
-    )
+    headers = {header.name: header.read_text() for header in _HEADERS}
+    path = compat.compile_library(name, source, headers, cflags=cflags, ldflags=ldflags)
     lib = ctypes.CDLL(path)
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
@@ -171,10 +164,7 @@ def extension_name() -> str:
 
 def is_built(name: str) -> bool:
     """Whether the extension cache already holds a build of ``name``."""
-    from torch.utils import cpp_extension
-
-    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-    return any((folder / f"{name}{suffix}").exists() for suffix in (".so", ".pyd", ".dll"))
+    return compat.library_path(name).exists()
 
 
 def is_available() -> bool:
@@ -310,9 +300,9 @@ def fused_adabound_cpu(
             for grad, copy in launch.copies:
                 grad.copy_(copy)
     # The kernel writes through raw pointers: tell autograd the tensors changed.
-    torch.autograd.graph.increment_version(params)
+    compat.bump_versions(params)
     if grad_scale is not None:
-        torch.autograd.graph.increment_version(grads)
+        compat.bump_versions(grads)
 
 
 def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
@@ -600,7 +590,7 @@ def _increment_steps(lib, steps: list[Tensor], pointers: ctypes.Array | None) ->
     n = len(pointers)
     values = (ctypes.c_double * n)()
     lib.dynabound_increment_steps(n, pointers, values)
-    torch.autograd.graph.increment_version(steps)
+    compat.bump_versions(steps)
     return values[:]
 
 

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import state_formats as formats
+from . import compat
 from .triton_kernel import (
     TABLE,
     _advance_counters,
@@ -599,10 +600,10 @@ def fused_adabound_triton_encoded(
         )
     counters = [(group[5], plan.step_offsets) for plan, _, group in launches]
     _advance_counters(schedule, state_steps, inputs.found_inf, counters)
-    torch.autograd.graph.increment_version(params)
-    torch.autograd.graph.increment_version(state_steps)
+    compat.bump_versions(params)
+    compat.bump_versions(state_steps)
     if inputs.grad_scale is not None:
-        torch.autograd.graph.increment_version(grads)
+        compat.bump_versions(grads)
 
 
 def step_keys(seeds: Tensor, steps: Tensor, stream: int) -> Tensor:

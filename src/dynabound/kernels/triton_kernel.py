@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..bounds import step_coefficients_from, within_range
-from . import dense_layout
+from . import compat, dense_layout
 
 try:
     import triton
@@ -62,13 +62,19 @@ def unavailable_reason() -> str | None:
     """Why the kernel cannot run here, or None; asked every default step, so cached."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
+    if compat.triton_version(triton) < compat.MIN_TRITON:
+        oldest = ".".join(map(str, compat.MIN_TRITON))
+        return (
+            f"Triton {triton.__version__} is older than {oldest}, the oldest release the fused "
+            f"CUDA kernel is tested with (it comes with torch {compat.TORCH_WITH_MIN_TRITON})"
+        )
     if not torch.cuda.is_available():
         return "CUDA is not available"
     return None
 
 
 def is_available() -> bool:
-    """True when Triton imports and a CUDA device is present."""
+    """True when a recent enough Triton imports and a CUDA device is present."""
     return unavailable_reason() is None
 
 
@@ -717,8 +723,8 @@ def fused_adabound_triton(
         )
     counters = [(steps, plan.step_offsets) for _, plan, _, _, steps in launches]
     _advance_counters(schedule, state_steps, inputs.found_inf, counters)
-    torch.autograd.graph.increment_version(params)
-    torch.autograd.graph.increment_version(state_steps)
+    compat.bump_versions(params)
+    compat.bump_versions(state_steps)
 
 
 def _split_by_dtype(*lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
