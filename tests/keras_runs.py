@@ -63,6 +63,62 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+# Sparse gradients (an embedding table "e" whose gradient has a few rows, beside a dense
+# "w"): each case runs once with the backend's sparse gradients and once with the dense
+# ones they stand for, and the two must agree bit for bit.
+SPARSE_STEPS, SPARSE_ROWS, SPARSE_SHAPES = 30, 6, {"e": (10, 4), "w": (6, 5)}
+SPARSE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "adabound": ("AdaBound", {}),
+    "amsbound": ("AMSBound", {}),
+    "adaboundw": ("AdaBoundW", dict(weight_decay=0.01)),
+    "amsbound_l2": ("AMSBound", dict(weight_decay=0.05)),
+    "amsboundw_unscaled": ("AMSBoundW", dict(weight_decay=1e-3, unscaled_decay=True)),
+    "paper": ("AdaBound", dict(bounds="paper")),
+    # Keras-side options, applied to the gradient before the step
+    "clipnorm": ("AdaBound", dict(clipnorm=0.5)),
+    "clipvalue": ("AMSBound", dict(clipvalue=0.3)),
+    "global_clipnorm": ("AdaBoundW", dict(weight_decay=0.01, global_clipnorm=0.5)),
+    "accumulation": ("AMSBound", dict(weight_decay=0.05, gradient_accumulation_steps=3)),
+    "accumulation_clipnorm": ("AdaBoundW", dict(gradient_accumulation_steps=2, clipnorm=0.5)),
+    "loss_scale_factor": ("AdaBound", dict(loss_scale_factor=8.0)),
+    "loss_scale_optimizer": ("AMSBoundW", dict(weight_decay=0.01)),  # wrapped, see _sparse
+}
+# The cases whose step is the PyTorch class's fed the dense gradients.
+SPARSE_TORCH_CASES = ("adabound", "amsbound", "adaboundw", "amsbound_l2", "amsboundw_unscaled")
+# Also run compiled with XLA (TensorFlow, JAX), which may fuse the densification into the
+# step and round differently: there they agree to float rounding, not bit for bit.
+SPARSE_XLA_CASES = ("amsbound_l2", "accumulation_clipnorm", "loss_scale_optimizer")
+
+
+def sparse_gradients(seed: int = 2) -> dict[str, Any]:
+    """Per step, the rows of "e" that have a gradient (one of them twice, as a token seen
+    twice in a batch; Keras and PyTorch sum duplicates) with their values, and the dense
+    gradients: "e" summed in NumPy, "w" as drawn, all float32. With at most two entries
+    per row, any summation order gives the same float32 sum, so the dense gradients are
+    exactly what any backend's densification gives. Four or more of the ten rows have no
+    gradient at each step."""
+    rng = np.random.default_rng(seed)
+    rows = SPARSE_SHAPES["e"][0]
+    indices, values = [], []
+    dense = {k: np.zeros((SPARSE_STEPS, *s), "float32") for k, s in SPARSE_SHAPES.items()}
+    for t in range(SPARSE_STEPS):
+        distinct = rng.choice(rows, SPARSE_ROWS - 1, replace=False)
+        index = rng.permutation(np.append(distinct, distinct[0]))
+        value = rng.standard_normal((SPARSE_ROWS, SPARSE_SHAPES["e"][1]))
+        value = (value * 10.0 ** rng.uniform(-4, 0, size=value.shape)).astype("float32")
+        np.add.at(dense["e"][t], index, value)
+        indices.append(index)
+        values.append(value)
+    dense["w"] = (rng.standard_normal(dense["w"].shape) * 0.1).astype("float32")
+    return {"indices": np.array(indices), "values": np.array(values), "dense": dense}
+
+
+def sparse_initial() -> dict[str, np.ndarray]:
+    params = initial()
+    params["e"] = np.random.default_rng(3).standard_normal(SPARSE_SHAPES["e"])
+    return {k: params[k].astype("float32") for k in SPARSE_SHAPES}
+
+
 def to_torch(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The PyTorch class's keyword arguments for Keras-spelled ones."""
     out = dict(kwargs)
@@ -142,6 +198,18 @@ class _Runner:
                 v.assign(value)
             return
         sequence = [keras.ops.convert_to_tensor(g) for g in sequence]
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            # One compiled loop, as model.fit compiles its step (eagerly, a step is ~100
+            # small ops one by one and the runs take minutes).
+            @tf.function(jit_compile=True)
+            def loop(gs):
+                for t in tf.range(tf.shape(gs[0])[0]):
+                    opt.apply([g[t] for g in gs], variables)
+
+            loop(sequence)
+            return
         if self.backend == "torch":
             import torch
 
@@ -218,6 +286,143 @@ def _exclusion(runner, dbk, out) -> None:
     opt = dbk.AdaBoundW(weight_decay=0.1)
     opt.exclude_from_weight_decay(var_names=["b"])
     out["exclusion"] = runner.run(opt, params, grads, "float32")
+
+
+class _SparseRunner:
+    """Applies sparse_gradients() with the backend's own sparse type for "e" or with the
+    dense gradients. TensorFlow: IndexedSlices, in a tf.function step; JAX: a BCOO array
+    through stateless_apply, as model.fit calls it; both compiled with XLA when ``xla``,
+    as model.fit compiles its step. PyTorch: an uncoalesced sparse COO tensor, as
+    torch.nn.Embedding(sparse=True) makes."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.data = sparse_gradients()
+
+    def run(self, opt, sparse: bool, xla: bool = False) -> dict[str, Any]:
+        import keras
+
+        names = list(SPARSE_SHAPES)
+        params = sparse_initial()
+        variables = [keras.Variable(params[k], name=k) for k in names]
+        opt.build(variables)
+        dense = self.data["dense"]
+        for t in range(SPARSE_STEPS):
+            w = dense["w"][t]
+            if sparse:
+                index, e = self.data["indices"][t], self.data["values"][t]
+            else:
+                index, e = None, dense["e"][t]
+            self._step(opt, variables, index, e, w, xla)
+        state = [keras.ops.convert_to_numpy(v) for v in opt.variables]
+        weights = {k: keras.ops.convert_to_numpy(v) for k, v in zip(names, variables, strict=True)}
+        return {"weights": weights, "state": state, "type": self.gradient_type}
+
+    def _step(self, opt, variables, index, e, w, xla) -> None:
+        backend = self.backend
+        shape = SPARSE_SHAPES["e"]
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if not hasattr(opt, "_test_step"):
+
+                @tf.function(jit_compile=xla)
+                def step(index, e, w):
+                    if index is not None:
+                        e = tf.IndexedSlices(e, index, tf.constant(shape, "int64"))
+                    self.gradient_type = type(e).__name__
+                    opt.apply([e, w], variables)
+
+                opt._test_step = step
+            opt._test_step(None if index is None else tf.constant(index), e, w)
+        elif backend == "jax":
+            import jax
+            import jax.experimental.sparse as jax_sparse
+
+            if index is not None:
+                e = jax_sparse.BCOO((e, index.reshape(-1, 1)), shape=shape)
+            self.gradient_type = type(e).__name__
+            if not hasattr(opt, "_test_step"):
+                opt._test_step = jax.jit(opt.stateless_apply) if xla else opt.stateless_apply
+            trainable, state = opt._test_step(
+                [v.value for v in opt.variables], [e, w], [v.value for v in variables]
+            )
+            for v, value in zip(variables + opt.variables, trainable + state, strict=True):
+                v.assign(value)
+        else:
+            import torch
+
+            e = torch.tensor(e)
+            if index is not None:
+                e = torch.sparse_coo_tensor(torch.tensor(index).reshape(1, -1), e, shape)
+                assert not e.is_coalesced()
+            self.gradient_type = str(e.layout)
+            with torch.no_grad():
+                opt.apply([e, torch.tensor(w)], variables)
+
+
+def _sparse(backend, dbk, out) -> None:
+    import keras
+
+    runner = _SparseRunner(backend)
+    for case, (cls, kwargs) in SPARSE_CASES.items():
+        if case == "loss_scale_optimizer" and backend == "torch":
+            # Keras' LossScaleOptimizer checks the gradients with isfinite, which PyTorch
+            # has no sparse kernel for, before the inner optimizer sees them.
+            continue
+        if backend == "jax":
+            compiled = (True,)  # op by op, the JAX runs would take minutes
+        elif backend == "tensorflow" and case in SPARSE_XLA_CASES:
+            compiled = (False, True)
+        else:
+            compiled = (False,)
+        for xla in compiled:
+            for sparse in (True, False):
+                opt = getattr(dbk, cls)(**kwargs)
+                if case == "loss_scale_optimizer":
+                    opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=8.0)
+                out["sparse", case, xla, sparse] = runner.run(opt, sparse, xla)
+
+
+def _embedding_fit(backend, dbk, out) -> None:
+    """model.fit of a model that starts with an embedding, with clipnorm (on TensorFlow
+    both once crashed on IndexedSlices). Keras' Embedding has sparse gradients on
+    TensorFlow only; on PyTorch the table is a torch.nn.Embedding(sparse=True) in a
+    TorchModuleWrapper, whose gradients are sparse tensors."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, size=(256, 5))
+    y = (x % 7 == 0).sum(axis=1, keepdims=True).astype("float32")
+    if backend == "torch":
+        import torch
+
+        table = keras.layers.TorchModuleWrapper(torch.nn.Embedding(50, 8, sparse=True))
+    else:
+        table = keras.layers.Embedding(50, 8)
+    model = keras.Sequential(
+        [keras.Input((5,), dtype="int32"), table, keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=dbk.AdaBound(learning_rate=1e-2, clipnorm=1.0), loss="mse")
+    before = float(model.evaluate(x, y, verbose=0))
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    out["embedding", "loss"] = (before, float(model.evaluate(x, y, verbose=0)))
+    out["embedding", "sparse"] = _embedding_gradient_is_sparse(backend, model, x, y)
+
+
+def _embedding_gradient_is_sparse(backend, model, x, y) -> bool:
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x[:32]) - y[:32]) ** 2)
+        grad = tape.gradient(loss, model.trainable_variables[0])
+        return isinstance(grad, tf.IndexedSlices)
+    if backend == "torch":
+        # the wrapped module keeps the gradient of model.fit's last step
+        return bool(model.layers[0].module.weight.grad.is_sparse)
+    return False  # jax.grad differentiates the gather into a dense gradient
 
 
 def _model(keras, seed: int = 0):
@@ -370,10 +575,17 @@ def main(backend: str, path: str) -> None:
     from dynabound import keras as dbk
 
     assert keras.backend.backend() == backend, keras.backend.backend()
-    out: dict[Any, Any] = {}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # A tf.function per optimizer is the point here, not a retracing to warn about.
+        tf.get_logger().setLevel("ERROR")
+    out: dict[Any, Any] = {"backend": backend}
     runner = _Runner(backend)
     _parity(runner, dbk, out)
     _exclusion(runner, dbk, out)
+    _sparse(backend, dbk, out)
+    _embedding_fit(backend, dbk, out)
     _errors(dbk, out)
     _configs(dbk, out)
     out["sklearn"] = importlib.util.find_spec("sklearn") is not None

@@ -150,15 +150,18 @@ np.savez(sys.argv[3], **arrays)
 """
 
 
-def test_keras_model(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
+def test_keras_model(tmp_path, backend):
     if importlib.util.find_spec("keras") is None:
         # not importorskip: importing Keras here would fix its backend for this process
         pytest.skip("needs keras")
     if importlib.util.find_spec("dynabound.keras") is None:
         pytest.skip("needs dynabound.keras")
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"needs {backend}")
     out = tmp_path / "arrays.npz"
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_thread
-    env.setdefault("KERAS_BACKEND", "torch")
+    env = dict(os.environ, OMP_NUM_THREADS="1", KERAS_BACKEND=backend)  # see one_thread
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's start-up notices
     result = subprocess.run(
         [sys.executable, "-c", KERAS_RUN, str(EXAMPLES), str(tmp_path), str(out)],
         env=env,

@@ -19,6 +19,18 @@ Keras), inside ``model.fit``, under ``jit`` and through ``stateless_apply``:
 ``optimizer.learning_rate = ...`` as ``ReduceLROnPlateau`` does) scales the Adam step and
 both bounds together, as a PyTorch scheduler scaling ``group["lr"]`` does.
 
+Sparse gradients (``tf.IndexedSlices`` from an ``Embedding`` or any gather on TensorFlow,
+``jax.experimental.sparse`` arrays handed to ``apply`` on JAX, sparse tensors from a
+wrapped ``torch.nn.Embedding(sparse=True)`` on PyTorch) are made dense, duplicate indices
+summed, when they enter ``apply``: before loss-scale division, gradient accumulation,
+clipping and the step, so the update is the dense update fed that gradient, bit for bit
+(where XLA compiles the step, as ``model.fit`` does on TensorFlow and JAX, it may fuse the
+densification into the step and round a moment differently in its last bit). Updating
+only the rows in the slices (as a "lazy" Adam does) would not be exact: the moments decay
+every element each step, so a row absent from the slices has g = 0 but its m and v still
+decay and its parameters still move by ``rate * m``. The dense gradient costs one
+temporary the size of the variable, as the step's own temporaries do.
+
 Import this module before ``keras.models.load_model`` of a model saved with one of these
 optimizers: the classes are registered with Keras as ``dynabound>AdaBound`` and so on.
 """
@@ -65,9 +77,35 @@ def _initial_learning_rate(learning_rate: Any) -> float | None:
             value = learning_rate()
         else:
             value = learning_rate
+        if isinstance(value, numbers.Real):
+            # Not through a tensor: TensorFlow makes Python floats float32, which would
+            # leave the base 5e-8 off 1e-3 in float64.
+            return float(value)
         return float(ops.convert_to_numpy(value))
     except Exception:  # a callable that only works inside a step: ask for the base
         return None
+
+
+def _dense(gradient: Any) -> Any:
+    """A sparse gradient as the dense tensor it stands for (duplicate indices summed);
+    a dense one (or None) as it is."""
+    if gradient is None:
+        return None
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf  # Keras' backend has imported it already
+
+        # keras.ops.convert_to_tensor(sparse=False) leaves IndexedSlices sparse.
+        if isinstance(gradient, tf.IndexedSlices):
+            return tf.convert_to_tensor(gradient)
+    elif backend == "torch":
+        # Keras' torch backend passes sparse tensors through convert_to_tensor as they are;
+        # read the layout without importing torch here.
+        if str(getattr(gradient, "layout", "torch.strided")) != "torch.strided":
+            return gradient.to_dense()
+        return gradient
+    # tf.SparseTensor, jax.experimental.sparse arrays
+    return ops.convert_to_tensor(gradient, sparse=False)
 
 
 @keras.saving.register_keras_serializable(package="dynabound")
@@ -191,7 +229,8 @@ class AdaBound(keras.optimizers.Optimizer):
         # optimizer built with an already-decayed learning rate bring the base back too.
         self._base_learning_rate = self.add_variable(
             shape=(),
-            initializer=keras.initializers.Constant(float(base_learning_rate)),
+            # A NumPy float64: TensorFlow would round a Python float through float32.
+            initializer=keras.initializers.Constant(np.float64(base_learning_rate)),
             dtype=keras.backend.floatx(),
             aggregation="only_first_replica",
             name="base_learning_rate",
@@ -211,6 +250,11 @@ class AdaBound(keras.optimizers.Optimizer):
         )
         if self.amsbound:
             self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+
+    def apply(self, grads: Any, trainable_variables: Any = None) -> None:
+        # Every way in (apply_gradients, stateless_apply, LossScaleOptimizer, model.fit)
+        # passes here, before Keras divides by the loss scale, accumulates and clips.
+        return super().apply([_dense(g) for g in grads], trainable_variables)
 
     def _apply_weight_decay(self, variables: list) -> None:
         # Keras would decay every variable here (p -= p*wd*lr) before update_step; the decay
