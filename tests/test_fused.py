@@ -342,7 +342,10 @@ TRITON_SCRIPT = textwrap.dedent(
     import torch
     from dynabound.functional import adabound
     from dynabound.kernels import triton_kernel
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
+    from dynabound.kernels.dispatch import run_kernels
+
+    def cuda_step(*args, **kwargs):  # the CUDA kernels on CPU tensors: the interpreter
+        run_kernels("cuda", *args, **kwargs)
 
     # Small chunks keep the interpreter quick while tensors still span several blocks.
     triton_kernel.CHUNK = 2 * triton_kernel.BLOCK
@@ -378,7 +381,7 @@ TRITON_SCRIPT = textwrap.dedent(
         rp, rm, rv, rvmax, rsteps = tensors(dtype, hyper["amsbound"])
         for step in range(2):
             g = grads(p, step)
-            fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+            cuda_step(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
                                   grad_scale=None, found_inf=None, **hyper)
             adabound(rp, grads(p, step), rm, rv, rvmax, rsteps, foreach=False, **hyper)
         tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
@@ -393,7 +396,7 @@ TRITON_SCRIPT = textwrap.dedent(
         [x.float() for x in xs] for xs in tensors(torch.bfloat16, True)
     )
     g = grads(p, 0)
-    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+    cuda_step(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
                           grad_scale=None, found_inf=None, **hyper)
     adabound(rp, [x.float() for x in g], rm, rv, rvmax, rsteps, foreach=False, **hyper)
     for a, b in zip(p + m + v + vmax, rp + rm + rv + rvmax):
@@ -411,7 +414,7 @@ TRITON_SCRIPT = textwrap.dedent(
     steps, rsteps = [torch.zeros(()) for _ in p], [torch.zeros(()) for _ in p]
     hyper = dict(base, amsbound=True, weight_decay=0.1)
     for g in (g1, g2):
-        fused_adabound_triton(p, g, *state[:3], steps, capturable=False, has_complex=True,
+        cuda_step(p, g, *state[:3], steps, capturable=False, has_complex=True,
                               grad_scale=None, found_inf=None, **hyper)
         adabound(rp, g, *rstate[:3], rsteps, foreach=False, has_complex=True, **hyper)
     for a, b in zip(p + state[0], rp + rstate[0]):
@@ -423,14 +426,14 @@ TRITON_SCRIPT = textwrap.dedent(
     rp, rm, rv, rvmax, rsteps = tensors(torch.float32, True)
     scale, found = torch.tensor(8.0), torch.tensor(0.0)
     g = [x * 8 for x in grads(p, 0)]
-    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=True, has_complex=False,
+    cuda_step(p, g, m, v, vmax, steps, capturable=True, has_complex=False,
                           grad_scale=scale, found_inf=found, **hyper)
     adabound(rp, grads(p, 0), rm, rv, rvmax, rsteps, foreach=False, **hyper)
     for a, b in zip(g, grads(p, 0)):
         torch.testing.assert_close(a, b)
     found.fill_(1.0)
     before = [x.clone() for x in p + m + v + vmax]
-    fused_adabound_triton(p, [x * 8 for x in grads(p, 1)], m, v, vmax, steps, capturable=True,
+    cuda_step(p, [x * 8 for x in grads(p, 1)], m, v, vmax, steps, capturable=True,
                           has_complex=False, grad_scale=scale, found_inf=found, **hyper)
     assert all(torch.equal(a, b) for a, b in zip(p + m + v + vmax, before))
     assert all(s.item() == 1 for s in steps)
@@ -460,6 +463,7 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from dynabound.kernels import triton_common
     from dynabound.kernels import triton_kernel as tk
 
     tl = tk.tl
@@ -471,7 +475,7 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
         "n_tensors": "i32",
     }  # fmt: skip
     constants = dict(
-        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=tk.REFERENCE,
+        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=triton_common.REFERENCE,
         LR_TENSOR=False, AMSBOUND=True, WEIGHT_DECAY=1, UNSCALED_DECAY=False, MAXIMIZE=True,
         EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, VEC=4,
         BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,

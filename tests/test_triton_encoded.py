@@ -18,6 +18,7 @@ two tensors in one launch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
@@ -236,8 +237,16 @@ def assert_same_bits(got, want, what):
 
 def cpu_kernel():
     from dynabound.kernels import cpu
+    from dynabound.kernels.dispatch import run_kernels
 
-    return cpu.fused_adabound_cpu if cpu.is_available() else None
+    return functools.partial(run_kernels, "cpu") if cpu.is_available() else None
+
+
+def cuda_step(*args, **kwargs):
+    """The CUDA kernels' step, run on CPU tensors by Triton's interpreter."""
+    from dynabound.kernels.dispatch import run_kernels
+
+    run_kernels("cuda", *args, **kwargs)
 
 
 def against_reference(
@@ -246,7 +255,6 @@ def against_reference(
     """Run the Triton kernel, the reference and the fused CPU kernel side by side; compare
     after every step and continue the reference from the kernel's values."""
     from dynabound.functional import adabound
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     hyper = dict(BASE, **options)
     amsbound = hyper["amsbound"]
@@ -265,7 +273,7 @@ def against_reference(
     for step in range(steps):
         grads = gradients(params, step)
         ref_lr = hyper["lr"].clone() if isinstance(hyper["lr"], torch.Tensor) else hyper["lr"]
-        fused_adabound_triton(
+        cuda_step(
             params, grads, *state, counters, capturable=False, has_complex=False,
             grad_scale=None, found_inf=None, **encoded, **hyper,
         )  # fmt: skip
@@ -356,7 +364,6 @@ def case_scaler():
     # GradScaler: gradients unscaled and written back; a step with found_inf set changes
     # nothing, the step counters included.
     from dynabound.functional import adabound
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     for state_dtype, dtype, bounds in (
         ("8bit", torch.float32, "reference"),
@@ -371,7 +378,7 @@ def case_scaler():
         ref_counters = [torch.zeros(()) for _ in params]
         scale, found = torch.tensor(1024.0), torch.tensor(0.0)
         grads = gradients(params, 0, scale=1024.0)
-        fused_adabound_triton(
+        cuda_step(
             params, grads, *state, counters, capturable=False, has_complex=False,
             grad_scale=scale, found_inf=found, **encoded, **hyper,
         )  # fmt: skip
@@ -384,7 +391,7 @@ def case_scaler():
             one_rounding(p, r, "parameter after an unscaled step")
         found.fill_(1.0)
         before = [clone(x) for xs in (params, *state) for x in xs]
-        fused_adabound_triton(
+        cuda_step(
             params, gradients(params, 1, scale=1024.0), *state, counters, capturable=False,
             has_complex=False, grad_scale=scale, found_inf=found, **encoded, **hyper,
         )  # fmt: skip
@@ -407,14 +414,13 @@ def case_layouts():
 
 def case_refused():
     # A state of the wrong format is refused before anything moves.
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     params = make_params([torch.float32] * 2, (300, 40))
     state = new_state(params, torch.bfloat16, False)
     counters = [torch.zeros(()) for _ in params]
     before = [p.clone() for p in params]
     try:
-        fused_adabound_triton(
+        cuda_step(
             params, gradients(params, 0), *state, counters, capturable=False,
             has_complex=False, grad_scale=None, found_inf=None, state_dtype="8bit",
             stochastic_rounding=False, rounding_seeds=None, **BASE,

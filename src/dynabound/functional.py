@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import state_formats as formats
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
+from .kernels.layout import dense_in_any_order
 
 __all__ = ["adabound"]
 
@@ -122,9 +123,7 @@ def adabound(
         return
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale and found_inf are only supported by the fused paths")
-    if state_dtype is not None or (
-        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
-    ):
+    if formats.needs_encoding(state_dtype, stochastic_rounding, params):
         _single_tensor_encoded(*tensors, capturable=capturable, **encoded, **hyper)
     elif foreach:
         _multi_tensor_adabound(*tensors, capturable=capturable, has_complex=has_complex, **hyper)
@@ -351,7 +350,7 @@ def _single_tensor_encoded(
                 f"state_dtype={state_dtype!r} and stochastic rounding need float32, bfloat16 "
                 f"or float16 parameters (complex64 too), got {param.dtype}"
             )
-        if not formats.covers_memory_densely(param):
+        if not dense_in_any_order(param):
             raise RuntimeError(
                 "low-precision optimizer state needs parameters stored without gaps "
                 "(contiguous, channels-last or any permutation of them)"

@@ -23,6 +23,7 @@ from . import kernels
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound
+from .kernels.layout import dense_in_any_order
 
 __all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW"]
 
@@ -107,7 +108,7 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                     f"{name}: state_dtype={group['state_dtype']!r} needs float32, bfloat16 or "
                     f"float16 parameters (complex64 too), got {p.dtype}"
                 )
-            if not formats.covers_memory_densely(p):
+            if not dense_in_any_order(p):
                 raise ValueError(
                     f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
                     "without gaps (contiguous, channels-last or another dense layout)"

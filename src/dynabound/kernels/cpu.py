@@ -35,7 +35,7 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   region per step (torch's per-op regions each wait at a barrier).
 
 Nothing is built at import. If the compiler or ninja is missing, :func:`is_available`
-returns False and :func:`fused_adabound_cpu` raises ``RuntimeError`` with the reason.
+returns False and a fused step raises ``RuntimeError`` with the reason.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ from torch import Tensor
 
 from .. import state_formats as formats
 from ..bounds import decoupled_decay_factor, step_coefficients, within_range
-from . import dense_layout
+from .layout import dense_in_any_order, dense_in_standard_order
 
 __all__ = [
-    "fused_adabound_cpu",
+    "encoded_step",
+    "float_step",
     "is_available",
     "load",
     "supported_dtypes",
@@ -217,7 +218,20 @@ class _Batch:
         self.copies: list[tuple[Tensor, Tensor]] = []
 
 
-def fused_adabound_cpu(
+def float_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options):
+    """One step of CPU tensors whose moments are stored in the parameter's dtype; the
+    arguments are those of :func:`_step`."""
+    _step(False, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
+
+
+def encoded_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options):
+    """One step of CPU tensors with low-precision moments or stochastically rounded
+    bfloat16 parameters; the arguments are those of :func:`_step`."""
+    _step(True, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
+
+
+def _step(
+    encoded: bool,
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -262,10 +276,6 @@ def fused_adabound_cpu(
         return
     lr_value = lr.item() if isinstance(lr, Tensor) else float(lr)
     max_exp_avg_sqs = max_exp_avg_sqs if amsbound else None
-    # Low-precision moments or stochastically rounded bf16 parameters: the encoded kernel.
-    encoded = state_dtype is not None or (
-        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
-    )
     if encoded:
         moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
         plan = _encoded_plan(lib, params, grads, moments, state_steps, state_dtype)
@@ -417,7 +427,7 @@ def _collect_encoded(params, grads, moments, state_dtype) -> dict[torch.dtype, _
                 f"bfloat16 and float16 CPU parameters (complex64 too), got {p.dtype} on "
                 f"{p.device}"
             )
-        if not formats.covers_memory_densely(p):
+        if not dense_in_any_order(p):
             raise RuntimeError(
                 "low-precision optimizer state needs parameters stored without gaps "
                 "(contiguous, channels-last or another dense layout)"
@@ -570,7 +580,7 @@ def _collect(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             and m.is_cpu
             and v.is_cpu
             and vmax.is_cpu
-            and (p.is_contiguous() or dense_layout(p))
+            and (p.is_contiguous() or dense_in_standard_order(p))
         ):
             g = _checked_grad(p, g, (m, v, vmax), batch.copies)
         addresses = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr())
@@ -613,7 +623,7 @@ def _checked_grad(p: Tensor, g: Tensor, state: tuple[Tensor, ...], copies: list)
             "fused AdaBound needs gradients and state of the parameter's dtype, got "
             f"{p.dtype} parameter with {g.dtype} gradient"
         )
-    if not dense_layout(p) or any(t.stride() != p.stride() for t in state):
+    if not dense_in_standard_order(p) or any(t.stride() != p.stride() for t in state):
         raise RuntimeError(
             "fused AdaBound needs each parameter and its state in the same dense memory "
             "layout; use fused=False for this parameter group"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fused_step
+from .dispatch import fused_step
 
 __all__ = ["call_fused_op", "fused_step_outside_graph"]
 

@@ -1,0 +1,73 @@
+"""What every fused kernel asks of its tensors: devices, dtypes, memory layouts.
+
+The bottom of :mod:`dynabound.kernels`: it imports nothing of dynabound, and every other
+module of the package may import it.
+
+Two density checks, which accept different layouts:
+
+* :func:`dense_in_standard_order`: row-major, channels-last or channels-last-3d. The
+  float kernels walk a parameter and its gradient and state as one flat array each, in
+  these layouts (the layouts :func:`dynabound.kernels.can_fuse` accepts for the default
+  step).
+* :func:`dense_in_any_order`: no gaps, in any order of the dimensions (a transposed matrix
+  too). Low-precision state needs this much: its blocks and random bits follow memory order
+  (:func:`dynabound.state_formats.memory_flat`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEVICE_TYPES",
+    "as_real",
+    "dense_in_any_order",
+    "dense_in_standard_order",
+    "local_shards",
+]
+
+DEVICE_TYPES = ("cpu", "cuda")  # the device types a fused kernel exists for
+
+
+def dense_in_standard_order(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory densely in row-major or channels-last order, so an
+    element-wise kernel may walk it as a flat array."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def dense_in_any_order(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill a gap-free stretch of memory, in some dimension order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda s: s[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (real and imaginary parts are separate coordinates)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """DTensors (FSDP2, tensor parallel) own no storage: the update is element-wise, so it
+    runs on each rank's local shard, as torch's fused Adam does."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is None or not any(isinstance(p, dtensor) for p in lists[0]):
+        return lists
+    return tuple([t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in lists)
