@@ -212,9 +212,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     from dynabound.kernels import triton_kernel
     from dynabound.kernels.dispatch import run_kernels
     from dynabound.kernels.triton_common import step_scalars
+    from dynabound.spec import StepSpec, StepTensors
 
-    def cuda_step(*args, **kwargs):  # the CUDA kernels on CPU tensors: the interpreter
-        run_kernels("cuda", *args, **kwargs)
+    def cuda_step(*lists, **fields):  # the CUDA kernels on CPU tensors: the interpreter
+        run_kernels("cuda", StepTensors(*lists), StepSpec(**fields))
 
     # 1. The kernel's scalars are dynabound.bounds' scalars.
     steps = torch.tensor([1, 2, 3, 7, 10, 100, 999, 1e4, 123457, 1e6], dtype=torch.float64)

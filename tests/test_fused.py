@@ -343,9 +343,10 @@ TRITON_SCRIPT = textwrap.dedent(
     from dynabound.functional import adabound
     from dynabound.kernels import triton_kernel
     from dynabound.kernels.dispatch import run_kernels
+    from dynabound.spec import StepSpec, StepTensors
 
-    def cuda_step(*args, **kwargs):  # the CUDA kernels on CPU tensors: the interpreter
-        run_kernels("cuda", *args, **kwargs)
+    def cuda_step(*lists, **fields):  # the CUDA kernels on CPU tensors: the interpreter
+        run_kernels("cuda", StepTensors(*lists), StepSpec(**fields))
 
     # Small chunks keep the interpreter quick while tensors still span several blocks.
     triton_kernel.CHUNK = 2 * triton_kernel.BLOCK

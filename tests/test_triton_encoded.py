@@ -235,18 +235,22 @@ def assert_same_bits(got, want, what):
         assert torch.equal(bits(a), bits(b)), what
 
 
+def kernel_step(device_type, *lists, rounding_seeds=None, **fields):
+    """One step of the fused kernels for ``device_type`` (the CUDA kernels on CPU tensors
+    run in Triton's interpreter), with the keyword arguments of functional.adabound."""
+    from dynabound.kernels.dispatch import run_kernels
+    from dynabound.spec import StepSpec, StepTensors
+
+    run_kernels(device_type, StepTensors(*lists, rounding_seeds), StepSpec(**fields))
+
+
 def cpu_kernel():
     from dynabound.kernels import cpu
-    from dynabound.kernels.dispatch import run_kernels
 
-    return functools.partial(run_kernels, "cpu") if cpu.is_available() else None
+    return functools.partial(kernel_step, "cpu") if cpu.is_available() else None
 
 
-def cuda_step(*args, **kwargs):
-    """The CUDA kernels' step, run on CPU tensors by Triton's interpreter."""
-    from dynabound.kernels.dispatch import run_kernels
-
-    run_kernels("cuda", *args, **kwargs)
+cuda_step = functools.partial(kernel_step, "cuda")
 
 
 def against_reference(

@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..spec import StepSpec, StepTensors
 from .dispatch import fused_step
 from .layout import DEVICE_TYPES, dense_in_standard_order, local_shards
 
@@ -101,39 +102,27 @@ def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
     return f"no fused AdaBound kernel for device type {kind!r} (CPU and CUDA only)"
 
 
-def fused_adabound(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    **kwargs,
-) -> None:
-    """The fused step; same arguments as :func:`dynabound.functional.adabound` minus
-    ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place.
+def fused_adabound(tensors: StepTensors, spec: StepSpec) -> None:
+    """The fused step of :func:`dynabound.functional.adabound_step`. Increments the step
+    counters and updates the tensors in place.
 
     Under torch.compile the step is one opaque custom op (``torch.ops.dynabound.fused_step_``),
     so a compiled step costs what an eager one does; a bound function, which an op cannot
     take, and low-precision state run the step eagerly between compiled graphs instead.
     """
-    if not params:
+    if not tensors.params:
         return
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = local_shards(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
-    )
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    tensors = local_shards(tensors)
     if not torch.compiler.is_compiling():
-        fused_step(*tensors, **kwargs)
+        fused_step(tensors, spec)
         return
     from . import ops  # registers the op; imported on the first traced step
 
-    encoded = kwargs.get("state_dtype") is not None or kwargs.get("stochastic_rounding")
-    if callable(kwargs["bounds"]) or encoded:
+    if callable(spec.bounds) or spec.state_dtype is not None or spec.stochastic_rounding:
         # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
-        ops.fused_step_outside_graph(*tensors, **kwargs)
+        ops.fused_step_outside_graph(tensors, spec)
     else:
-        ops.call_fused_op(*tensors, **kwargs)
+        ops.call_fused_op(tensors, spec)
 
 
 _warned_unavailable: set[str] = set()

@@ -253,28 +253,47 @@ void for_each_unit(int64_t n, int num_threads, const Process& process) {
   for (int64_t w = 0; w < n; ++w) process(w);
 }
 
-// Layout of the `hyper` array passed from Python (keep in sync with cpu.py).
-enum Hyper {
-  kBeta1, kBeta2, kEps, kWeightDecay, kDecay, kSign, kGradScale, kBoxLo, kBoxHi, kNumHyper
+// The arrays Python passes, by position (HYPER, COEF and ENCODED_COEF in cpu.py), each
+// listed once here. dynabound_layout() exports the names, and cpu.py compares them with its
+// own when it loads the library: a field added on one side only stops the load instead of
+// shifting every value after it.
+// `hyper`, shared by the tensors of a call: the step's floats (dynabound.spec.FLOATS), then
+// what Python derives from the other fields.
+#define DB_HYPER_LAYOUT(X)                                                                    \
+  X(lr) X(beta1) X(beta2) X(final_lr) X(base_lr) X(gamma) X(eps) X(weight_decay) X(decay)    \
+  X(sign) X(grad_scale) X(box_lo) X(box_hi)
+// A row of `coef` per tensor: its step's scalars; the encoded kernel's rows add the
+// tensor's random seed (mod 2^32) and its step.
+#define DB_COEF_LAYOUT(X) X(numerator) X(lower) X(upper) X(rate_scale)
+#define DB_ENCODED_COEF_LAYOUT(X) DB_COEF_LAYOUT(X) X(seed) X(step)
+
+#define DB_POSITION(name) name,
+struct Hyper {
+  enum Position : int { DB_HYPER_LAYOUT(DB_POSITION) size };
 };
-// Layout of the per-tensor `coef` rows.
-enum Coef { kNumerator, kLower, kUpper, kRateScale, kNumCoef };
+struct Coef {
+  enum Position : int { DB_COEF_LAYOUT(DB_POSITION) size };
+};
+struct EncodedCoef {
+  enum Position : int { DB_ENCODED_COEF_LAYOUT(DB_POSITION) size };
+};
+#undef DB_POSITION
 
 // The scalars every tensor of a call shares, from the `hyper` array.
 template <typename T>
 Scalars<T> shared_scalars(const double* hyper) {
   Scalars<T> k;
-  k.beta1 = static_cast<T>(hyper[kBeta1]);
-  k.one_minus_beta1 = static_cast<T>(1.0 - hyper[kBeta1]);
-  k.beta2 = static_cast<T>(hyper[kBeta2]);
-  k.one_minus_beta2 = static_cast<T>(1.0 - hyper[kBeta2]);
-  k.eps = static_cast<T>(hyper[kEps]);
-  k.weight_decay = static_cast<T>(hyper[kWeightDecay]);
-  k.decay = static_cast<T>(hyper[kDecay]);
-  k.sign = static_cast<T>(hyper[kSign]);
-  k.grad_scale = static_cast<T>(hyper[kGradScale]);
-  k.box_lo = static_cast<T>(hyper[kBoxLo]);
-  k.box_hi = static_cast<T>(hyper[kBoxHi]);
+  k.beta1 = static_cast<T>(hyper[Hyper::beta1]);
+  k.one_minus_beta1 = static_cast<T>(1.0 - hyper[Hyper::beta1]);
+  k.beta2 = static_cast<T>(hyper[Hyper::beta2]);
+  k.one_minus_beta2 = static_cast<T>(1.0 - hyper[Hyper::beta2]);
+  k.eps = static_cast<T>(hyper[Hyper::eps]);
+  k.weight_decay = static_cast<T>(hyper[Hyper::weight_decay]);
+  k.decay = static_cast<T>(hyper[Hyper::decay]);
+  k.sign = static_cast<T>(hyper[Hyper::sign]);
+  k.grad_scale = static_cast<T>(hyper[Hyper::grad_scale]);
+  k.box_lo = static_cast<T>(hyper[Hyper::box_lo]);
+  k.box_hi = static_cast<T>(hyper[Hyper::box_hi]);
   return k;
 }
 
@@ -299,11 +318,11 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
   std::vector<Scalars<T>> scalars(n_tensors, base);
   std::vector<int64_t> offsets(n_tensors + 1, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
-    const double* c = coef + t * kNumCoef;
-    scalars[t].numerator = static_cast<T>(c[kNumerator]);
-    scalars[t].lower = static_cast<T>(c[kLower]);
-    scalars[t].upper = static_cast<T>(c[kUpper]);
-    scalars[t].rate_scale = static_cast<T>(c[kRateScale]);
+    const double* c = coef + t * Coef::size;
+    scalars[t].numerator = static_cast<T>(c[Coef::numerator]);
+    scalars[t].lower = static_cast<T>(c[Coef::lower]);
+    scalars[t].upper = static_cast<T>(c[Coef::upper]);
+    scalars[t].rate_scale = static_cast<T>(c[Coef::rate_scale]);
     offsets[t + 1] = offsets[t] + numels[t];
   }
   const int64_t total = offsets[n_tensors];
@@ -804,9 +823,6 @@ EncodedFn pick_encoded(int state_format, bool ams, int isa) {
              : pick_encoded_isa<S, kStateBFloat16, false>(isa);
 }
 
-// Layout of the per-tensor rows of `coef` for the encoded kernel.
-enum EncodedCoef { kENumerator, kELower, kEUpper, kERateScale, kESeed, kEStep, kENum };
-
 // state_formats.step_key in 32-bit unsigned arithmetic, whose wraparound is its masking.
 enum Stream : uint32_t { kStreamState = 0, kStreamParam = 1 };
 uint32_t step_key(uint32_t seed, uint32_t step, Stream stream) {
@@ -839,13 +855,14 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     tensors[t] = EncodedTensor{row[0], row[1], row[2], row[3], row[4],
                                static_cast<float*>(row[5]), static_cast<float*>(row[6]),
                                static_cast<float*>(row[7])};
-    const double* c = coef + t * kENum;
+    const double* c = coef + t * EncodedCoef::size;
     scalars[t].k = base;
-    scalars[t].k.numerator = float(c[kENumerator]);
-    scalars[t].k.lower = float(c[kELower]);
-    scalars[t].k.upper = float(c[kEUpper]);
-    scalars[t].k.rate_scale = float(c[kERateScale]);
-    const uint32_t seed = uint32_t(c[kESeed]), step = uint32_t(int64_t(c[kEStep]));
+    scalars[t].k.numerator = float(c[EncodedCoef::numerator]);
+    scalars[t].k.lower = float(c[EncodedCoef::lower]);
+    scalars[t].k.upper = float(c[EncodedCoef::upper]);
+    scalars[t].k.rate_scale = float(c[EncodedCoef::rate_scale]);
+    const uint32_t seed = uint32_t(c[EncodedCoef::seed]);
+    const uint32_t step = uint32_t(int64_t(c[EncodedCoef::step]));
     scalars[t].key_state = step_key(seed, step, kStreamState);
     scalars[t].key_param = step_key(seed, step, kStreamParam);
     scalars[t].coupled = coupled;
@@ -930,6 +947,19 @@ void dynabound_increment_steps(int64_t n, float* const* steps, double* values) {
     *steps[i] += 1.0f;
     values[i] = *steps[i];
   }
+}
+
+// The names of the `hyper` array's (which 0), the `coef` rows' (1) and the encoded kernel's
+// `coef` rows' (2) fields, in order, each followed by a comma.
+const char* dynabound_layout(int which) {
+#define DB_NAME(name) #name ","
+  switch (which) {
+    case 0: return DB_HYPER_LAYOUT(DB_NAME);
+    case 1: return DB_COEF_LAYOUT(DB_NAME);
+    case 2: return DB_ENCODED_COEF_LAYOUT(DB_NAME);
+    default: return "";
+  }
+#undef DB_NAME
 }
 
 // Bit mask of the storage dtypes this build supports (bit i set: dtype code i).

@@ -15,39 +15,31 @@ from collections import defaultdict
 
 import torch
 
-from ..state_formats import needs_encoding
+from ..spec import StepSpec, StepTensors
 
 __all__ = ["fused_step", "run_kernels"]
 
 
-def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
+def fused_step(tensors: StepTensors, spec: StepSpec) -> None:
     """Run the kernels for tensors that own their storage, one launch group per device."""
-    amsbound = kwargs["amsbound"]
+    params = tensors.params
     device = params[0].device
     if all(p.device == device for p in params):
-        run_kernels(
-            device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            **kwargs,
-        )  # fmt: skip
+        run_kernels(device, tensors, spec)
         return
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         by_device[p.device].append(i)
-    seeds = kwargs.get("rounding_seeds")
-    if seeds is None:
-        seeds = list(range(len(params)))  # the default of the reference: the list position
     for device, indices in by_device.items():
-        lists = [[t[i] for i in indices] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-        vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
-        steps = [state_steps[i] for i in indices]
-        options = {**kwargs, "rounding_seeds": [seeds[i] for i in indices]}
-        run_kernels(device, *lists, vmax, steps, **options)
+        # Each tensor keeps its seed: by default its place in the whole list, as in the
+        # reference.
+        run_kernels(device, tensors.take(indices), spec)
 
 
-def run_kernels(device: torch.device | str, params, *tensors, **kwargs) -> None:
+def run_kernels(device: torch.device | str, tensors: StepTensors, spec: StepSpec) -> None:
     """Step tensors of one device with that device's kernels (tests name ``"cuda"`` for CPU
     tensors, to run the Triton kernels in Triton's interpreter)."""
-    encoded = needs_encoding(kwargs.get("state_dtype"), kwargs.get("stochastic_rounding"), params)
+    encoded = spec.encodes(tensors.params)
     device_type = getattr(device, "type", device)
     if device_type == "cpu":
         from . import cpu
@@ -60,4 +52,4 @@ def run_kernels(device: torch.device | str, params, *tensors, **kwargs) -> None:
             from .triton_kernel import float_step as run
     else:
         raise RuntimeError(f"fused AdaBound supports CPU and CUDA tensors, got one on {device}")
-    run(params, *tensors, **kwargs)
+    run(tensors, spec)

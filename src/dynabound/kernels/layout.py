@@ -17,6 +17,7 @@ Two density checks, which accept different layouts:
 from __future__ import annotations
 
 import sys
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 DEVICE_TYPES = ("cpu", "cuda")  # the device types a fused kernel exists for
+
+T = TypeVar("T", bound=tuple)
 
 
 def dense_in_standard_order(t: Tensor) -> bool:
@@ -63,11 +66,13 @@ def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
-    """DTensors (FSDP2, tensor parallel) own no storage: the update is element-wise, so it
-    runs on each rank's local shard, as torch's fused Adam does."""
+def local_shards(tensors: T) -> T:
+    """The step's tensors (a :class:`dynabound.spec.StepTensors`) with DTensors (FSDP2,
+    tensor parallel), which own no storage, replaced by their local shards: the update is
+    element-wise, so it runs on each rank's shard, as torch's fused Adam does."""
     module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
     dtensor = getattr(module, "DTensor", None)
-    if dtensor is None or not any(isinstance(p, dtensor) for p in lists[0]):
-        return lists
-    return tuple([t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in lists)
+    if dtensor is None or not any(isinstance(p, dtensor) for p in tensors[0]):
+        return tensors
+    shards = [[t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in tensors[:5]]
+    return tensors._make([*shards, *tensors[5:]])

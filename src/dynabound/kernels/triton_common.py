@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..bounds import step_coefficients_from, within_range
+from ..spec import FLOATS, StepSpec, StepTensors
 from .layout import as_real
 
 try:
@@ -47,10 +48,11 @@ CACHE_SIZE = 8
 REFERENCE, PAPER, TABLE = 0, 1, 2
 # Step counters per program of advance_steps.
 COUNTER_BLOCK = 1024
-# Row order of the `hyper` table the kernel reads (float64).
-HYPER = (
-    "beta1", "beta2", "eps", "weight_decay", "final_lr", "base_lr", "gamma", "lo", "hi", "largest",
-)  # fmt: skip
+# Row order of the `hyper` table the kernels read (float64): the step's floats but lr
+# (a kernel argument, so that the cached table outlives a scheduler's change of lr), then
+# the box and the arithmetic type's largest value.
+_TABLED_FLOATS = tuple(name for name in FLOATS if name != "lr")
+HYPER = (*_TABLED_FLOATS, "box_lo", "box_hi", "largest")
 
 
 @functools.cache
@@ -77,8 +79,8 @@ if triton is not None:
     _H_FINAL_LR = tl.constexpr(HYPER.index("final_lr"))
     _H_BASE_LR = tl.constexpr(HYPER.index("base_lr"))
     _H_GAMMA = tl.constexpr(HYPER.index("gamma"))
-    _H_LO = tl.constexpr(HYPER.index("lo"))
-    _H_HI = tl.constexpr(HYPER.index("hi"))
+    _H_LO = tl.constexpr(HYPER.index("box_lo"))
+    _H_HI = tl.constexpr(HYPER.index("box_hi"))
     _H_LARGEST = tl.constexpr(HYPER.index("largest"))
 
     @triton.jit
@@ -350,17 +352,22 @@ def raise_for_gradients(params: list[Tensor], grads: list[Tensor]) -> None:
             )
 
 
-def hyper_table_for(hyper: dict, box, compute: torch.dtype, device: torch.device) -> Tensor:
-    lo, hi = box if box is not None else (0.0, 0.0)
-    values = dict(hyper, lo=lo, hi=hi, largest=torch.finfo(compute).max)
-    row = tuple(float(values[k]) for k in HYPER)
+def hyper_table_for(spec: StepSpec, compute: torch.dtype, device: torch.device) -> Tensor:
+    """The step's :data:`HYPER` table on ``device``, cached by its values."""
+    lo, hi = spec.box if spec.box is not None else (0.0, 0.0)
+    row = (
+        *(float(getattr(spec, name)) for name in _TABLED_FLOATS),
+        float(lo),
+        float(hi),
+        torch.finfo(compute).max,
+    )
     key = (device, row)
     return cached(_hypers, key, lambda: to_device(list(row), torch.float64, device))
 
 
-def coefficient_table(steps: list[Tensor], hyper: dict, compute: torch.dtype) -> Tensor:
+def coefficient_table(steps: list[Tensor], spec: StepSpec, compute: torch.dtype) -> Tensor:
     """Rows numerator, lower, upper, scale (a column per tensor) for a bound function."""
-    c = step_coefficients_from(torch.stack(steps).to(torch.float64), hyper)
+    c = step_coefficients_from(torch.stack(steps).to(torch.float64), spec)
     c = within_range(c, compute)
     table = torch.empty((4, len(steps)), dtype=torch.float64, device=steps[0].device)
     for row, value in enumerate((c.numerator, c.lower, c.upper, c.scale)):
@@ -392,9 +399,10 @@ class StepInputs(NamedTuple):
         return self.lr_hi, self.lr_lo, *(t if t is not None else placeholder for t in tensors)
 
 
-def step_inputs(device, grad_scale, found_inf, lr, capturable) -> StepInputs:
+def step_inputs(device: torch.device, spec: StepSpec) -> StepInputs:
     """The GradScaler tensors on ``device``, and lr as the kernel reads it: a device tensor
     (read in the kernel), or a float sent as two float32 halves (hi, lo)."""
+    grad_scale, found_inf, lr = spec.grad_scale, spec.found_inf, spec.lr
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, non_blocking=True)
     if found_inf is not None:
@@ -403,7 +411,7 @@ def step_inputs(device, grad_scale, found_inf, lr, capturable) -> StepInputs:
     if isinstance(lr, Tensor):
         if lr.device == device:
             lr_tensor = lr
-        elif capturable:
+        elif spec.capturable:
             lr_tensor = lr.to(device, non_blocking=True)
         else:
             lr = lr.item()  # a CPU tensor: no device sync
@@ -415,18 +423,18 @@ def schedule_of(bounds) -> int:
     return TABLE if callable(bounds) else (PAPER if bounds == "paper" else REFERENCE)
 
 
-def kernel_flags(hyper: dict, schedule: int, inputs: StepInputs, amsbound, maximize, box) -> dict:
+def kernel_flags(spec: StepSpec, schedule: int, inputs: StepInputs) -> dict:
     """The compile-time arguments that both update kernels take."""
-    wd = hyper["weight_decay"]
+    wd = spec.weight_decay
     return dict(
         SCHEDULE=schedule,
         LR_TENSOR=inputs.lr_tensor is not None,
-        AMSBOUND=amsbound,
-        WEIGHT_DECAY=0 if wd == 0 else (2 if hyper["decoupled_weight_decay"] else 1),
-        UNSCALED_DECAY=bool(hyper["unscaled_decay"]),
-        MAXIMIZE=maximize,
+        AMSBOUND=spec.amsbound,
+        WEIGHT_DECAY=0 if wd == 0 else (2 if spec.decoupled_weight_decay else 1),
+        UNSCALED_DECAY=bool(spec.unscaled_decay),
+        MAXIMIZE=spec.maximize,
         EPS_USED=schedule != PAPER,
-        HAS_BOX=box is not None,
+        HAS_BOX=spec.box is not None,
         HAS_FOUND_INF=inputs.found_inf is not None,
         HAS_GRAD_SCALE=inputs.grad_scale is not None,
     )
@@ -456,14 +464,15 @@ def advance_counters(
         )
 
 
-def split_by_dtype(*lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
+def split_by_dtype(tensors: StepTensors) -> list[StepTensors]:
+    """The tensors of each parameter dtype, in order of first appearance: a launch each."""
+    dtype = tensors.params[0].dtype
+    if all(p.dtype is dtype for p in tensors.params):
+        return [tensors]
     by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(lists[0]):
+    for i, p in enumerate(tensors.params):
         by_dtype.setdefault(p.dtype, []).append(i)
-    return [
-        tuple([ts[i] for i in indices] if ts else [] for ts in lists)
-        for indices in by_dtype.values()
-    ]
+    return [tensors.take(indices) for indices in by_dtype.values()]
 
 
 def step_scalars(steps: Tensor, *, bounds: str, final_lr, base_lr, gamma, beta1, beta2):

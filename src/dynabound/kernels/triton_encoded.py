@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import state_formats as formats
+from ..spec import StepSpec, StepTensors
 from .layout import as_real, dense_in_any_order
 from .triton_common import (
     TABLE,
@@ -503,34 +504,16 @@ def _check_storage(t: Tensor) -> None:
     check_addresses(t, [t.data_ptr()])
 
 
-def encoded_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list,
-    exp_avg_sqs: list,
-    max_exp_avg_sqs: list,
-    state_steps: list[Tensor],
-    *,
-    capturable: bool,
-    has_complex: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    amsbound: bool,
-    lr: float | Tensor,
-    box: tuple[float, float] | None,
-    maximize: bool,
-    state_dtype,
-    stochastic_rounding: bool,
-    rounding_seeds: list[int] | None,
-    **hyper,
-) -> None:
+def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     """One AdaBound step with low-precision state over tensors on one device, in place,
-    with no host sync; the arguments are those of :func:`dynabound.functional.adabound`
-    (8-bit moments as :class:`~dynabound.state_formats.Quantized` pairs)."""
+    with no host sync (8-bit moments as :class:`~dynabound.state_formats.Quantized`
+    pairs)."""
     if triton is None:
         raise RuntimeError("dynabound's fused CUDA kernel needs Triton")
+    params, grads, _, _, _, state_steps, rounding_seeds = tensors
     if not params:
         return
+    state_dtype = spec.state_dtype
     formats.check_state_dtype(state_dtype)
     if state_dtype == formats.EIGHT_BIT:
         state_format = FORMAT_8BIT
@@ -539,30 +522,28 @@ def encoded_step(
     else:
         state_format = FORMAT_PARAM
     device = params[0].device
-    inputs = step_inputs(device, grad_scale, found_inf, lr, capturable)
-    seeds = list(rounding_seeds) if rounding_seeds is not None else list(range(len(params)))
+    inputs = step_inputs(device, spec)
+    if rounding_seeds is None:
+        tensors = tensors._replace(rounding_seeds=list(range(len(params))))
 
     # Validate everything before touching any state, so a refused step changes nothing.
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else [],
-             state_steps, seeds)  # fmt: skip
-    dtype = params[0].dtype
-    split = [lists] if all(p.dtype is dtype for p in params) else split_by_dtype(*lists)
     launches = []
-    for group in split:
+    for group in split_by_dtype(tensors):
         g_params, g_grads, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds = group
+        g_max = g_max if spec.amsbound else []
         plan = _plan(g_params, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds, state_format)
         grad_table = grad_table_for(plan.strides, g_params, g_grads)
         launches.append((plan, grad_table, group))
 
-    schedule = schedule_of(hyper["bounds"])
+    schedule = schedule_of(spec.bounds)
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
-    flags = kernel_flags(hyper, schedule, inputs, amsbound, maximize, box)
+    flags = kernel_flags(spec, schedule, inputs)
     for plan, grad_table, group in launches:
         g_params, _, g_avgs, g_avg_sqs, _, g_steps, _ = group
         real = as_real(g_params[0]).dtype
-        hyper_table = hyper_table_for(hyper, box, torch.float32, device)
-        coef = coefficient_table(g_steps, hyper, torch.float32) if schedule == TABLE else None
+        hyper_table = hyper_table_for(spec, torch.float32, device)
+        coef = coefficient_table(g_steps, spec, torch.float32) if schedule == TABLE else None
         if plan.n_blocks == 0:
             continue
         m_base = _storage(g_avgs[0], state_format)
@@ -588,7 +569,7 @@ def encoded_step(
             DTYPE=TL_DTYPES[real],
             FORMAT=state_format,
             **flags,
-            ROUND_PARAM=bool(stochastic_rounding) and real is torch.bfloat16,
+            ROUND_PARAM=bool(spec.stochastic_rounding) and real is torch.bfloat16,
             P_VEC=16 // real.itemsize if plan.param_aligned and grad_table.aligned else 1,
             M_VEC=16 // state_size if plan.state_aligned else 1,
             BLOCK=BLOCK,

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..spec import StepSpec, StepTensors
 from .layout import as_real, dense_in_standard_order
 from .triton_common import (
     IMPORT_ERROR,
@@ -221,27 +222,7 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> 
     )
 
 
-def float_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    capturable: bool,
-    has_complex: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    amsbound: bool,
-    lr: float | Tensor,
-    box: tuple[float, float] | None,
-    maximize: bool,
-    state_dtype=None,
-    stochastic_rounding: bool = False,
-    rounding_seeds: list[int] | None = None,
-    **hyper,
-) -> None:
+def float_step(tensors: StepTensors, spec: StepSpec) -> None:
     """One AdaBound step over tensors on one device whose moments are stored in the
     parameter's dtype, in place, with no host sync.
 
@@ -250,33 +231,30 @@ def float_step(
     """
     if triton is None:
         raise RuntimeError(f"dynabound's fused CUDA kernel needs Triton: {IMPORT_ERROR}")
-    if not params:
+    if not tensors.params:
         return
-    device = params[0].device
-    inputs = step_inputs(device, grad_scale, found_inf, lr, capturable)
+    device = tensors.params[0].device
+    inputs = step_inputs(device, spec)
 
     # Validate everything before touching any state, so a refused step changes nothing.
-    dtype = params[0].dtype
-    if all(p.dtype is dtype for p in params):
-        split = [(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)]
-    else:
-        split = split_by_dtype(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     launches = []
-    for lists in split:
-        real = lists[0][0].dtype.to_real()
+    for group in split_by_dtype(tensors):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ = group
+        real = params[0].dtype.to_real()
         if real not in TL_DTYPES:
             raise RuntimeError(f"dynabound's fused CUDA kernel does not support {real}")
-        plan = _plan(lists[0], lists[2], lists[3], lists[4] if amsbound else [], lists[5])
-        grad_table = grad_table_for(plan.strides, lists[0], lists[1])
-        launches.append((real, plan, grad_table, as_real(lists[0][0]), lists[5]))
+        vmax = max_exp_avg_sqs if spec.amsbound else []
+        plan = _plan(params, exp_avgs, exp_avg_sqs, vmax, steps)
+        grad_table = grad_table_for(plan.strides, params, grads)
+        launches.append((real, plan, grad_table, as_real(params[0]), steps))
 
-    schedule = schedule_of(hyper["bounds"])
+    schedule = schedule_of(spec.bounds)
     if schedule == TABLE:
-        torch._foreach_add_(state_steps, 1)
-    flags = kernel_flags(hyper, schedule, inputs, amsbound, maximize, box)
+        torch._foreach_add_(tensors.state_steps, 1)
+    flags = kernel_flags(spec, schedule, inputs)
     for real, plan, grad_table, base, steps in launches:
         compute = torch.float64 if real == torch.float64 else torch.float32
-        coef = coefficient_table(steps, hyper, compute) if schedule == TABLE else plan.offsets
+        coef = coefficient_table(steps, spec, compute) if schedule == TABLE else plan.offsets
         if plan.n_blocks == 0:
             continue
         itemsize = base.element_size()
@@ -290,7 +268,7 @@ def float_step(
             steps[0],
             plan.step_offsets,
             coef,
-            hyper_table_for(hyper, box, compute, device),
+            hyper_table_for(spec, compute, device),
             *inputs.kernel_args(steps[0]),
             len(steps),
             DTYPE=TL_DTYPES[real],
@@ -304,6 +282,7 @@ def float_step(
             enable_fp_fusion=False,
         )
     counters = [(steps, plan.step_offsets) for _, plan, _, _, steps in launches]
-    advance_counters(schedule, state_steps, inputs.found_inf, counters)
+    advance_counters(schedule, tensors.state_steps, inputs.found_inf, counters)
+    params, state_steps = tensors.params, tensors.state_steps
     torch.autograd.graph.increment_version(params)
     torch.autograd.graph.increment_version(state_steps)
