@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from option_sets import EVERY_OPTION
+from option_sets import EVERY_OPTION, cases
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -56,7 +56,7 @@ def set_grads(params, step, skip=()):
 
 
 def train(params, steps=STEPS, skip=(), lr=1e-2, **options):
-    opt = AdaBound(params, lr=lr, final_lr=0.1, **options)
+    opt = AdaBound(params, **{"lr": lr, "final_lr": 0.1, **options})
     for step in range(steps):
         set_grads(params, step, skip)
         opt.step()
@@ -77,9 +77,9 @@ TIGHT = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", CONFIGS)
-def test_fused_matches_single_tensor(name, dtype):
-    options = dict(CONFIGS[name])
+@pytest.mark.parametrize(("name", "options"), cases("fused_cpu"))
+def test_fused_matches_single_tensor(name, options, dtype):
+    options = dict(options)
     lr = options.pop("lr", 1e-2)
     fused = train(make_params(dtype), lr=lr, fused=True, **options)
     ref = train(make_params(dtype), lr=lr, foreach=False, **options)

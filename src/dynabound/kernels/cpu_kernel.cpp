@@ -4,7 +4,9 @@
 // pointers, element counts and the per-tensor scalars from dynabound.bounds.step_coefficients.
 // The element-wise math mirrors dynabound.functional._single_tensor_adabound operation by
 // operation (no FMA contraction: -ffp-contract=off), in float for float/bfloat16/float16
-// storage and in double for double storage.
+// storage and in double for double storage. It is written once, in update_value, which every
+// loop below calls; the AVX-512 8-bit loop (cpu_kernel_avx512.h) is the one deliberate
+// copy, in vector intrinsics, and the tests hold it to the same bits.
 //
 // Vectorisation: the loop is plain C++ that GCC/Clang vectorise at -O3. On x86-64 two more
 // copies are compiled, for AVX2+F16C and for AVX-512 (512-bit vectors), and the widest the
@@ -104,13 +106,62 @@ struct Scalars {
   T numerator, lower, upper, rate_scale;
 };
 
-enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
+// How weight decay enters the update: not at all, as an L2 term of the gradient, as a
+// factor of the parameter, or kEitherDecay: the L2 term picked by a flag at run time and
+// the factor always applied (1 when decay is off), so that one instance of a loop serves
+// every mode without a branch in it (the loops of low-precision state).
+enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2, kEitherDecay = 3 };
 
-// rate = clamp(numerator / (sqrt(u) + eps), lower, upper) * lr * scale;  p -= rate * m.
-// The comparisons are written so that NaN propagates, as torch.clamp/maximum do.
+// The update of one element in the arithmetic type T, from the loaded values to the ones
+// to store: returns the new parameter, and leaves the new moments in m, v and (AMSBound)
+// vmax. The one scalar copy of the update rule: every loop of this file computes through
+// it; the AVX-512 loop of cpu_kernel_avx512.h is the one deliberate vector copy.
+//
+//   g = -g (maximize);  g += wd * p  or  p *= decay;  m = b1*m + (1-b1)*g;
+//   v = b2*v + (1-b2)*g*g;  u = max(vmax, v) (AMSBound) else v;
+//   rate = clamp(numerator / (sqrt(u) + eps), lower, upper) * lr * scale;  p -= rate * m;
+//   p = clamp(p, box).
+//
+// The comparisons are written so that NaN propagates, as torch.clamp/maximum do. kPlain:
+// the caller knows the step minimises with no decay and no box, whose identities (a sign
+// of 1, a factor of 1, clamps at -inf and inf) are then skipped; they change no bit.
+template <typename T, int WD, bool AMS, bool kPlain>
+DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>& k,
+                         bool coupled) {
+  if (!kPlain) {
+    grad = grad * k.sign;
+    if (WD == kCoupled) grad = grad + k.weight_decay * param;
+    if (WD == kDecoupled) param = param * k.decay;
+    if (WD == kEitherDecay) {
+      const T coupled_grad = grad + k.weight_decay * param;  // 0 * inf is NaN: select it
+      grad = coupled ? coupled_grad : grad;
+      param = param * k.decay;
+    }
+  }
+  m = m * k.beta1 + k.one_minus_beta1 * grad;
+  v = v * k.beta2 + k.one_minus_beta2 * grad * grad;
+  T second = v;
+  if (AMS) {
+    vmax = (vmax < v || v != v) ? v : vmax;
+    second = vmax;
+  }
+  T rate = (T(1) / (std::sqrt(second) + k.eps)) * k.numerator;
+  rate = rate < k.lower ? k.lower : rate;
+  rate = rate > k.upper ? k.upper : rate;
+  rate = rate * k.rate_scale;
+  param = param - rate * m;
+  if (!kPlain) {
+    param = param < k.box_lo ? k.box_lo : param;
+    param = param > k.box_hi ? k.box_hi : param;
+  }
+  return param;
+}
+
+// Moments stored in the parameter's dtype: n elements, each loaded, updated and stored.
 template <typename S, int WD, bool AMS, bool UNSCALE>
 DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m, S* __restrict v,
-                           S* __restrict vmax, int64_t n, const Scalars<typename Io<S>::Math>& k) {
+                               S* __restrict vmax, int64_t n,
+                               const Scalars<typename Io<S>::Math>& k) {
   using T = typename Io<S>::Math;
   for (int64_t i = 0; i < n; ++i) {
     T grad = Io<S>::load(g[i]);
@@ -118,26 +169,13 @@ DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m
       grad = grad / k.grad_scale;
       g[i] = Io<S>::store(grad);  // like torch's fused Adam: gradients are left unscaled
     }
-    grad = grad * k.sign;
-    T param = Io<S>::load(p[i]);
-    if (WD == kCoupled) grad = grad + k.weight_decay * param;
-    if (WD == kDecoupled) param = param * k.decay;
-    T avg = Io<S>::load(m[i]) * k.beta1 + k.one_minus_beta1 * grad;
-    T avg_sq = Io<S>::load(v[i]) * k.beta2 + k.one_minus_beta2 * grad * grad;
-    T second = avg_sq;
-    if (AMS) {
-      T running = Io<S>::load(vmax[i]);
-      running = (running < avg_sq || avg_sq != avg_sq) ? avg_sq : running;
-      vmax[i] = Io<S>::store(running);
-      second = running;
-    }
-    T rate = (T(1) / (std::sqrt(second) + k.eps)) * k.numerator;
-    rate = rate < k.lower ? k.lower : rate;
-    rate = rate > k.upper ? k.upper : rate;
-    rate = rate * k.rate_scale;
-    param = param - rate * avg;
-    param = param < k.box_lo ? k.box_lo : param;
-    param = param > k.box_hi ? k.box_hi : param;
+    T avg = Io<S>::load(m[i]);
+    T avg_sq = Io<S>::load(v[i]);
+    T running = T(0);
+    if constexpr (AMS) running = Io<S>::load(vmax[i]);
+    const T param =
+        update_value<T, WD, AMS, false>(grad, Io<S>::load(p[i]), avg, avg_sq, running, k, false);
+    if constexpr (AMS) vmax[i] = Io<S>::store(running);
     p[i] = Io<S>::store(param);
     m[i] = Io<S>::store(avg);
     v[i] = Io<S>::store(avg_sq);
@@ -448,42 +486,19 @@ struct EncodedScalars {
   bool plain;    // no weight decay, no box, minimising: the update's identities skipped
 };
 
-// The float32 update of element j of a stretch starting at p, g: m, v and vmax hold the
-// decoded moments and receive the new ones. The arithmetic has no data-dependent branches,
-// so the loops around it vectorise: weight decay is a select on a loop-invariant flag (a
-// coupled term 0 * p would make an infinite parameter's gradient NaN) and a decay factor of
-// 1 when off, and a bfloat16 parameter's rounding adds either the random bits or
-// round-to-nearest-even's increment. param_key: the parameter's random key plus the
-// stretch's first element index.
+// The float32 update of element j of a stretch starting at p, g (update_value): m, v and
+// vmax hold the decoded moments and receive the new ones. The arithmetic has no
+// data-dependent branches, so the loops around it vectorise: weight decay is kEitherDecay,
+// a select on a loop-invariant flag (a coupled term 0 * p would make an infinite
+// parameter's gradient NaN) and a decay factor of 1 when off, and a bfloat16 parameter's
+// rounding adds either the random bits or round-to-nearest-even's increment. param_key:
+// the parameter's random key plus the stretch's first element index.
 template <typename S, bool AMS, bool kPlain = false>
 DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
                               uint32_t param_key, float& m, float& v, float& vmax,
                               const EncodedScalars& es, bool round_param) {
-  const Scalars<float>& k = es.k;
-  float grad = Io<S>::load(g[j]);
-  float param = Io<S>::load(p[j]);
-  if (!kPlain) {
-    grad = grad * k.sign;
-    const float coupled_grad = grad + k.weight_decay * param;
-    grad = es.coupled ? coupled_grad : grad;
-    param = param * k.decay;
-  }
-  const float avg = m * k.beta1 + k.one_minus_beta1 * grad;
-  const float avg_sq = v * k.beta2 + k.one_minus_beta2 * grad * grad;
-  float second = avg_sq;
-  if (AMS) {
-    vmax = (vmax < avg_sq || avg_sq != avg_sq) ? avg_sq : vmax;
-    second = vmax;
-  }
-  float rate = (1.0f / (std::sqrt(second) + k.eps)) * k.numerator;
-  rate = rate < k.lower ? k.lower : rate;
-  rate = rate > k.upper ? k.upper : rate;
-  rate = rate * k.rate_scale;
-  param = param - rate * avg;
-  if (!kPlain) {
-    param = param < k.box_lo ? k.box_lo : param;
-    param = param > k.box_hi ? k.box_hi : param;
-  }
+  const float param = update_value<float, kEitherDecay, AMS, kPlain>(
+      Io<S>::load(g[j]), Io<S>::load(p[j]), m, v, vmax, es.k, es.coupled);
   if constexpr (std::is_same_v<S, BFloat16>) {
     const uint32_t u = float_bits(param);
     const uint32_t random = mix32(param_key + uint32_t(j)) & 0xFFFFu;
@@ -494,8 +509,6 @@ DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
     (void)round_param;
     p[j] = Io<S>::store(param);
   }
-  m = avg;
-  v = avg_sq;
 }
 
 // Moments stored as bfloat16 (F = kStateBFloat16) or in the parameter's dtype
