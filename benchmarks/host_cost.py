@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynabound
-from dynabound.kernels import cpu, triton_encoded, triton_kernel
+from dynabound.kernels import dispatch, triton_common, triton_encoded, triton_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import resnet34_cifar_shapes  # noqa: E402
@@ -67,9 +67,10 @@ def route_cpu_steps_through_cuda_path() -> list[LaunchRecorder]:
     """CPU tensors take the CUDA code path, with recorders instead of kernels; torch's
     fused Adam keeps its Python side and loses its kernel the same way, as a yardstick."""
     recorders = [LaunchRecorder(), LaunchRecorder(), LaunchRecorder(), LaunchRecorder()]
-    triton_kernel._adabound_kernel, triton_kernel._advance_steps = recorders[:2]
+    triton_kernel._adabound_kernel, triton_common.advance_steps = recorders[:2]
     triton_encoded._encoded_kernel = recorders[3]
-    cpu.fused_adabound_cpu = triton_kernel.fused_adabound_triton
+    run_kernels = dispatch.run_kernels
+    dispatch.run_kernels = lambda device, *args, **kwargs: run_kernels("cuda", *args, **kwargs)
     adam_kernel = recorders[2][None]
     torch._fused_adam_ = torch._fused_adamw_ = lambda *args, **kwargs: adam_kernel()
     return recorders
@@ -96,7 +97,7 @@ def build(shapes, options) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
 def time_step(opt, params, steps: int, fresh_grads: bool) -> float:
     # More gradient sets than the table cache holds: every step sees addresses it has not
     # cached (the worst case; the caching allocator usually hands back the same ones).
-    sets = triton_kernel._CACHE_SIZE + 1 if fresh_grads else 0
+    sets = triton_common.CACHE_SIZE + 1 if fresh_grads else 0
     grads = [[torch.ones_like(p) for p in params] for _ in range(sets)]
     start = time.perf_counter()
     for i in range(steps):

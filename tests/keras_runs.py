@@ -131,6 +131,39 @@ def to_torch(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def to_keras(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The dynabound.keras class and Keras-spelled keyword arguments for keyword arguments
+    of dynabound.AdaBound. Options Keras has no counterpart for are passed on as they are,
+    so that they fail."""
+    out = dict(options)
+    renames = {"lr": "learning_rate", "eps": "epsilon", "base_lr": "base_learning_rate"}
+    for torch_name, keras_name in renames.items():
+        if torch_name in out:
+            out[keras_name] = out.pop(torch_name)
+    if "betas" in out:
+        out["beta_1"], out["beta_2"] = out.pop("betas")
+    return "AdaBound", out
+
+
+# The option sets of the registry (tests/option_sets.py), steps of each run.
+REGISTRY_STEPS = 300
+
+
+def _registry(runner, dbk, out) -> None:
+    """Every option set of the registry in float32: the run, or why it failed."""
+    from option_sets import EVERY_OPTION
+
+    params = initial()
+    grads = {k: g[:REGISTRY_STEPS] for k, g in gradients().items()}
+    for name, options in EVERY_OPTION.items():
+        cls, kwargs = to_keras(options)
+        try:
+            optimizer = getattr(dbk, cls)(**kwargs)
+            out["registry", name] = runner.run(optimizer, params, grads, "float32")
+        except Exception as exc:  # an option this backend does not implement
+            out["registry", name] = f"{type(exc).__name__}: {exc}"
+
+
 def gradients(steps: int = STEPS, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-element scales spread over 1e-6..1: elements sit below, inside and above the
     bounds (the sequence of tests/test_optax.py)."""
@@ -583,6 +616,7 @@ def main(backend: str, path: str) -> None:
     out: dict[Any, Any] = {"backend": backend}
     runner = _Runner(backend)
     _parity(runner, dbk, out)
+    _registry(runner, dbk, out)
     _exclusion(runner, dbk, out)
     _sparse(backend, dbk, out)
     _embedding_fit(backend, dbk, out)

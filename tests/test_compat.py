@@ -65,16 +65,16 @@ def test_triton_version(version, parsed):
 @pytest.fixture
 def old_triton(monkeypatch):
     """Triton 3.0 (what torch 2.4 ships) in place of the installed one, on a CUDA machine."""
-    from dynabound.kernels import triton_kernel
+    from dynabound.kernels import triton_common
 
-    monkeypatch.setattr(triton_kernel, "_IMPORT_ERROR", None)
-    monkeypatch.setattr(triton_kernel, "triton", types.SimpleNamespace(__version__="3.0.0"))
+    monkeypatch.setattr(triton_common, "IMPORT_ERROR", None)
+    monkeypatch.setattr(triton_common, "triton", types.SimpleNamespace(__version__="3.0.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "_fusable_by_type", {})
     monkeypatch.setattr(kernels, "_warned_unavailable", set())
-    triton_kernel.unavailable_reason.cache_clear()
+    triton_common.unavailable_reason.cache_clear()
     yield
-    triton_kernel.unavailable_reason.cache_clear()
+    triton_common.unavailable_reason.cache_clear()
 
 
 def test_a_triton_too_old_for_the_cuda_kernel_leaves_the_default_on_foreach(old_triton):
@@ -93,8 +93,8 @@ def test_a_triton_too_old_for_the_cuda_kernel_leaves_the_default_on_foreach(old_
 
 
 def test_a_recent_triton_passes_the_gate(old_triton, monkeypatch):
-    from dynabound.kernels import triton_kernel
+    from dynabound.kernels import triton_common
 
     oldest = ".".join(map(str, compat.MIN_TRITON)) + ".0"
-    monkeypatch.setattr(triton_kernel, "triton", types.SimpleNamespace(__version__=oldest))
+    monkeypatch.setattr(triton_common, "triton", types.SimpleNamespace(__version__=oldest))
     assert kernels.unavailable_reason("cuda") is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from option_sets import EVERY_OPTION
+from option_sets import cases
 
 from dynabound import AdaBound, kernels
 from dynabound import state_formats as formats
@@ -22,7 +22,9 @@ if not kernels.is_available("cuda"):
 
 DEVICE = torch.device("cuda")
 SHAPES = [(37,), (5, 3, 2), (), (0,), (70001,), (64, 3, 3, 3), (300, 300)]
-OPTIONS = EVERY_OPTION | {"tensor_lr": dict(lr=torch.tensor(2e-2, device="cuda"), base_lr=1e-2)}
+OPTIONS = cases(
+    "fused_cuda", {"tensor_lr": dict(lr=torch.tensor(2e-2, device="cuda"), base_lr=1e-2)}
+)
 # Storage dtype -> (arithmetic dtype of the reference, tolerance of one rounding).
 DTYPES = {
     torch.float32: (torch.float32, dict(rtol=1e-6, atol=1e-6)),
@@ -48,11 +50,11 @@ def set_grads(params, step, dtype=None):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("name", OPTIONS)
-def test_default_fused_matches_single_tensor(name, dtype):
+@pytest.mark.parametrize(("name", "options"), OPTIONS)
+def test_default_fused_matches_single_tensor(name, options, dtype):
     """The default (fused) step against the single-tensor path in the arithmetic dtype,
     resynchronised to the stored values after every step (one rounding per step)."""
-    options = dict(OPTIONS[name])
+    options = dict(options)
     lr = options.pop("lr", 1e-2)
     compute, tol = DTYPES[dtype]
     fused_params = make_params(dtype)
@@ -258,11 +260,11 @@ def assert_same_state(got: dict, want: dict, what: str):
 
 
 @pytest.mark.parametrize("state", ENCODED_STATES)
-@pytest.mark.parametrize("name", OPTIONS)
-def test_encoded_state_matches_the_reference(name, state):
+@pytest.mark.parametrize(("name", "options"), OPTIONS)
+def test_encoded_state_matches_the_reference(name, options, state):
     """The fused step against the single-tensor reference on the same device, with the
     reference continued from the fused values after every step (one step's rounding)."""
-    options = dict(OPTIONS[name])
+    options = dict(options)
     lr = options.pop("lr", 1e-2)
     state_dtype = ENCODED_STATES[state]
     fused_params = encoded_params()

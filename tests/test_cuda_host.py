@@ -1,6 +1,6 @@
 """The CUDA fused step's host side, without a GPU.
 
-CPU tensors are routed through ``dynabound.kernels.triton_kernel`` with the two Triton
+CPU tensors are routed through the CUDA kernels' host side with the two Triton
 kernels replaced by recorders, which shows what one eager step enqueues on the device and
 when its launch plan is rebuilt. The kernel's own arithmetic runs in Triton's CPU
 interpreter (a subprocess: ``TRITON_INTERPRET`` must be set before Triton is imported).
@@ -24,7 +24,7 @@ from kernel_required import require_tested_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynabound import AdaBound
-from dynabound.kernels import cpu
+from dynabound.kernels import dispatch, triton_common
 
 tk = pytest.importorskip("dynabound.kernels.triton_kernel")
 if tk.triton is None:
@@ -58,10 +58,13 @@ def cuda_path(monkeypatch):
     """Route fused CPU steps through the CUDA path with recording kernels; fresh caches."""
     recorders = Recorder(), Recorder()
     monkeypatch.setattr(tk, "_adabound_kernel", recorders[0])
-    monkeypatch.setattr(tk, "_advance_steps", recorders[1])
-    monkeypatch.setattr(cpu, "fused_adabound_cpu", tk.fused_adabound_triton)
-    for cache in ("_plans", "_grad_tables", "_hypers"):
-        monkeypatch.setattr(tk, cache, OrderedDict())
+    monkeypatch.setattr(triton_common, "advance_steps", recorders[1])
+    run_kernels = dispatch.run_kernels
+    on_cuda_path = lambda device, *args, **kwargs: run_kernels("cuda", *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(dispatch, "run_kernels", on_cuda_path)
+    monkeypatch.setattr(tk, "_plans", OrderedDict())
+    for cache in ("_grad_tables", "_hypers"):
+        monkeypatch.setattr(triton_common, cache, OrderedDict())
     builds = {"plan": 0, "grads": 0}
 
     def counting(name, function):
@@ -72,7 +75,8 @@ def cuda_path(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(tk, "_build_plan", counting("plan", tk._build_plan))
-    monkeypatch.setattr(tk, "_build_grad_table", counting("grads", tk._build_grad_table))
+    grads_counter = counting("grads", triton_common.build_grad_table)
+    monkeypatch.setattr(triton_common, "build_grad_table", grads_counter)
     return recorders, builds
 
 
@@ -197,7 +201,7 @@ def test_state_of_another_dtype_is_refused(cuda_path):
 
 def test_float_lr_is_carried_to_float64_precision():
     for lr in (1e-3, 0.1, 3e-7, 2.5e-5, 1.0, 0.0):
-        high, low = tk._split_float(lr)
+        high, low = triton_common.split_float(lr)
         assert abs(high + low - lr) <= 2**-48 * abs(lr)
 
 
@@ -207,7 +211,12 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     from dynabound.bounds import step_coefficients
     from dynabound.functional import adabound
     from dynabound.kernels import triton_kernel
-    from dynabound.kernels.triton_kernel import fused_adabound_triton, step_scalars
+    from dynabound.kernels.dispatch import run_kernels
+    from dynabound.kernels.triton_common import step_scalars
+    from dynabound.spec import StepSpec, StepTensors
+
+    def cuda_step(*lists, **fields):  # the CUDA kernels on CPU tensors: the interpreter
+        run_kernels("cuda", StepTensors(*lists), StepSpec(**fields))
 
     # 1. The kernel's scalars are dynabound.bounds' scalars.
     steps = torch.tensor([1, 2, 3, 7, 10, 100, 999, 1e4, 123457, 1e6], dtype=torch.float64)
@@ -268,7 +277,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         rsteps = [torch.zeros(()) for _ in p]
         for step in range(3):
             g = grads(p, step, grad_scale)
-            fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False,
+            cuda_step(p, g, m, v, vmax, steps, capturable=False,
                                   has_complex=False, grad_scale=None, found_inf=None, **hyper)
             rg = [x.float() if dtype == torch.float16 else x for x in g]
             adabound(ref[0], rg, ref[1], ref[2], ref[3], rsteps, foreach=False, **hyper)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from kernel_required import require_cpu_kernel, require_tested_triton
-from option_sets import EVERY_OPTION
+from option_sets import EVERY_OPTION, cases
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -56,7 +56,7 @@ def set_grads(params, step, skip=()):
 
 
 def train(params, steps=STEPS, skip=(), lr=1e-2, **options):
-    opt = AdaBound(params, lr=lr, final_lr=0.1, **options)
+    opt = AdaBound(params, **{"lr": lr, "final_lr": 0.1, **options})
     for step in range(steps):
         set_grads(params, step, skip)
         opt.step()
@@ -77,9 +77,9 @@ TIGHT = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", CONFIGS)
-def test_fused_matches_single_tensor(name, dtype):
-    options = dict(CONFIGS[name])
+@pytest.mark.parametrize(("name", "options"), cases("fused_cpu"))
+def test_fused_matches_single_tensor(name, options, dtype):
+    options = dict(options)
     lr = options.pop("lr", 1e-2)
     fused = train(make_params(dtype), lr=lr, fused=True, **options)
     ref = train(make_params(dtype), lr=lr, foreach=False, **options)
@@ -346,7 +346,11 @@ TRITON_SCRIPT = textwrap.dedent(
     import torch
     from dynabound.functional import adabound
     from dynabound.kernels import triton_kernel
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
+    from dynabound.kernels.dispatch import run_kernels
+    from dynabound.spec import StepSpec, StepTensors
+
+    def cuda_step(*lists, **fields):  # the CUDA kernels on CPU tensors: the interpreter
+        run_kernels("cuda", StepTensors(*lists), StepSpec(**fields))
 
     # Small chunks keep the interpreter quick while tensors still span several blocks.
     triton_kernel.CHUNK = 2 * triton_kernel.BLOCK
@@ -382,7 +386,7 @@ TRITON_SCRIPT = textwrap.dedent(
         rp, rm, rv, rvmax, rsteps = tensors(dtype, hyper["amsbound"])
         for step in range(2):
             g = grads(p, step)
-            fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+            cuda_step(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
                                   grad_scale=None, found_inf=None, **hyper)
             adabound(rp, grads(p, step), rm, rv, rvmax, rsteps, foreach=False, **hyper)
         tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
@@ -397,7 +401,7 @@ TRITON_SCRIPT = textwrap.dedent(
         [x.float() for x in xs] for xs in tensors(torch.bfloat16, True)
     )
     g = grads(p, 0)
-    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
+    cuda_step(p, g, m, v, vmax, steps, capturable=False, has_complex=False,
                           grad_scale=None, found_inf=None, **hyper)
     adabound(rp, [x.float() for x in g], rm, rv, rvmax, rsteps, foreach=False, **hyper)
     for a, b in zip(p + m + v + vmax, rp + rm + rv + rvmax):
@@ -415,7 +419,7 @@ TRITON_SCRIPT = textwrap.dedent(
     steps, rsteps = [torch.zeros(()) for _ in p], [torch.zeros(()) for _ in p]
     hyper = dict(base, amsbound=True, weight_decay=0.1)
     for g in (g1, g2):
-        fused_adabound_triton(p, g, *state[:3], steps, capturable=False, has_complex=True,
+        cuda_step(p, g, *state[:3], steps, capturable=False, has_complex=True,
                               grad_scale=None, found_inf=None, **hyper)
         adabound(rp, g, *rstate[:3], rsteps, foreach=False, has_complex=True, **hyper)
     for a, b in zip(p + state[0], rp + rstate[0]):
@@ -427,14 +431,14 @@ TRITON_SCRIPT = textwrap.dedent(
     rp, rm, rv, rvmax, rsteps = tensors(torch.float32, True)
     scale, found = torch.tensor(8.0), torch.tensor(0.0)
     g = [x * 8 for x in grads(p, 0)]
-    fused_adabound_triton(p, g, m, v, vmax, steps, capturable=True, has_complex=False,
+    cuda_step(p, g, m, v, vmax, steps, capturable=True, has_complex=False,
                           grad_scale=scale, found_inf=found, **hyper)
     adabound(rp, grads(p, 0), rm, rv, rvmax, rsteps, foreach=False, **hyper)
     for a, b in zip(g, grads(p, 0)):
         torch.testing.assert_close(a, b)
     found.fill_(1.0)
     before = [x.clone() for x in p + m + v + vmax]
-    fused_adabound_triton(p, [x * 8 for x in grads(p, 1)], m, v, vmax, steps, capturable=True,
+    cuda_step(p, [x * 8 for x in grads(p, 1)], m, v, vmax, steps, capturable=True,
                           has_complex=False, grad_scale=scale, found_inf=found, **hyper)
     assert all(torch.equal(a, b) for a, b in zip(p + m + v + vmax, before))
     assert all(s.item() == 1 for s in steps)
@@ -464,6 +468,7 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from dynabound.kernels import triton_common
     from dynabound.kernels import triton_kernel as tk
 
     tl = tk.tl
@@ -475,7 +480,7 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
         "n_tensors": "i32",
     }  # fmt: skip
     constants = dict(
-        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=tk.REFERENCE,
+        DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=triton_common.REFERENCE,
         LR_TENSOR=False, AMSBOUND=True, WEIGHT_DECAY=1, UNSCALED_DECAY=False, MAXIMIZE=True,
         EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, VEC=4,
         BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,

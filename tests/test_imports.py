@@ -50,7 +50,8 @@ def test_optax_port_imports_no_torch():
         import sys
         import jax.numpy as jnp
         import dynabound, dynabound.optax
-        opt = dynabound.optax.adabound(learning_rate=1e-3, final_lr=dynabound.final_lr_from_sgd(0.1))
+        final_lr = dynabound.final_lr_from_sgd(0.1)
+        opt = dynabound.optax.adabound(learning_rate=1e-3, final_lr=final_lr)
         state = opt.init({"w": jnp.ones(3)})
         updates, _ = opt.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
         assert "torch" not in sys.modules, "torch was imported"

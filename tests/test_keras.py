@@ -43,6 +43,7 @@ import dynabound  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras_runs as runs  # noqa: E402
+from option_sets import cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "torch", "tensorflow")
@@ -177,6 +178,16 @@ def test_parity_with_torch(backend_run, case, dtype):
     # The run must have moved the parameters, or agreement would prove nothing.
     assert _rel_err(PARAMS, expected) > 1e-3
     assert _rel_err(got, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize(("name", "options"), cases("keras"))
+def test_every_option_set_matches_torch(backend_run, name, options):
+    """The registry's option sets (tests/option_sets.py), in float32."""
+    got = backend_run["registry", name]
+    assert not isinstance(got, str), got
+    cls, kwargs = runs.to_keras(options)
+    expected = _run_torch(cls, kwargs, "float32", steps=runs.REGISTRY_STEPS)
+    assert _rel_err(got, expected) <= TOL["float32"]
 
 
 TORCH_SCHEDULES = {

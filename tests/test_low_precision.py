@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from kernel_required import require_cpu_kernel
-from option_sets import EVERY_OPTION
+from option_sets import EVERY_OPTION, cases
 from test_conventions import LiveTemporaries
 
 from dynabound import AdaBound
@@ -24,12 +24,13 @@ from dynabound.bounds import StepCoefficients, within_range
 DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = [(37,), (5, 3, 2), (), (0,), (4099,)]
 STEPS = 4
-CONFIGS = EVERY_OPTION | {
+EXTRA = {
     # final_lr / base_lr = 1e5: the bounds relative to lr exceed float16's 65504.
     "ratio_beyond_float16": dict(lr=1e-6, final_lr=0.1, gamma=1000.0),
     "paper_ratio_beyond_float16": dict(bounds="paper", lr=1e-6, final_lr=0.1),
     "everything": dict(amsbound=True, weight_decay=0.05, maximize=True, box=(-1.0, 1.0), eps=0.0),
 }
+CONFIGS = EVERY_OPTION | EXTRA
 PATHS = {
     "single": dict(foreach=False, fused=False),
     "foreach": dict(foreach=True),
@@ -167,10 +168,10 @@ def test_bounds_beyond_float16_range_do_not_cap_the_rate(dtype, path):
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("capturable", [False, True])
-@pytest.mark.parametrize("config", CONFIGS)
-def test_foreach_equals_single_tensor_bit_for_bit(config, capturable):
+@pytest.mark.parametrize(("config", "options"), cases("foreach", EXTRA))
+def test_foreach_equals_single_tensor_bit_for_bit(config, options, capturable):
     """Mixed dtypes in one group, complex32 too, and tensors that miss some steps."""
-    options = dict(CONFIGS[config])
+    options = dict(options)
     lr = options.pop("lr", 1e-2)
     if capturable:
         lr = torch.tensor(lr)

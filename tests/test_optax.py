@@ -23,6 +23,7 @@ optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
+from option_sets import cases  # noqa: E402
 
 import dynabound  # noqa: E402
 from dynabound import optax as dbo  # noqa: E402
@@ -174,6 +175,31 @@ def test_parity_with_torch(case, dtype):
     # The run must have moved the parameters, or agreement would prove nothing.
     assert _rel_err(PARAMS, expected) > 1e-3
     assert _rel_err(got, expected) <= TOL[dtype]
+
+
+def _optax_for(options: dict) -> optax.GradientTransformation:
+    """The dynabound.optax optimizer for keyword arguments of dynabound.AdaBound. Options it
+    has no counterpart for are passed on as they are, so that they fail."""
+    options = dict(options)
+    lr = options.pop("lr", 1e-3)
+    if "betas" in options:
+        options["b1"], options["b2"] = options.pop("betas")
+    if "base_lr" in options:
+        options["base_learning_rate"] = options.pop("base_lr")
+    if options.pop("decoupled_weight_decay", False):
+        return dbo.adaboundw(lr, **options)
+    return dbo.adabound(lr, **options)
+
+
+@pytest.mark.parametrize(("name", "options"), cases("optax"))
+def test_every_option_set_matches_torch(name, options):
+    """The registry's option sets (tests/option_sets.py), 300 steps in float64."""
+    steps = 300
+    grads = {k: g[:steps] for k, g in GRADS.items()}
+    expected = _run_torch(dynabound.AdaBound, options, PARAMS, grads, torch.float64)
+    with _enable_x64(True):
+        got = _run_optax(_optax_for(options), PARAMS, grads, jnp.float64)
+    assert _rel_err(got, expected) <= TOL["float64"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

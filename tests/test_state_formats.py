@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_required import require_cpu_kernel
-from option_sets import EVERY_OPTION
+from option_sets import cases
 
 from dynabound import AdaBound
 from dynabound import state_formats as formats
@@ -206,11 +206,15 @@ def decoded_state(opt, p):
     return {m: formats.moment_float32(state, m) for m in formats.MOMENTS if m in state}
 
 
-PATH_OPTIONS = {k: v for k, v in EVERY_OPTION.items() if k != "lr_zero"}
+STATE_BACKENDS = {"fused_cpu_bf16_state": torch.bfloat16, "fused_cpu_8bit_state": "8bit"}
+STATE_CASES = [
+    pytest.param(state_dtype, case.values[1], id=f"{backend}-{case.id}", marks=case.marks)
+    for backend, state_dtype in STATE_BACKENDS.items()
+    for case in cases(backend)
+]
 
 
-@pytest.mark.parametrize("state_dtype", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("options", PATH_OPTIONS.values(), ids=PATH_OPTIONS.keys())
+@pytest.mark.parametrize(("state_dtype", "options"), STATE_CASES)
 def test_fused_cpu_kernel_matches_the_reference(state_dtype, options):
     require_cpu_kernel()
     runs = {}

@@ -18,6 +18,7 @@ two tensors in one launch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
@@ -235,6 +236,15 @@ def assert_same_bits(got, want, what):
         assert torch.equal(bits(a), bits(b)), what
 
 
+def kernel_step(device_type, *lists, rounding_seeds=None, **fields):
+    """One step of the fused kernels for ``device_type`` (the CUDA kernels on CPU tensors
+    run in Triton's interpreter), with the keyword arguments of functional.adabound."""
+    from dynabound.kernels.dispatch import run_kernels
+    from dynabound.spec import StepSpec, StepTensors
+
+    run_kernels(device_type, StepTensors(*lists, rounding_seeds), StepSpec(**fields))
+
+
 def cpu_kernel():
     """The fused CPU kernel to compare bits with; None where it cannot be built, unless it
     is required (kernel_required.py)."""
@@ -243,10 +253,13 @@ def cpu_kernel():
     from dynabound.kernels import cpu
 
     if cpu.is_available():
-        return cpu.fused_adabound_cpu
+        return functools.partial(kernel_step, "cpu")
     if kernel_required():
         raise RuntimeError(f"the fused CPU kernel cannot be built: {cpu.unavailable_reason()}")
     return None
+
+
+cuda_step = functools.partial(kernel_step, "cuda")
 
 
 def against_reference(
@@ -255,7 +268,6 @@ def against_reference(
     """Run the Triton kernel, the reference and the fused CPU kernel side by side; compare
     after every step and continue the reference from the kernel's values."""
     from dynabound.functional import adabound
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     hyper = dict(BASE, **options)
     amsbound = hyper["amsbound"]
@@ -274,7 +286,7 @@ def against_reference(
     for step in range(steps):
         grads = gradients(params, step)
         ref_lr = hyper["lr"].clone() if isinstance(hyper["lr"], torch.Tensor) else hyper["lr"]
-        fused_adabound_triton(
+        cuda_step(
             params, grads, *state, counters, capturable=False, has_complex=False,
             grad_scale=None, found_inf=None, **encoded, **hyper,
         )  # fmt: skip
@@ -365,7 +377,6 @@ def case_scaler():
     # GradScaler: gradients unscaled and written back; a step with found_inf set changes
     # nothing, the step counters included.
     from dynabound.functional import adabound
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     for state_dtype, dtype, bounds in (
         ("8bit", torch.float32, "reference"),
@@ -380,7 +391,7 @@ def case_scaler():
         ref_counters = [torch.zeros(()) for _ in params]
         scale, found = torch.tensor(1024.0), torch.tensor(0.0)
         grads = gradients(params, 0, scale=1024.0)
-        fused_adabound_triton(
+        cuda_step(
             params, grads, *state, counters, capturable=False, has_complex=False,
             grad_scale=scale, found_inf=found, **encoded, **hyper,
         )  # fmt: skip
@@ -393,7 +404,7 @@ def case_scaler():
             one_rounding(p, r, "parameter after an unscaled step")
         found.fill_(1.0)
         before = [clone(x) for xs in (params, *state) for x in xs]
-        fused_adabound_triton(
+        cuda_step(
             params, gradients(params, 1, scale=1024.0), *state, counters, capturable=False,
             has_complex=False, grad_scale=scale, found_inf=found, **encoded, **hyper,
         )  # fmt: skip
@@ -416,14 +427,13 @@ def case_layouts():
 
 def case_refused():
     # A state of the wrong format is refused before anything moves.
-    from dynabound.kernels.triton_kernel import fused_adabound_triton
 
     params = make_params([torch.float32] * 2, (300, 40))
     state = new_state(params, torch.bfloat16, False)
     counters = [torch.zeros(()) for _ in params]
     before = [p.clone() for p in params]
     try:
-        fused_adabound_triton(
+        cuda_step(
             params, gradients(params, 0), *state, counters, capturable=False,
             has_complex=False, grad_scale=None, found_inf=None, state_dtype="8bit",
             stochastic_rounding=False, rounding_seeds=None, **BASE,

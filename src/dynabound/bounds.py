@@ -20,8 +20,8 @@ computed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -108,17 +108,27 @@ def step_coefficients(
     return StepCoefficients(numerator, lower / base_lr, upper / base_lr, 1.0, True)
 
 
-def step_coefficients_from(step: Scalar, hyper: Mapping[str, Any]) -> StepCoefficients:
-    """:func:`step_coefficients` with the hyperparameters taken from a mapping that holds
-    them under their own names (the functional paths' and kernels' keyword arguments)."""
+class ScheduleParameters(Protocol):
+    """What :func:`step_coefficients` reads, as attributes (a :class:`dynabound.spec.StepSpec`)."""
+
+    bounds: BoundsSpec
+    final_lr: float
+    base_lr: float
+    gamma: float
+    beta1: float
+    beta2: float
+
+
+def step_coefficients_from(step: Scalar, spec: ScheduleParameters) -> StepCoefficients:
+    """:func:`step_coefficients` with the hyperparameters of a step's description."""
     return step_coefficients(
         step,
-        bounds=hyper["bounds"],
-        final_lr=hyper["final_lr"],
-        base_lr=hyper["base_lr"],
-        gamma=hyper["gamma"],
-        beta1=hyper["beta1"],
-        beta2=hyper["beta2"],
+        bounds=spec.bounds,
+        final_lr=spec.final_lr,
+        base_lr=spec.base_lr,
+        gamma=spec.gamma,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
     )
 
 

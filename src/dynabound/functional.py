@@ -31,8 +31,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import state_formats as formats
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
+from .kernels.layout import dense_in_any_order
+from .spec import StepSpec, StepTensors
 
-__all__ = ["adabound"]
+__all__ = ["adabound", "adabound_step"]
 
 
 def adabound(
@@ -80,58 +82,64 @@ def adabound(
     parameters stochastically. ``rounding_seeds`` (one integer per parameter, default its
     index) seed the random bits of both; foreach falls back to the single-tensor path for
     them.
+
+    The keywords but ``foreach`` and ``fused`` are the fields of a
+    :class:`~dynabound.spec.StepSpec`; this builds one and calls :func:`adabound_step`.
     """
-    if fused and foreach:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if isinstance(lr, Tensor) and lr.dim() != 0:
-        lr = lr.reshape(())  # a shape-(1,) lr must not broadcast 0-dim params to (1,)
-    hyper = dict(
-        amsbound=amsbound,
+    spec = StepSpec(
+        lr=lr,
         beta1=beta1,
         beta2=beta2,
-        lr=lr,
         final_lr=final_lr,
         base_lr=base_lr,
         gamma=gamma,
         eps=eps,
         weight_decay=weight_decay,
+        amsbound=amsbound,
         decoupled_weight_decay=decoupled_weight_decay,
         unscaled_decay=unscaled_decay,
+        maximize=maximize,
         bounds=bounds,
         box=box,
-        maximize=maximize,
-    )
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    encoded = dict(
-        state_dtype=state_dtype,
         stochastic_rounding=stochastic_rounding,
-        rounding_seeds=rounding_seeds,
+        capturable=capturable,
+        differentiable=differentiable,
+        has_complex=has_complex,
+        state_dtype=state_dtype,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )
+    tensors = StepTensors(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
+    )
+    adabound_step(tensors, spec, foreach=foreach, fused=fused)
+
+
+def adabound_step(
+    tensors: StepTensors, spec: StepSpec, *, foreach: bool | None = None, fused: bool | None = None
+) -> None:
+    """:func:`adabound` with the tensors and the step's hyperparameters and flags as one
+    value each: what :meth:`dynabound.AdaBound.step` calls, once per param group."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if isinstance(spec.lr, Tensor) and spec.lr.dim() != 0:
+        # A shape-(1,) lr must not broadcast 0-dim params to (1,).
+        spec = spec._replace(lr=spec.lr.reshape(()))
+    if not spec.amsbound and tensors.max_exp_avg_sqs:
+        tensors = tensors._replace(max_exp_avg_sqs=[])  # read only by AMSBound
     if fused:
         from .kernels import fused_adabound
 
-        fused_adabound(
-            *tensors,
-            capturable=capturable,
-            has_complex=has_complex,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            **encoded,
-            **hyper,
-        )
+        fused_adabound(tensors, spec)
         return
-    if grad_scale is not None or found_inf is not None:
+    if spec.grad_scale is not None or spec.found_inf is not None:
         raise RuntimeError("grad_scale and found_inf are only supported by the fused paths")
-    if state_dtype is not None or (
-        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
-    ):
-        _single_tensor_encoded(*tensors, capturable=capturable, **encoded, **hyper)
+    if spec.encodes(tensors.params):
+        _single_tensor_encoded(tensors, spec)
     elif foreach:
-        _multi_tensor_adabound(*tensors, capturable=capturable, has_complex=has_complex, **hyper)
+        _multi_tensor_adabound(tensors, spec)
     else:
-        _single_tensor_adabound(
-            *tensors, capturable=capturable, differentiable=differentiable, **hyper
-        )
+        _single_tensor_adabound(tensors, spec)
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -172,23 +180,21 @@ class _Scalars(NamedTuple):
         return self._replace(**{n: f[part] for n, f in fields if isinstance(f, list)})
 
 
-def _step_scalars(
-    steps: list[Tensor], dtypes: list[torch.dtype], capturable: bool, hyper
-) -> _Scalars:
+def _step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], spec: StepSpec) -> _Scalars:
     """Scalars of the (already counted) steps of tensors updated in ``dtypes``."""
-    if capturable or torch.compiler.is_compiling():
-        return _tensor_step_scalars(steps, dtypes, hyper)
+    if spec.capturable or torch.compiler.is_compiling():
+        return _tensor_step_scalars(steps, dtypes, spec)
     # Eager steps live on the CPU: read each once and do the scalar math in Python, once per
     # distinct (step, dtype); every tensor of a group usually shares one.
     # A tensor lr stays one in the multiplier (it may require grad); its value picks the
     # rescaling of within_range.
-    lr = hyper["lr"]
+    lr = spec.lr
     lr_value = lr.item() if isinstance(lr, Tensor) else lr
     keys = [(s.item(), d) for s, d in zip(steps, dtypes, strict=True)]
     rows = {}
     for key in keys:
         if key not in rows:
-            c = _coefficients(key[0], key[1], hyper, lr_value)
+            c = _coefficients(key[0], key[1], spec, lr_value)
             rows[key] = (c.numerator, c.lower, c.upper, lr * c.scale, c.eps_used)
     eps_used = next(iter(rows.values()))[4]
     if len(rows) == 1:
@@ -197,7 +203,9 @@ def _step_scalars(
     return _Scalars(*(list(column) for column in columns), eps_used)
 
 
-def _tensor_step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], hyper) -> _Scalars:
+def _tensor_step_scalars(
+    steps: list[Tensor], dtypes: list[torch.dtype], spec: StepSpec
+) -> _Scalars:
     # The steps of one device and arithmetic dtype form one vector, so a step costs a fixed
     # number of small tensor ops however many tensors there are (each 0-dim step through
     # the formulas on its own costs about fifteen), and never a host sync.
@@ -205,24 +213,24 @@ def _tensor_step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], hyper) 
     for i, (step, dtype) in enumerate(zip(steps, dtypes, strict=True)):
         groups.setdefault((step.device, dtype), []).append(i)
     if len(groups) == 1:
-        return _vector_scalars(steps, dtypes[0], hyper)
+        return _vector_scalars(steps, dtypes[0], spec)
     columns: list[list] = [[None] * len(steps) for _ in _FIELDS]
     for (_, dtype), indices in groups.items():
-        scalars = _vector_scalars([steps[i] for i in indices], dtype, hyper)
+        scalars = _vector_scalars([steps[i] for i in indices], dtype, spec)
         for column, field in zip(columns, scalars[:4], strict=True):
             for j, i in enumerate(indices):
                 column[i] = field[j] if isinstance(field, list) else field
     return _Scalars(*columns, scalars.eps_used)
 
 
-def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, hyper) -> _Scalars:
+def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, spec: StepSpec) -> _Scalars:
     # In float64, as the eager steps' Python floats: float32 would overflow a relative bound
     # before within_range could rescale it. Then rounded to the arithmetic dtype, as every
     # use would round them, which lets one shared tensor take the fast foreach overload.
     step = torch.stack(steps)
     step = step.to(torch.float64 if step.device.type != "mps" else torch.float32)
-    c = _coefficients(step, dtype, hyper, hyper["lr"])
-    fields = [c.numerator, c.lower, c.upper, hyper["lr"] * c.scale]
+    c = _coefficients(step, dtype, spec, spec.lr)
+    fields = [c.numerator, c.lower, c.upper, spec.lr * c.scale]
     fields = [f.to(dtype) if isinstance(f, Tensor) else f for f in fields]
     return _Scalars(
         *(list(f.unbind()) if isinstance(f, Tensor) and f.dim() == 1 else f for f in fields),
@@ -230,27 +238,17 @@ def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, hyper) -> _Scalars:
     )
 
 
-def _coefficients(step, dtype, hyper, lr):
-    return within_range(step_coefficients_from(step, hyper), dtype, lr)
+def _coefficients(step, dtype, spec: StepSpec, lr):
+    return within_range(step_coefficients_from(step, spec), dtype, lr)
 
 
-def _single_tensor_adabound(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    capturable: bool,
-    differentiable: bool,
-    **hyper,
-) -> None:
-    amsbound = hyper["amsbound"]
+def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, _ = tensors
+    amsbound = spec.amsbound
     for step_t in state_steps:
         step_t += 1
     dtypes = [_arithmetic_dtype(p.dtype) for p in params]
-    scalars = _step_scalars(state_steps, dtypes, capturable, hyper)
+    scalars = _step_scalars(state_steps, dtypes, spec)
     for i, param in enumerate(params):
         grad, exp_avg, exp_avg_sq = grads[i], exp_avgs[i], exp_avg_sqs[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsbound else None
@@ -270,7 +268,7 @@ def _single_tensor_adabound(
                 max_exp_avg_sq = max_exp_avg_sq.to(torch.float32)
         _update_tensor(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars.of(i), scalars.eps_used,
-            differentiable, hyper,
+            spec,
         )  # fmt: skip
         if stored is not None:
             for target, value in zip(
@@ -281,25 +279,24 @@ def _single_tensor_adabound(
 
 
 def _update_tensor(
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, eps_used, differentiable,
-    hyper,
-) -> None:  # fmt: skip
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, eps_used, spec: StepSpec
+) -> None:
     """The element-wise update of one tensor in its arithmetic dtype, in place."""
-    amsbound, wd = hyper["amsbound"], hyper["weight_decay"]
-    beta1, beta2, eps, box = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["box"]
-    if hyper["maximize"]:
+    amsbound, wd = spec.amsbound, spec.weight_decay
+    beta1, beta2, eps, box = spec.beta1, spec.beta2, spec.eps, spec.box
+    if spec.maximize:
         grad = -grad
 
     if wd != 0:
-        if not hyper["decoupled_weight_decay"]:
+        if not spec.decoupled_weight_decay:
             grad = grad.add(param, alpha=wd)
         else:
-            param.mul_(decoupled_decay_factor(hyper["lr"], wd, hyper["unscaled_decay"]))
+            param.mul_(decoupled_decay_factor(spec.lr, wd, spec.unscaled_decay))
 
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if amsbound:
-        if differentiable:
+        if spec.differentiable:
             # maximum saves its inputs for backward: compare against a copy, not the
             # state tensor that is overwritten next.
             second_moment = torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq)
@@ -321,37 +318,25 @@ def _update_tensor(
         param.clamp_(box[0], box[1])
 
 
-def _single_tensor_encoded(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    capturable: bool,
-    state_dtype,
-    stochastic_rounding: bool,
-    rounding_seeds: list[int] | None,
-    **hyper,
-) -> None:
+def _single_tensor_encoded(tensors: StepTensors, spec: StepSpec) -> None:
     """The single-tensor step with moments in a low-precision format or stochastically
     rounded bfloat16 parameters: decode into float32, update, encode.
 
     Everything runs on 1-dim views in memory order, the order of the fused kernels' blocks
     and random bits. The random bits depend on the step's value, read on the host.
     """
-    amsbound = hyper["amsbound"]
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors
+    amsbound, state_dtype = spec.amsbound, spec.state_dtype
     for step_t in state_steps:
         step_t += 1
-    scalars = _step_scalars(state_steps, [torch.float32] * len(params), capturable, hyper)
+    scalars = _step_scalars(state_steps, [torch.float32] * len(params), spec)
     for i, param in enumerate(params):
         if param.dtype.to_real() not in (torch.float32, *_LOW_PRECISION):
             raise RuntimeError(
                 f"state_dtype={state_dtype!r} and stochastic rounding need float32, bfloat16 "
                 f"or float16 parameters (complex64 too), got {param.dtype}"
             )
-        if not formats.covers_memory_densely(param):
+        if not dense_in_any_order(param):
             raise RuntimeError(
                 "low-precision optimizer state needs parameters stored without gaps "
                 "(contiguous, channels-last or any permutation of them)"
@@ -366,7 +351,7 @@ def _single_tensor_encoded(
         work_param = stored_param.to(torch.float32, copy=True)
         work_grad = formats.memory_flat(grad).to(torch.float32)
         work = [_read_moment(t, signed=k == 0) for k, t in enumerate(moments)]
-        _update_tensor(work_param, work_grad, *work, scalars.of(i), scalars.eps_used, False, hyper)
+        _update_tensor(work_param, work_grad, *work, scalars.of(i), scalars.eps_used, spec)
         bits = formats.random_bits(
             formats.step_key(seed, step, formats.STREAM_STATE), work_param.numel(), param.device
         )
@@ -374,7 +359,7 @@ def _single_tensor_encoded(
         for k, (target, value) in enumerate(zip(moments, work, strict=True)):
             if target is not None:
                 _write_moment(target, value, noise[k], k == 0, state_dtype)
-        if stochastic_rounding and stored_param.dtype is torch.bfloat16:
+        if spec.stochastic_rounding and stored_param.dtype is torch.bfloat16:
             key = formats.step_key(seed, step, formats.STREAM_PARAM)
             noise = formats.random_bits(key, work_param.numel(), param.device) & 0xFFFF
             stored_param.copy_(formats.round_bfloat16(work_param, noise))
@@ -422,24 +407,13 @@ def _chunks(sizes: Sequence[int]) -> Iterator[slice]:
         yield slice(start, len(sizes))
 
 
-def _multi_tensor_adabound(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    capturable: bool,
-    has_complex: bool,
-    **hyper,
-) -> None:
+def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, _ = tensors
     if not params:
         return
-    amsbound, lr, wd = hyper["amsbound"], hyper["lr"], hyper["weight_decay"]
-    beta1, beta2, eps, box = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["box"]
-    if isinstance(lr, Tensor) and not capturable:
-        lr = lr.item()
+    amsbound, capturable = spec.amsbound, spec.capturable
+    if isinstance(spec.lr, Tensor) and not capturable:
+        spec = spec._replace(lr=spec.lr.item())
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if amsbound:
         lists.append(max_exp_avg_sqs)
@@ -453,12 +427,12 @@ def _multi_tensor_adabound(
         else:
             torch._foreach_add_(d_steps, 1)
     dtypes = [_arithmetic_dtype(p.dtype) for p in params]
-    scalars = _step_scalars(state_steps, dtypes, capturable, {**hyper, "lr": lr})
+    scalars = _step_scalars(state_steps, dtypes, spec)
 
     for device_lists, indices in grouped.values():
         d_params, d_grads, d_avgs, d_avg_sqs = device_lists[:4]
         d_max = device_lists[5] if amsbound else []
-        if has_complex:
+        if spec.has_complex:
             d_params, d_grads, d_avgs, d_avg_sqs, d_max = (
                 [torch.view_as_real(t) if torch.is_complex(t) else t for t in ts]
                 for ts in (d_params, d_grads, d_avgs, d_avg_sqs, d_max)
@@ -473,33 +447,23 @@ def _multi_tensor_adabound(
                 d_avg_sqs[part],
                 d_max[part] if amsbound else None,
                 d_scalars.part(part),
+                spec,
                 low_precision=low_precision,
-                lr=lr,
-                wd=wd,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                box=box,
-                maximize=hyper["maximize"],
-                decoupled=hyper["decoupled_weight_decay"],
-                unscaled_decay=hyper["unscaled_decay"],
             )
 
 
 def _multi_tensor_chunk(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, *, low_precision, **options
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, *, low_precision
 ) -> None:
     if not low_precision:
         _multi_tensor_update(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, scratch=None, **options
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, scratch=None
         )
         return
     stored = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     work = [_float32_copies(ts) if ts is not None else None for ts in stored]
     grads = _float32_copies(grads)
-    _multi_tensor_update(
-        work[0], grads, work[1], work[2], work[3], scalars, scratch=grads, **options
-    )
+    _multi_tensor_update(work[0], grads, work[1], work[2], work[3], scalars, spec, scratch=grads)
     for targets, values in zip(stored, work, strict=True):
         if targets is not None:
             _copy_(targets, values)
@@ -521,24 +485,24 @@ def _copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
 
 
 def _multi_tensor_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, *, scratch, lr, wd, beta1,
-    beta2, eps, box, maximize, decoupled, unscaled_decay,
-) -> None:  # fmt: skip
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec: StepSpec, *, scratch
+) -> None:
     # One temporary list at most: the modified gradient, reused as the rates. ``scratch``
     # is a list of gradients the caller owns, which can serve as that temporary.
-    if maximize:
+    wd, beta1, beta2 = spec.weight_decay, spec.beta1, spec.beta2
+    if spec.maximize:
         if scratch is None:
             grads = scratch = torch._foreach_neg(grads)
         else:
             torch._foreach_neg_(scratch)
     if wd != 0:
-        if not decoupled:
+        if not spec.decoupled_weight_decay:
             if scratch is None:
                 grads = scratch = torch._foreach_add(grads, params, alpha=wd)
             else:
                 torch._foreach_add_(grads, params, alpha=wd)
         else:
-            torch._foreach_mul_(params, decoupled_decay_factor(lr, wd, unscaled_decay))
+            torch._foreach_mul_(params, decoupled_decay_factor(spec.lr, wd, spec.unscaled_decay))
 
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
@@ -557,16 +521,16 @@ def _multi_tensor_update(
         torch._foreach_add_(rates, second_moments)
         torch._foreach_sqrt_(rates)
     if scalars.eps_used:
-        torch._foreach_add_(rates, eps)
+        torch._foreach_add_(rates, spec.eps)
     torch._foreach_reciprocal_(rates)
     _foreach_mul_(rates, scalars.numerator)
     torch._foreach_clamp_min_(rates, _scalar_list(scalars.lower, rates))
     torch._foreach_clamp_max_(rates, _scalar_list(scalars.upper, rates))
     _foreach_mul_(rates, scalars.multiplier)
     torch._foreach_addcmul_(params, rates, exp_avgs, value=-1)
-    if box is not None:
-        torch._foreach_clamp_min_(params, box[0])
-        torch._foreach_clamp_max_(params, box[1])
+    if spec.box is not None:
+        torch._foreach_clamp_min_(params, spec.box[0])
+        torch._foreach_clamp_max_(params, spec.box[1])
 
 
 def _foreach_mul_(tensors: list[Tensor], value) -> None:

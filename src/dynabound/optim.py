@@ -1,7 +1,8 @@
 """AdaBound, AMSBound, AdaBoundW and AMSBoundW as ``torch.optim.Optimizer`` subclasses.
 
 The classes validate hyperparameters, keep param groups and state, and dispatch to
-:func:`dynabound.functional.adabound`; they hold no math.
+:func:`dynabound.functional.adabound_step` with each group's hyperparameters as one
+:class:`~dynabound.spec.StepSpec`; they hold no math.
 
 ``base_lr`` (the lr at which ``final_lr`` is meant) lives in each param group, so it
 survives ``state_dict``/``load_state_dict``, ``deepcopy``, pickle and ``add_param_group``.
@@ -9,6 +10,7 @@ survives ``state_dict``/``load_state_dict``, ``deepcopy``, pickle and ``add_para
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +24,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from . import kernels
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
-from .functional import adabound
+from .functional import adabound_step
+from .kernels.layout import dense_in_any_order
+from .spec import StepSpec, StepTensors
 
 __all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW"]
 
@@ -107,7 +111,7 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                     f"{name}: state_dtype={group['state_dtype']!r} needs float32, bfloat16 or "
                     f"float16 parameters (complex64 too), got {p.dtype}"
                 )
-            if not formats.covers_memory_densely(p):
+            if not dense_in_any_order(p):
                 raise ValueError(
                     f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
                     "without gaps (contiguous, channels-last or another dense layout)"
@@ -416,41 +420,32 @@ class AdaBound(Optimizer):
                 continue
             foreach, fused = _choose_implementation(group, params)
             beta1, beta2 = group["betas"]
-            adabound(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                state_steps,
-                foreach=foreach,
-                fused=fused,
+            spec = StepSpec(
+                **{name: group[name] for name in _GROUP_FIELDS},
+                lr=_lr_for_step(group),
+                beta1=beta1,
+                beta2=beta2,
                 # Step counters on a GPU (kept there for the default fused path) are read
                 # as tensors on a fallback path too: reading them from the host would sync.
                 capturable=group["capturable"] or not (fused or state_steps[0].is_cpu),
-                differentiable=group["differentiable"],
                 has_complex=has_complex,
                 grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None),
-                amsbound=group["amsbound"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=_lr_for_step(group),
-                final_lr=group["final_lr"],
-                base_lr=group["base_lr"],
-                gamma=group["gamma"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                unscaled_decay=group["unscaled_decay"],
-                bounds=group["bounds"],
-                box=group["box"],
-                maximize=group["maximize"],
-                state_dtype=group["state_dtype"],
-                stochastic_rounding=group["stochastic_rounding"],
-                rounding_seeds=rounding_seeds,
             )
+            tensors = StepTensors(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
+            )
+            adabound_step(tensors, spec, foreach=foreach, fused=fused)
         return loss
+
+
+# The StepSpec fields a param group holds under their own names: every keyword of the
+# constructor that is one, but for those step() derives (lr, capturable).
+_GROUP_FIELDS = tuple(
+    name
+    for name in StepSpec._fields
+    if name in inspect.signature(AdaBound.__init__).parameters and name not in ("lr", "capturable")
+)
 
 
 def _kernel_ready(device_type: str) -> bool:

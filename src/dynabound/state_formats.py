@@ -29,7 +29,7 @@ kernels draw the same bits. Each parameter has its own ``seed``, kept in its sta
 
 Blocks and element numbers follow the parameter's memory order, the order in which the
 fused kernels walk it, so a parameter must cover its memory densely (any layout without
-gaps, such as contiguous or channels-last).
+gaps, such as contiguous or channels-last: :func:`dynabound.kernels.layout.dense_in_any_order`).
 """
 
 from __future__ import annotations
@@ -61,16 +61,17 @@ FIRST_MOMENT_BINADES = 15  # sign + 7 bits: codes 1..121
 SECOND_MOMENT_BINADES = 31  # 8 bits: codes 1..249
 MANTISSA_BITS = 3
 # Where a float32's bits are cut for a code: its sign-less top 12 bits, (exponent, mantissa).
-_CUT = 23 - MANTISSA_BITS
+CUT = 23 - MANTISSA_BITS
 # Random state: 16 bits per value, placed just below the cut.
 NOISE_BITS = 16
+NOISE_SHIFT = CUT - NOISE_BITS
 
 STREAM_STATE = 0  # random bits of the moments: low 16 bits exp_avg, high 16 bits exp_avg_sq
 STREAM_PARAM = 1  # random bits of a bfloat16 parameter's rounding
 
 _MASK32 = 0xFFFFFFFF
-_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (C. Wellons' hash prospector)
-_GOLDEN = 0x9E3779B9
+MIX1, MIX2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (C. Wellons' hash prospector)
+GOLDEN = 0x9E3779B9  # spreads a seed over 32 bits in step_key
 
 
 class Quantized(NamedTuple):
@@ -80,6 +81,15 @@ class Quantized(NamedTuple):
 
     codes: Tensor
     scales: Tensor
+
+
+def needs_encoding(state_dtype, stochastic_rounding: bool, params: list[Tensor]) -> bool:
+    """Whether a step over ``params`` encodes what it stores: moments in a low-precision
+    format, or bfloat16 parameters rounded stochastically. Every backend asks this to pick
+    its encoded kernel (or the reference's encoded path)."""
+    return state_dtype is not None or (
+        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
+    )
 
 
 def check_state_dtype(state_dtype) -> None:
@@ -99,15 +109,15 @@ def mix32(x: int) -> int:
     """lowbias32 of a Python integer: the hash every backend applies to 32-bit words."""
     x &= _MASK32
     x ^= x >> 16
-    x = (x * _MIX1) & _MASK32
+    x = (x * MIX1) & _MASK32
     x ^= x >> 15
-    x = (x * _MIX2) & _MASK32
+    x = (x * MIX2) & _MASK32
     return x ^ (x >> 16)
 
 
 def step_key(seed: int, step: int, stream: int) -> int:
     """The 32-bit key of one tensor's random bits at one step (computed on the host)."""
-    return mix32(mix32(seed * _GOLDEN + stream) + step)
+    return mix32(mix32(seed * GOLDEN + stream) + step)
 
 
 def _mul32(x: Tensor, constant: int) -> Tensor:
@@ -121,9 +131,9 @@ def random_bits(key: int, numel: int, device: torch.device | str = "cpu") -> Ten
     """32 random bits per element (int64 values in [0, 2^32)): lowbias32(index + key)."""
     x = (torch.arange(numel, dtype=torch.int64, device=device) + key) & _MASK32
     x = x ^ (x >> 16)
-    x = _mul32(x, _MIX1)
+    x = _mul32(x, MIX1)
     x = x ^ (x >> 15)
-    x = _mul32(x, _MIX2)
+    x = _mul32(x, MIX2)
     return x ^ (x >> 16)
 
 
@@ -143,10 +153,14 @@ def round_bfloat16(x: Tensor, noise: Tensor) -> Tensor:
 # --- 8 bits ---------------------------------------------------------------------------
 
 
-def _offset(binades: int) -> int:
-    # Code c > 0 stands for the float32 whose top bits (exponent, 3 mantissa bits) are
-    # c + offset: code 1 is 2^-binades, and 1.0 is code 8 * binades + 1.
+def code_offset(binades: int) -> int:
+    """Code c > 0 stands for the float32 whose top bits (exponent, 3 mantissa bits) are
+    c + offset: code 1 is 2^-binades, and 1.0 is code 8 * binades + 1."""
     return ((127 - binades) << MANTISSA_BITS) - 1
+
+
+FIRST_MOMENT_OFFSET = code_offset(FIRST_MOMENT_BINADES)
+SECOND_MOMENT_OFFSET = code_offset(SECOND_MOMENT_BINADES)
 
 
 def encode(x: Tensor, signed: bool, noise: Tensor) -> Quantized:
@@ -164,8 +178,8 @@ def encode(x: Tensor, signed: bool, noise: Tensor) -> Quantized:
     relative = (magnitude * inverse[:, None]).clamp_(max=1.0).view(-1)[:n]
     relative = torch.nan_to_num(relative, nan=0.0)  # code 0; the block's NaN scale decodes NaN
     bits = relative.view(torch.int32).to(torch.int64)
-    top = (bits + (noise << (_CUT - NOISE_BITS))) >> _CUT
-    codes = (top - _offset(binades)).clamp_(min=0)
+    top = (bits + (noise << NOISE_SHIFT)) >> CUT
+    codes = (top - code_offset(binades)).clamp_(min=0)
     if signed:
         codes = torch.where(x < 0, -codes, codes).to(torch.int8)
     else:
@@ -179,7 +193,7 @@ def decode(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     binades = FIRST_MOMENT_BINADES if signed else SECOND_MOMENT_BINADES
     c = codes.to(torch.int32)
     magnitude_code = c.abs()
-    bits = (magnitude_code + _offset(binades)) << _CUT
+    bits = (magnitude_code + code_offset(binades)) << CUT
     relative = torch.where(magnitude_code > 0, bits, 0).view(torch.float32)
     scale = scales.repeat_interleave(BLOCK)[: codes.numel()]
     value = relative * scale
@@ -191,20 +205,6 @@ def scale_count(numel: int) -> int:
 
 
 # --- layout ---------------------------------------------------------------------------
-
-
-def covers_memory_densely(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill a gap-free stretch of memory, in some dimension order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda s: s[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def memory_flat(t: Tensor) -> Tensor:

@@ -3,33 +3,26 @@
 Both backends implement only the element-wise update; the per-step scalars come from
 :func:`dynabound.bounds.step_coefficients`. Nothing is compiled or imported at package
 import: the CPU kernel is built on first use, Triton is imported on first CUDA use.
+
+The package's imports run one way: ``layout`` (devices, memory layouts) at the bottom;
+``cpu``, ``triton_common`` and the two Triton kernels above it (both Triton kernels import
+``triton_common``, neither the other); ``dispatch``, which picks a device's kernel; ``ops``,
+the custom op for torch.compile; this module on top.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 
 import torch
 from torch import Tensor
 
+from ..spec import StepSpec, StepTensors
 from . import compat
+from .dispatch import fused_step
+from .layout import DEVICE_TYPES, dense_in_standard_order, local_shards
 
 __all__ = ["DEVICE_TYPES", "can_fuse", "fused_adabound", "is_available", "unavailable_reason"]
-
-DEVICE_TYPES = ("cpu", "cuda")  # the device types a fused kernel exists for
-
-
-def dense_layout(t: Tensor) -> bool:
-    """Whether ``t`` covers its memory densely (row-major or channels-last), so an
-    element-wise kernel may walk it as a flat array."""
-    if t.is_contiguous():
-        return True
-    if t.dim() == 4:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return t.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
 
 
 def _device_type(device: str | torch.device | None) -> str:
@@ -48,9 +41,9 @@ def is_available(device: str | torch.device | None = "cpu") -> bool:
 
         return cpu.is_available()
     if kind == "cuda":
-        from . import triton_kernel
+        from . import triton_common
 
-        return triton_kernel.is_available()
+        return triton_common.is_available()
     return False
 
 
@@ -68,8 +61,8 @@ def can_fuse(params: list[Tensor]) -> bool:
         return False
     if len(allowed) == 1:  # the usual case: no per-parameter device lookup
         (dtypes,) = allowed.values()
-        return all(p.dtype in dtypes and dense_layout(p) for p in params)
-    return all(p.dtype in allowed[p.device] and dense_layout(p) for p in params)
+        return all(p.dtype in dtypes and dense_in_standard_order(p) for p in params)
+    return all(p.dtype in allowed[p.device] and dense_in_standard_order(p) for p in params)
 
 
 # Device type -> the dtypes its kernel takes, once the kernel is known to work: a dict
@@ -104,66 +97,34 @@ def unavailable_reason(device: str | torch.device | None = "cpu") -> str | None:
 
         return cpu.unavailable_reason()
     if kind == "cuda":
-        from . import triton_kernel
+        from . import triton_common
 
-        return triton_kernel.unavailable_reason()
+        return triton_common.unavailable_reason()
     return f"no fused AdaBound kernel for device type {kind!r} (CPU and CUDA only)"
 
 
-def fused_adabound(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    **kwargs,
-) -> None:
-    """The fused step; same arguments as :func:`dynabound.functional.adabound` minus
-    ``foreach``/``fused``/``differentiable``. Increments ``state_steps``, updates in place.
+def fused_adabound(tensors: StepTensors, spec: StepSpec) -> None:
+    """The fused step of :func:`dynabound.functional.adabound_step`. Increments the step
+    counters and updates the tensors in place.
 
     Under torch.compile the step is one opaque custom op (``torch.ops.dynabound.fused_step_``),
     so a compiled step costs what an eager one does; a bound function, which an op cannot
     take, and low-precision state run the step eagerly between compiled graphs instead.
     """
-    if not params:
+    if not tensors.params:
         return
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _local_shards(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
-    )
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    tensors = local_shards(tensors)
     if not torch.compiler.is_compiling():
-        fused_step(*tensors, **kwargs)
+        fused_step(tensors, spec)
         return
     from . import ops  # registers the op; imported on the first traced step
 
-    encoded = kwargs.get("state_dtype") is not None or kwargs.get("stochastic_rounding")
-    if callable(kwargs["bounds"]) or encoded or not compat.COMPILES_FUSED_OP:
+    encoded = spec.state_dtype is not None or spec.stochastic_rounding
+    if callable(spec.bounds) or encoded or not compat.COMPILES_FUSED_OP:
         # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
-        ops.fused_step_outside_graph(*tensors, **kwargs)
+        ops.fused_step_outside_graph(tensors, spec)
     else:
-        ops.call_fused_op(*tensors, **kwargs)
-
-
-def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
-    """Run the kernels for tensors that own their storage, one launch group per device."""
-    amsbound = kwargs["amsbound"]
-    device = params[0].device
-    if all(p.device == device for p in params):
-        _run_on(device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kwargs)
-        return
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        by_device[p.device].append(i)
-    seeds = kwargs.get("rounding_seeds")
-    if seeds is None:
-        seeds = list(range(len(params)))  # the default of the reference: the list position
-    for device, indices in by_device.items():
-        lists = [[t[i] for i in indices] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-        vmax = [max_exp_avg_sqs[i] for i in indices] if amsbound else []
-        steps = [state_steps[i] for i in indices]
-        options = {**kwargs, "rounding_seeds": [seeds[i] for i in indices]}
-        _run_on(device, *lists, vmax, steps, options)
+        ops.call_fused_op(tensors, spec)
 
 
 _warned_unavailable: set[str] = set()
@@ -186,22 +147,3 @@ def default_kernel_ready(device_type: str) -> bool:
             stacklevel=5,
         )
     return False
-
-
-def _local_shards(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
-    """DTensors (FSDP2, tensor parallel) own no storage: the update is element-wise, so it
-    runs on each rank's local shard, as torch's fused Adam does."""
-    dtensor = compat.dtensor_type()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in lists[0]):
-        return lists
-    return tuple([t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in lists)
-
-
-def _run_on(device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kwargs):
-    if device.type == "cpu":
-        from .cpu import fused_adabound_cpu as run
-    elif device.type == "cuda":
-        from .triton_kernel import fused_adabound_triton as run
-    else:
-        raise RuntimeError(f"fused AdaBound supports CPU and CUDA tensors, got one on {device}")
-    run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)

@@ -35,7 +35,7 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   region per step (torch's per-op regions each wait at a barrier).
 
 Nothing is built at import. If the compiler or ninja is missing, :func:`is_available`
-returns False and :func:`fused_adabound_cpu` raises ``RuntimeError`` with the reason.
+returns False and a fused step raises ``RuntimeError`` with the reason.
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ import torch
 from torch import Tensor
 
 from .. import state_formats as formats
-from ..bounds import decoupled_decay_factor, step_coefficients, within_range
-from . import compat, dense_layout
+from ..bounds import decoupled_decay_factor, step_coefficients_from, within_range
+from ..spec import FLOATS, StepSpec, StepTensors
+from . import compat
+from .layout import dense_in_any_order, dense_in_standard_order
 
 __all__ = [
-    "fused_adabound_cpu",
+    "encoded_step",
+    "float_step",
     "is_available",
     "load",
     "supported_dtypes",
@@ -73,11 +76,21 @@ _HEADERS = (Path(__file__).with_name("cpu_kernel_avx512.h"),)
 # Elements per unit of work handed to a thread (about 1 MB of fp32 traffic).
 _CHUNK = 1 << 15
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-# Order of the `hyper` array read by cpu_kernel.cpp.
-_HYPER = ("beta1", "beta2", "eps", "weight_decay", "decay", "sign", "grad_scale", "lo", "hi")
 
-# The C signatures of cpu_kernel.cpp's entry points: i int, q int64, p pointer.
-_CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p}
+# The arrays the kernel reads, by position. cpu_kernel.cpp names its own layouts
+# (dynabound_layout), which load() compares with these.
+# `hyper`, shared by every tensor of a call: the step's floats (lr as a float; eps 0 where
+# the schedule adds none), then the values the kernel derives from the other fields.
+HYPER = (*FLOATS, "decay", "sign", "grad_scale", "box_lo", "box_hi")
+# A row of `coef` per tensor: its step's scalars (dynabound.bounds.StepCoefficients,
+# the rate scale times lr) and, for the encoded kernel, its random seed and step.
+COEF = ("numerator", "lower", "upper", "rate_scale")
+ENCODED_COEF = (*COEF, "seed", "step")
+_LAYOUTS = {"hyper": HYPER, "coef": COEF, "encoded coef": ENCODED_COEF}
+_EPS = HYPER.index("eps")
+
+# The C signatures of cpu_kernel.cpp's entry points: i int, q int64, p pointer, s string.
+_CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p, "s": ctypes.c_char_p}
 _SIGNATURES = {
     name: (_CTYPES.get(result), [_CTYPES[code] for code in args])
     for name, result, args in (
@@ -85,6 +98,7 @@ _SIGNATURES = {
         ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiq"),
         ("dynabound_increment_steps", None, "qpp"),
         ("dynabound_supported_dtypes", "i", ""),
+        ("dynabound_layout", "s", "i"),
         ("dynabound_vector_isa", "i", ""),
     )
 }
@@ -150,7 +164,20 @@ def _build() -> ctypes.CDLL:
         function = getattr(lib, name)
         function.restype = restype
         function.argtypes = argtypes
+    _check_layouts(lib)
     return lib
+
+
+def _check_layouts(lib: ctypes.CDLL) -> None:
+    """Refuse a library whose arrays are laid out otherwise than this module writes them
+    (a field added on one side only), instead of letting it read the wrong values."""
+    for index, (name, layout) in enumerate(_LAYOUTS.items()):
+        exported = tuple(lib.dynabound_layout(index).decode().rstrip(",").split(","))
+        if exported != layout:
+            raise RuntimeError(
+                f"cpu_kernel.cpp reads its {name} array as {exported}, but cpu.py writes "
+                f"{layout}: give both the same fields in the same order"
+            )
 
 
 def extension_name() -> str:
@@ -207,69 +234,43 @@ class _Batch:
         self.copies: list[tuple[Tensor, Tensor]] = []
 
 
-def fused_adabound_cpu(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    capturable: bool,
-    has_complex: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    amsbound: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    final_lr: float,
-    base_lr: float,
-    gamma: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    unscaled_decay: bool,
-    bounds,
-    box: tuple[float, float] | None,
-    maximize: bool,
-    state_dtype=None,
-    stochastic_rounding: bool = False,
-    rounding_seeds: list[int] | None = None,
-) -> None:
-    """One AdaBound step over CPU tensors, in place; ``state_steps`` are incremented.
+def float_step(tensors: StepTensors, spec: StepSpec) -> None:
+    """One step of CPU tensors whose moments are stored in the parameter's dtype."""
+    _step(tensors, spec, encoded=False)
+
+
+def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
+    """One step of CPU tensors with low-precision moments or stochastically rounded
+    bfloat16 parameters."""
+    _step(tensors, spec, encoded=True)
+
+
+def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
+    """One AdaBound step over CPU tensors, in place; the step counters are incremented.
 
     With ``found_inf`` nonzero nothing changes (not even the steps); with ``grad_scale`` the
     gradients are divided by it and left unscaled, as torch's fused Adam does. On CPU these
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
-    ``state_dtype``, ``stochastic_rounding`` and ``rounding_seeds`` are those of
-    :func:`dynabound.functional.adabound`.
     """
     lib = load()
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors
     if not params:
         return
+    grad_scale, found_inf = spec.grad_scale, spec.found_inf
     if found_inf is not None and found_inf.item() != 0:
         return
-    lr_value = lr.item() if isinstance(lr, Tensor) else float(lr)
-    max_exp_avg_sqs = max_exp_avg_sqs if amsbound else None
-    # Low-precision moments or stochastically rounded bf16 parameters: the encoded kernel.
-    encoded = state_dtype is not None or (
-        stochastic_rounding and any(p.dtype is torch.bfloat16 for p in params)
-    )
+    lr_value = spec.lr.item() if isinstance(spec.lr, Tensor) else float(spec.lr)
+    max_exp_avg_sqs = max_exp_avg_sqs if spec.amsbound else None
     if encoded:
         moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
-        plan = _encoded_plan(lib, params, grads, moments, state_steps, state_dtype)
+        plan = _encoded_plan(lib, params, grads, moments, state_steps, spec.state_dtype)
     else:
         plan = _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     values = _increment_steps(lib, state_steps, plan.step_pointers)
-    rows, hyper_array = _scalars(
-        values, lr_value, grad_scale, bounds=bounds, final_lr=final_lr, base_lr=base_lr,
-        gamma=gamma, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        unscaled_decay=unscaled_decay, box=box, maximize=maximize,
-    )  # fmt: skip
+    rows, hyper_array = _scalars(values, lr_value, spec)
     flags = (
-        _weight_decay_mode(weight_decay, decoupled_weight_decay),
-        int(amsbound),
+        _weight_decay_mode(spec.weight_decay, spec.decoupled_weight_decay),
+        int(spec.amsbound),
         int(grad_scale is not None),
     )
     for launch in plan.launches:
@@ -281,17 +282,17 @@ def fused_adabound_cpu(
                 seed = rounding_seeds[i] if rounding_seeds is not None else i
                 coef += rows[i]
                 coef += (seed % 2**32, values[i])
-            round_param = stochastic_rounding and launch.code == _DTYPE_CODES[torch.bfloat16]
+            round_param = spec.stochastic_rounding and launch.code == _DTYPE_CODES[torch.bfloat16]
             status = lib.dynabound_adabound_cpu_encoded(
-                launch.code, _state_format(state_dtype), n, launch.pointers, launch.numels,
-                (ctypes.c_double * (6 * n))(*coef), hyper_array, *flags, int(round_param),
-                torch.get_num_threads(), _CHUNK,
+                launch.code, _state_format(spec.state_dtype), n, launch.pointers,
+                launch.numels, (ctypes.c_double * (len(ENCODED_COEF) * n))(*coef), hyper_array,
+                *flags, int(round_param), torch.get_num_threads(), _CHUNK,
             )  # fmt: skip
         else:
             coef = [x for i in launch.members for x in rows[i]]
             status = lib.dynabound_adabound_cpu(
                 launch.code, n, launch.pointers, launch.numels,
-                (ctypes.c_double * (4 * n))(*coef), hyper_array, *flags,
+                (ctypes.c_double * (len(COEF) * n))(*coef), hyper_array, *flags,
                 torch.get_num_threads(), _CHUNK,
             )  # fmt: skip
         if status != 0:
@@ -310,10 +311,9 @@ def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
 
 
 def _scalars(
-    values, lr_value, grad_scale, *, bounds, final_lr, base_lr, gamma, beta1, beta2, eps,
-    weight_decay, unscaled_decay, box, maximize,
-) -> tuple[list[tuple[float, float, float, float]], ctypes.Array]:  # fmt: skip
-    """Per-tensor rows (numerator, lower, upper, rate scale) and the shared `hyper` array."""
+    values: list[float], lr_value: float, spec: StepSpec
+) -> tuple[list[tuple[float, float, float, float]], ctypes.Array]:
+    """Per-tensor rows of :data:`COEF` and the shared :data:`HYPER` array."""
     # Steps are usually equal across tensors: evaluate the scalars once per distinct step.
     cache: dict[float, tuple[float, float, float, float]] = {}
     rows = []
@@ -321,32 +321,22 @@ def _scalars(
     for value in values:
         row = cache.get(value)
         if row is None:
-            c = step_coefficients(
-                value,
-                bounds=bounds,
-                final_lr=final_lr,
-                base_lr=base_lr,
-                gamma=gamma,
-                beta1=beta1,
-                beta2=beta2,
-            )
-            c = within_range(c, torch.float32)  # the kernel's arithmetic is float32
+            c = within_range(step_coefficients_from(value, spec), torch.float32)  # float math
             eps_used = c.eps_used
             row = (float(c.numerator), float(c.lower), float(c.upper), lr_value * float(c.scale))
             cache[value] = row
         rows.append(row)
-    hyper = dict(
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps if eps_used else 0.0,
-        weight_decay=weight_decay,
-        decay=decoupled_decay_factor(lr_value, weight_decay, unscaled_decay),
-        sign=-1.0 if maximize else 1.0,
-        grad_scale=grad_scale.item() if grad_scale is not None else 1.0,
-        lo=box[0] if box is not None else -math.inf,
-        hi=box[1] if box is not None else math.inf,
+    box = spec.box
+    hyper = [lr_value, *(getattr(spec, name) for name in FLOATS[1:])]
+    hyper[_EPS] = spec.eps if eps_used else 0.0
+    hyper += (
+        decoupled_decay_factor(lr_value, spec.weight_decay, spec.unscaled_decay),
+        -1.0 if spec.maximize else 1.0,
+        spec.grad_scale.item() if spec.grad_scale is not None else 1.0,
+        box[0] if box is not None else -math.inf,
+        box[1] if box is not None else math.inf,
     )
-    return rows, (ctypes.c_double * len(_HYPER))(*(float(hyper[k]) for k in _HYPER))
+    return rows, (ctypes.c_double * len(HYPER))(*map(float, hyper))
 
 
 def _state_format(state_dtype) -> int:
@@ -407,7 +397,7 @@ def _collect_encoded(params, grads, moments, state_dtype) -> dict[torch.dtype, _
                 f"bfloat16 and float16 CPU parameters (complex64 too), got {p.dtype} on "
                 f"{p.device}"
             )
-        if not formats.covers_memory_densely(p):
+        if not dense_in_any_order(p):
             raise RuntimeError(
                 "low-precision optimizer state needs parameters stored without gaps "
                 "(contiguous, channels-last or another dense layout)"
@@ -560,7 +550,7 @@ def _collect(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             and m.is_cpu
             and v.is_cpu
             and vmax.is_cpu
-            and (p.is_contiguous() or dense_layout(p))
+            and (p.is_contiguous() or dense_in_standard_order(p))
         ):
             g = _checked_grad(p, g, (m, v, vmax), batch.copies)
         addresses = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr())
@@ -603,7 +593,7 @@ def _checked_grad(p: Tensor, g: Tensor, state: tuple[Tensor, ...], copies: list)
             "fused AdaBound needs gradients and state of the parameter's dtype, got "
             f"{p.dtype} parameter with {g.dtype} gradient"
         )
-    if not dense_layout(p) or any(t.stride() != p.stride() for t in state):
+    if not dense_in_standard_order(p) or any(t.stride() != p.stride() for t in state):
         raise RuntimeError(
             "fused AdaBound needs each parameter and its state in the same dense memory "
             "layout; use fused=False for this parameter group"

@@ -4,7 +4,9 @@
 // pointers, element counts and the per-tensor scalars from dynabound.bounds.step_coefficients.
 // The element-wise math mirrors dynabound.functional._single_tensor_adabound operation by
 // operation (no FMA contraction: -ffp-contract=off), in float for float/bfloat16/float16
-// storage and in double for double storage.
+// storage and in double for double storage. It is written once, in update_value, which every
+// loop below calls; the AVX-512 8-bit loop (cpu_kernel_avx512.h) is the one deliberate
+// copy, in vector intrinsics, and the tests hold it to the same bits.
 //
 // Vectorisation: the loop is plain C++ that GCC/Clang vectorise at -O3. On x86-64 two more
 // copies are compiled, for AVX2+F16C and for AVX-512 (512-bit vectors), and the widest the
@@ -104,13 +106,62 @@ struct Scalars {
   T numerator, lower, upper, rate_scale;
 };
 
-enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2 };
+// How weight decay enters the update: not at all, as an L2 term of the gradient, as a
+// factor of the parameter, or kEitherDecay: the L2 term picked by a flag at run time and
+// the factor always applied (1 when decay is off), so that one instance of a loop serves
+// every mode without a branch in it (the loops of low-precision state).
+enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2, kEitherDecay = 3 };
 
-// rate = clamp(numerator / (sqrt(u) + eps), lower, upper) * lr * scale;  p -= rate * m.
-// The comparisons are written so that NaN propagates, as torch.clamp/maximum do.
+// The update of one element in the arithmetic type T, from the loaded values to the ones
+// to store: returns the new parameter, and leaves the new moments in m, v and (AMSBound)
+// vmax. The one scalar copy of the update rule: every loop of this file computes through
+// it; the AVX-512 loop of cpu_kernel_avx512.h is the one deliberate vector copy.
+//
+//   g = -g (maximize);  g += wd * p  or  p *= decay;  m = b1*m + (1-b1)*g;
+//   v = b2*v + (1-b2)*g*g;  u = max(vmax, v) (AMSBound) else v;
+//   rate = clamp(numerator / (sqrt(u) + eps), lower, upper) * lr * scale;  p -= rate * m;
+//   p = clamp(p, box).
+//
+// The comparisons are written so that NaN propagates, as torch.clamp/maximum do. kPlain:
+// the caller knows the step minimises with no decay and no box, whose identities (a sign
+// of 1, a factor of 1, clamps at -inf and inf) are then skipped; they change no bit.
+template <typename T, int WD, bool AMS, bool kPlain>
+DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>& k,
+                         bool coupled) {
+  if (!kPlain) {
+    grad = grad * k.sign;
+    if (WD == kCoupled) grad = grad + k.weight_decay * param;
+    if (WD == kDecoupled) param = param * k.decay;
+    if (WD == kEitherDecay) {
+      const T coupled_grad = grad + k.weight_decay * param;  // 0 * inf is NaN: select it
+      grad = coupled ? coupled_grad : grad;
+      param = param * k.decay;
+    }
+  }
+  m = m * k.beta1 + k.one_minus_beta1 * grad;
+  v = v * k.beta2 + k.one_minus_beta2 * grad * grad;
+  T second = v;
+  if (AMS) {
+    vmax = (vmax < v || v != v) ? v : vmax;
+    second = vmax;
+  }
+  T rate = (T(1) / (std::sqrt(second) + k.eps)) * k.numerator;
+  rate = rate < k.lower ? k.lower : rate;
+  rate = rate > k.upper ? k.upper : rate;
+  rate = rate * k.rate_scale;
+  param = param - rate * m;
+  if (!kPlain) {
+    param = param < k.box_lo ? k.box_lo : param;
+    param = param > k.box_hi ? k.box_hi : param;
+  }
+  return param;
+}
+
+// Moments stored in the parameter's dtype: n elements, each loaded, updated and stored.
 template <typename S, int WD, bool AMS, bool UNSCALE>
 DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m, S* __restrict v,
-                           S* __restrict vmax, int64_t n, const Scalars<typename Io<S>::Math>& k) {
+                               S* __restrict vmax, int64_t n,
+                               const Scalars<typename Io<S>::Math>& k) {
   using T = typename Io<S>::Math;
   for (int64_t i = 0; i < n; ++i) {
     T grad = Io<S>::load(g[i]);
@@ -118,26 +169,13 @@ DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m
       grad = grad / k.grad_scale;
       g[i] = Io<S>::store(grad);  // like torch's fused Adam: gradients are left unscaled
     }
-    grad = grad * k.sign;
-    T param = Io<S>::load(p[i]);
-    if (WD == kCoupled) grad = grad + k.weight_decay * param;
-    if (WD == kDecoupled) param = param * k.decay;
-    T avg = Io<S>::load(m[i]) * k.beta1 + k.one_minus_beta1 * grad;
-    T avg_sq = Io<S>::load(v[i]) * k.beta2 + k.one_minus_beta2 * grad * grad;
-    T second = avg_sq;
-    if (AMS) {
-      T running = Io<S>::load(vmax[i]);
-      running = (running < avg_sq || avg_sq != avg_sq) ? avg_sq : running;
-      vmax[i] = Io<S>::store(running);
-      second = running;
-    }
-    T rate = (T(1) / (std::sqrt(second) + k.eps)) * k.numerator;
-    rate = rate < k.lower ? k.lower : rate;
-    rate = rate > k.upper ? k.upper : rate;
-    rate = rate * k.rate_scale;
-    param = param - rate * avg;
-    param = param < k.box_lo ? k.box_lo : param;
-    param = param > k.box_hi ? k.box_hi : param;
+    T avg = Io<S>::load(m[i]);
+    T avg_sq = Io<S>::load(v[i]);
+    T running = T(0);
+    if constexpr (AMS) running = Io<S>::load(vmax[i]);
+    const T param =
+        update_value<T, WD, AMS, false>(grad, Io<S>::load(p[i]), avg, avg_sq, running, k, false);
+    if constexpr (AMS) vmax[i] = Io<S>::store(running);
     p[i] = Io<S>::store(param);
     m[i] = Io<S>::store(avg);
     v[i] = Io<S>::store(avg_sq);
@@ -253,28 +291,47 @@ void for_each_unit(int64_t n, int num_threads, const Process& process) {
   for (int64_t w = 0; w < n; ++w) process(w);
 }
 
-// Layout of the `hyper` array passed from Python (keep in sync with cpu.py).
-enum Hyper {
-  kBeta1, kBeta2, kEps, kWeightDecay, kDecay, kSign, kGradScale, kBoxLo, kBoxHi, kNumHyper
+// The arrays Python passes, by position (HYPER, COEF and ENCODED_COEF in cpu.py), each
+// listed once here. dynabound_layout() exports the names, and cpu.py compares them with its
+// own when it loads the library: a field added on one side only stops the load instead of
+// shifting every value after it.
+// `hyper`, shared by the tensors of a call: the step's floats (dynabound.spec.FLOATS), then
+// what Python derives from the other fields.
+#define DB_HYPER_LAYOUT(X)                                                                    \
+  X(lr) X(beta1) X(beta2) X(final_lr) X(base_lr) X(gamma) X(eps) X(weight_decay) X(decay)    \
+  X(sign) X(grad_scale) X(box_lo) X(box_hi)
+// A row of `coef` per tensor: its step's scalars; the encoded kernel's rows add the
+// tensor's random seed (mod 2^32) and its step.
+#define DB_COEF_LAYOUT(X) X(numerator) X(lower) X(upper) X(rate_scale)
+#define DB_ENCODED_COEF_LAYOUT(X) DB_COEF_LAYOUT(X) X(seed) X(step)
+
+#define DB_POSITION(name) name,
+struct Hyper {
+  enum Position : int { DB_HYPER_LAYOUT(DB_POSITION) size };
 };
-// Layout of the per-tensor `coef` rows.
-enum Coef { kNumerator, kLower, kUpper, kRateScale, kNumCoef };
+struct Coef {
+  enum Position : int { DB_COEF_LAYOUT(DB_POSITION) size };
+};
+struct EncodedCoef {
+  enum Position : int { DB_ENCODED_COEF_LAYOUT(DB_POSITION) size };
+};
+#undef DB_POSITION
 
 // The scalars every tensor of a call shares, from the `hyper` array.
 template <typename T>
 Scalars<T> shared_scalars(const double* hyper) {
   Scalars<T> k;
-  k.beta1 = static_cast<T>(hyper[kBeta1]);
-  k.one_minus_beta1 = static_cast<T>(1.0 - hyper[kBeta1]);
-  k.beta2 = static_cast<T>(hyper[kBeta2]);
-  k.one_minus_beta2 = static_cast<T>(1.0 - hyper[kBeta2]);
-  k.eps = static_cast<T>(hyper[kEps]);
-  k.weight_decay = static_cast<T>(hyper[kWeightDecay]);
-  k.decay = static_cast<T>(hyper[kDecay]);
-  k.sign = static_cast<T>(hyper[kSign]);
-  k.grad_scale = static_cast<T>(hyper[kGradScale]);
-  k.box_lo = static_cast<T>(hyper[kBoxLo]);
-  k.box_hi = static_cast<T>(hyper[kBoxHi]);
+  k.beta1 = static_cast<T>(hyper[Hyper::beta1]);
+  k.one_minus_beta1 = static_cast<T>(1.0 - hyper[Hyper::beta1]);
+  k.beta2 = static_cast<T>(hyper[Hyper::beta2]);
+  k.one_minus_beta2 = static_cast<T>(1.0 - hyper[Hyper::beta2]);
+  k.eps = static_cast<T>(hyper[Hyper::eps]);
+  k.weight_decay = static_cast<T>(hyper[Hyper::weight_decay]);
+  k.decay = static_cast<T>(hyper[Hyper::decay]);
+  k.sign = static_cast<T>(hyper[Hyper::sign]);
+  k.grad_scale = static_cast<T>(hyper[Hyper::grad_scale]);
+  k.box_lo = static_cast<T>(hyper[Hyper::box_lo]);
+  k.box_hi = static_cast<T>(hyper[Hyper::box_hi]);
   return k;
 }
 
@@ -299,11 +356,11 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
   std::vector<Scalars<T>> scalars(n_tensors, base);
   std::vector<int64_t> offsets(n_tensors + 1, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
-    const double* c = coef + t * kNumCoef;
-    scalars[t].numerator = static_cast<T>(c[kNumerator]);
-    scalars[t].lower = static_cast<T>(c[kLower]);
-    scalars[t].upper = static_cast<T>(c[kUpper]);
-    scalars[t].rate_scale = static_cast<T>(c[kRateScale]);
+    const double* c = coef + t * Coef::size;
+    scalars[t].numerator = static_cast<T>(c[Coef::numerator]);
+    scalars[t].lower = static_cast<T>(c[Coef::lower]);
+    scalars[t].upper = static_cast<T>(c[Coef::upper]);
+    scalars[t].rate_scale = static_cast<T>(c[Coef::rate_scale]);
     offsets[t + 1] = offsets[t] + numels[t];
   }
   const int64_t total = offsets[n_tensors];
@@ -429,42 +486,19 @@ struct EncodedScalars {
   bool plain;    // no weight decay, no box, minimising: the update's identities skipped
 };
 
-// The float32 update of element j of a stretch starting at p, g: m, v and vmax hold the
-// decoded moments and receive the new ones. The arithmetic has no data-dependent branches,
-// so the loops around it vectorise: weight decay is a select on a loop-invariant flag (a
-// coupled term 0 * p would make an infinite parameter's gradient NaN) and a decay factor of
-// 1 when off, and a bfloat16 parameter's rounding adds either the random bits or
-// round-to-nearest-even's increment. param_key: the parameter's random key plus the
-// stretch's first element index.
+// The float32 update of element j of a stretch starting at p, g (update_value): m, v and
+// vmax hold the decoded moments and receive the new ones. The arithmetic has no
+// data-dependent branches, so the loops around it vectorise: weight decay is kEitherDecay,
+// a select on a loop-invariant flag (a coupled term 0 * p would make an infinite
+// parameter's gradient NaN) and a decay factor of 1 when off, and a bfloat16 parameter's
+// rounding adds either the random bits or round-to-nearest-even's increment. param_key:
+// the parameter's random key plus the stretch's first element index.
 template <typename S, bool AMS, bool kPlain = false>
 DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
                               uint32_t param_key, float& m, float& v, float& vmax,
                               const EncodedScalars& es, bool round_param) {
-  const Scalars<float>& k = es.k;
-  float grad = Io<S>::load(g[j]);
-  float param = Io<S>::load(p[j]);
-  if (!kPlain) {
-    grad = grad * k.sign;
-    const float coupled_grad = grad + k.weight_decay * param;
-    grad = es.coupled ? coupled_grad : grad;
-    param = param * k.decay;
-  }
-  const float avg = m * k.beta1 + k.one_minus_beta1 * grad;
-  const float avg_sq = v * k.beta2 + k.one_minus_beta2 * grad * grad;
-  float second = avg_sq;
-  if (AMS) {
-    vmax = (vmax < avg_sq || avg_sq != avg_sq) ? avg_sq : vmax;
-    second = vmax;
-  }
-  float rate = (1.0f / (std::sqrt(second) + k.eps)) * k.numerator;
-  rate = rate < k.lower ? k.lower : rate;
-  rate = rate > k.upper ? k.upper : rate;
-  rate = rate * k.rate_scale;
-  param = param - rate * avg;
-  if (!kPlain) {
-    param = param < k.box_lo ? k.box_lo : param;
-    param = param > k.box_hi ? k.box_hi : param;
-  }
+  const float param = update_value<float, kEitherDecay, AMS, kPlain>(
+      Io<S>::load(g[j]), Io<S>::load(p[j]), m, v, vmax, es.k, es.coupled);
   if constexpr (std::is_same_v<S, BFloat16>) {
     const uint32_t u = float_bits(param);
     const uint32_t random = mix32(param_key + uint32_t(j)) & 0xFFFFu;
@@ -475,8 +509,6 @@ DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
     (void)round_param;
     p[j] = Io<S>::store(param);
   }
-  m = avg;
-  v = avg_sq;
 }
 
 // Moments stored as bfloat16 (F = kStateBFloat16) or in the parameter's dtype
@@ -804,9 +836,6 @@ EncodedFn pick_encoded(int state_format, bool ams, int isa) {
              : pick_encoded_isa<S, kStateBFloat16, false>(isa);
 }
 
-// Layout of the per-tensor rows of `coef` for the encoded kernel.
-enum EncodedCoef { kENumerator, kELower, kEUpper, kERateScale, kESeed, kEStep, kENum };
-
 // state_formats.step_key in 32-bit unsigned arithmetic, whose wraparound is its masking.
 enum Stream : uint32_t { kStreamState = 0, kStreamParam = 1 };
 uint32_t step_key(uint32_t seed, uint32_t step, Stream stream) {
@@ -839,13 +868,14 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     tensors[t] = EncodedTensor{row[0], row[1], row[2], row[3], row[4],
                                static_cast<float*>(row[5]), static_cast<float*>(row[6]),
                                static_cast<float*>(row[7])};
-    const double* c = coef + t * kENum;
+    const double* c = coef + t * EncodedCoef::size;
     scalars[t].k = base;
-    scalars[t].k.numerator = float(c[kENumerator]);
-    scalars[t].k.lower = float(c[kELower]);
-    scalars[t].k.upper = float(c[kEUpper]);
-    scalars[t].k.rate_scale = float(c[kERateScale]);
-    const uint32_t seed = uint32_t(c[kESeed]), step = uint32_t(int64_t(c[kEStep]));
+    scalars[t].k.numerator = float(c[EncodedCoef::numerator]);
+    scalars[t].k.lower = float(c[EncodedCoef::lower]);
+    scalars[t].k.upper = float(c[EncodedCoef::upper]);
+    scalars[t].k.rate_scale = float(c[EncodedCoef::rate_scale]);
+    const uint32_t seed = uint32_t(c[EncodedCoef::seed]);
+    const uint32_t step = uint32_t(int64_t(c[EncodedCoef::step]));
     scalars[t].key_state = step_key(seed, step, kStreamState);
     scalars[t].key_param = step_key(seed, step, kStreamParam);
     scalars[t].coupled = coupled;
@@ -930,6 +960,19 @@ void dynabound_increment_steps(int64_t n, float* const* steps, double* values) {
     *steps[i] += 1.0f;
     values[i] = *steps[i];
   }
+}
+
+// The names of the `hyper` array's (which 0), the `coef` rows' (1) and the encoded kernel's
+// `coef` rows' (2) fields, in order, each followed by a comma.
+const char* dynabound_layout(int which) {
+#define DB_NAME(name) #name ","
+  switch (which) {
+    case 0: return DB_HYPER_LAYOUT(DB_NAME);
+    case 1: return DB_COEF_LAYOUT(DB_NAME);
+    case 2: return DB_ENCODED_COEF_LAYOUT(DB_NAME);
+    default: return "";
+  }
+#undef DB_NAME
 }
 
 // Bit mask of the storage dtypes this build supports (bit i set: dtype code i).

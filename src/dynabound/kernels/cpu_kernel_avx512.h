@@ -1,8 +1,10 @@
 // The 8-bit step of whole blocks of float32 parameters, written with AVX-512 intrinsics.
 // Part of cpu_kernel.cpp, included inside its anonymous namespace after the portable 8-bit
-// loops, whose operations this repeats in the same order: decode8, update_element,
-// keep_largest and encode8<true>, so the two compute the same bits (the tests compare this
-// copy with the portable ones, which DYNABOUND_CPU_ISA=avx2 selects, and the reference).
+// loops, whose operations this repeats in the same order: decode8, update_value (as
+// update_element calls it), keep_largest and encode8<true>, so the two compute the same
+// bits (the tests compare this copy with the portable ones, which DYNABOUND_CPU_ISA=avx2
+// selects, and the reference). It is the one deliberate second copy of the update rule in
+// this kernel: a change to update_value needs the same change here.
 //
 // Why by hand: compilers vectorise the portable loops as wide as their narrowest type, 64
 // one-byte codes at a time, which spills, and so they pass the decoded moments and 32-bit

@@ -8,9 +8,11 @@ one node of the compiled graph, and a compiled step costs about what an eager on
 It is defined with ``torch.library.Library`` rather than ``custom_op``: custom_op's Python
 wrapper walks its argument schema and bumps the version of every mutated tensor on each
 call, about 1.5 ms per step for 110 parameter tensors on a CPU, while this operator's only
-Python is the step itself. The hyperparameters travel packed in a few list arguments for
-the same reason. ``lr`` goes both as a tensor (when the group's lr is one, so a scheduler
-changing it in place causes no recompilation) and as a float.
+Python is the step itself. The step's :class:`~dynabound.spec.StepSpec` travels flattened
+for the same reason: its float fields in one ``float[]`` and its flags in one ``bool[]``,
+in the order of :data:`dynabound.spec.FLOATS` and :data:`dynabound.spec.FLAGS`. ``lr``
+goes both as a tensor (when the group's lr is one, so a scheduler changing it in place
+causes no recompilation) and as a float.
 
 Imported only when a step is traced (``torch._dynamo`` is loaded by then).
 """
@@ -20,16 +22,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fused_step
+from ..spec import FLAGS, FLOATS, StepSpec, StepTensors
+from .dispatch import fused_step
 
 __all__ = ["call_fused_op", "fused_step_outside_graph"]
 
-# Order of the packed arguments.
-_FLOATS = ("lr", "beta1", "beta2", "final_lr", "base_lr", "gamma", "eps", "weight_decay")
-_FLAGS = (
-    "amsbound", "decoupled_weight_decay", "unscaled_decay", "maximize", "capturable",
-    "has_complex",
-)  # fmt: skip
+# The fields the op carries besides FLOATS and FLAGS, and the one it never sees: steps with
+# low-precision state run outside the graph (their 8-bit moments are pairs of tensors).
+_CARRIED = ("bounds", "box", "grad_scale", "found_inf")
+_NEVER_IN_GRAPH = ("state_dtype",)
+
+
+def _without_argument(fields: tuple[str, ...]) -> list[str]:
+    """The fields the op would drop: a new StepSpec field that is neither a float nor a
+    flag needs an argument of its own."""
+    return sorted(set(fields) - {*FLOATS, *FLAGS, *_CARRIED, *_NEVER_IN_GRAPH})
+
+
+if _without_argument(StepSpec._fields):
+    raise TypeError(f"the fused op has no argument for {_without_argument(StepSpec._fields)}")
 
 _library = torch.library.Library("dynabound", "DEF")  # lives as long as the process
 _library.define(
@@ -44,22 +55,18 @@ def _fused_step_op(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_tensor, grad_scale,
     found_inf, floats, flags, bounds, box,
 ) -> None:  # fmt: skip
-    options = dict(zip(_FLOATS, floats, strict=True)) | dict(zip(_FLAGS, flags, strict=True))
+    fields = dict(zip(FLOATS, floats, strict=True)) | dict(zip(FLAGS, flags, strict=True))
     if lr_tensor is not None:
-        options["lr"] = lr_tensor
-    fused_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
+        fields["lr"] = lr_tensor
+    spec = StepSpec(
+        **fields,
         bounds=bounds,
         box=tuple(box) if box is not None else None,
-        **options,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )
+    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    fused_step(tensors, spec)
 
 
 def _fake(*args) -> None:
@@ -70,27 +77,20 @@ _library.impl("fused_step_", _fused_step_op, "CompositeExplicitAutograd")
 torch.library.register_fake("dynabound::fused_step_", _fake, lib=_library)
 
 
-def call_fused_op(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, box, bounds,
-    grad_scale, found_inf, **options,
-) -> None:  # fmt: skip
-    """Call the op with the keyword arguments of :func:`dynabound.kernels.fused_adabound`."""
-    lr_tensor = lr if isinstance(lr, Tensor) else None
-    options["lr"] = 0.0 if lr_tensor is not None else lr
+def call_fused_op(tensors: StepTensors, spec: StepSpec) -> None:
+    """Run the step as the op (its tensors without low-precision state)."""
+    lr_tensor = spec.lr if isinstance(spec.lr, Tensor) else None
+    floats = [float(getattr(spec, name)) for name in FLOATS if name != "lr"]
+    floats.insert(FLOATS.index("lr"), 0.0 if lr_tensor is not None else float(spec.lr))
     torch.ops.dynabound.fused_step_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
+        *tensors[:6],
         lr_tensor,
-        grad_scale,
-        found_inf,
-        [float(options[k]) for k in _FLOATS],
-        [bool(options[k]) for k in _FLAGS],
-        bounds,
-        list(box) if box is not None else None,
+        spec.grad_scale,
+        spec.found_inf,
+        floats,
+        [bool(getattr(spec, name)) for name in FLAGS],
+        spec.bounds,
+        list(spec.box) if spec.box is not None else None,
     )
 
 

@@ -30,7 +30,7 @@ kernel does: the GPU's conversion gives the same bits, and Triton's interpreter,
 tests run this kernel in, truncates instead.
 
 No host synchronisation: the step's scalars come from the counter read in the kernel
-(``_step_scalars`` of :mod:`.triton_kernel`), and so does the random key,
+(``scalars_at_step`` of :mod:`.triton_common`), and so does the random key,
 ``step_key(seed, step, stream)`` in 32-bit unsigned arithmetic, whose wraparound is the
 masking of :func:`dynabound.state_formats.step_key`. The seeds (one per parameter, fixed
 for a set of tensors) live in the cached launch plan. ``found_inf`` is read in the kernel
@@ -51,28 +51,29 @@ import torch
 from torch import Tensor
 
 from .. import state_formats as formats
+from ..spec import StepSpec, StepTensors
 from . import compat
-from .triton_kernel import (
+from .layout import as_real, dense_in_any_order
+from .triton_common import (
     TABLE,
-    _advance_counters,
-    _as_real,
-    _blocks,
-    _cached,
-    _check_addresses,
-    _coefficient_table,
-    _flags,
-    _grad_table,
-    _hyper_table,
-    _schedule,
-    _split_by_dtype,
-    _step_inputs,
-    _step_offsets,
-    _to_device,
+    advance_counters,
+    block_lists,
+    cached,
+    check_addresses,
+    coefficient_table,
+    counter_offsets,
+    grad_table_for,
+    hyper_table_for,
+    kernel_flags,
+    schedule_of,
+    split_by_dtype,
+    step_inputs,
     tl,
+    to_device,
     triton,
 )
 
-__all__ = ["fused_adabound_triton_encoded", "random_bits", "step_keys"]
+__all__ = ["encoded_step", "random_bits", "step_keys"]
 
 BLOCK = formats.BLOCK
 NUM_WARPS = 2
@@ -82,16 +83,16 @@ _ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_scale", "v_scale", "vmax_scale")
 
 if triton is not None:
-    from .triton_kernel import _TL_DTYPES, _bounded_step, _decayed, _moments, _tensor_scalars
+    from .triton_common import TL_DTYPES, bounded_step, decayed, moments, tensor_scalars
 
     # The encoding's constants, from the specification module.
-    _CUT = tl.constexpr(formats._CUT)
-    _NOISE_SHIFT = tl.constexpr(formats._CUT - formats.NOISE_BITS)
-    _FIRST_OFFSET = tl.constexpr(formats._offset(formats.FIRST_MOMENT_BINADES))
-    _SECOND_OFFSET = tl.constexpr(formats._offset(formats.SECOND_MOMENT_BINADES))
-    _GOLDEN = tl.constexpr(formats._GOLDEN)
-    _MIX1 = tl.constexpr(formats._MIX1)
-    _MIX2 = tl.constexpr(formats._MIX2)
+    _CUT = tl.constexpr(formats.CUT)
+    _NOISE_SHIFT = tl.constexpr(formats.NOISE_SHIFT)
+    _FIRST_OFFSET = tl.constexpr(formats.FIRST_MOMENT_OFFSET)
+    _SECOND_OFFSET = tl.constexpr(formats.SECOND_MOMENT_OFFSET)
+    _GOLDEN = tl.constexpr(formats.GOLDEN)
+    _MIX1 = tl.constexpr(formats.MIX1)
+    _MIX2 = tl.constexpr(formats.MIX2)
     _STREAM_STATE = tl.constexpr(formats.STREAM_STATE)
     _STREAM_PARAM = tl.constexpr(formats.STREAM_PARAM)
     _NOISE_MASK = tl.constexpr((1 << formats.NOISE_BITS) - 1)
@@ -193,7 +194,7 @@ if triton is not None:
         if MAXIMIZE:
             grad = -grad
         param = _to_float32(tl.load(p_base + p_idx, mask=mask))
-        grad, param = _decayed(grad, param, scalars, WEIGHT_DECAY)
+        grad, param = decayed(grad, param, scalars, WEIGHT_DECAY)
         if FORMAT == 1:
             m_old = _decode8(
                 tl.load(m_base + m_idx, mask=mask).to(tl.int32), _FIRST_OFFSET,
@@ -206,7 +207,7 @@ if triton is not None:
         else:  # bfloat16 or the parameter's dtype: exact conversions to float32
             m_old = _to_float32(tl.load(m_base + m_idx, mask=mask))
             v_old = _to_float32(tl.load(v_base + v_idx, mask=mask))
-        avg, avg_sq = _moments(grad, m_old, v_old, scalars)
+        avg, avg_sq = moments(grad, m_old, v_old, scalars)
         second = avg_sq
         if AMSBOUND:
             vmax_idx = tl.max_contiguous(tl.multiple_of(vmax_off + local, M_VEC), BLOCK)
@@ -219,7 +220,7 @@ if triton is not None:
                 running = _to_float32(tl.load(v_base + vmax_idx, mask=mask))
             # A select rather than maximum, so that NaN propagates like torch.maximum.
             second = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
-        param = _bounded_step(param, avg, second, scalars, False, EPS_USED, HAS_BOX)
+        param = bounded_step(param, avg, second, scalars, False, EPS_USED, HAS_BOX)
 
         if ROUND_PARAM:
             # Element numbers count from the tensor's first element, in uint32 as the
@@ -282,7 +283,7 @@ if triton is not None:
         else:
             # The counter before the separate advance launch: this step is one more.
             step = counter + 1
-        n, scale, scalars = _tensor_scalars(
+        n, scale, scalars = tensor_scalars(
             t, step.to(tl.float64), tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr,
             found_inf, grad_scale, n_tensors, tl.float32, SCHEDULE, LR_TENSOR, UNSCALED_DECAY,
             HAS_FOUND_INF, HAS_GRAD_SCALE,
@@ -368,7 +369,7 @@ def _storage(moment, state_format: int) -> tuple[Tensor | None, Tensor | None]:
             return moment.codes, None  # refused by the validation: codes of no such dtype
         return moment.codes, moment.scales
     # An 8-bit step's plain tensor has no scales, which the validation refuses.
-    return _as_real(moment), None
+    return as_real(moment), None
 
 
 def _addresses(moment_lists) -> list[int]:
@@ -395,7 +396,7 @@ def _plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, seeds, st
         *[p.numel() for p in params],
         *seeds,
     )
-    return _cached(
+    return cached(
         _plans,
         key,
         lambda: _build_plan(
@@ -420,13 +421,13 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, see
     scale_rows: list[list[int]] = []
     numels: list[int] = []
     for i, p in enumerate(params):
-        p = _as_real(p)
+        p = as_real(p)
         if p.dtype not in _ENCODED_DTYPES:
             raise RuntimeError(
                 "dynabound's fused CUDA kernel keeps low-precision moments for float32, "
                 f"bfloat16 and float16 parameters (complex64 too), got {p.dtype}"
             )
-        if not formats.covers_memory_densely(p):
+        if not dense_in_any_order(p):
             raise RuntimeError(
                 "low-precision optimizer state needs parameters stored without gaps "
                 "(contiguous, channels-last or another dense layout)"
@@ -469,11 +470,11 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, see
         rows.append(addresses)
         scale_rows.append(scales)
         numels.append(p.numel())
-    step_offsets = _step_offsets(state_steps, device)
+    step_offsets = counter_offsets(state_steps, device)
 
     # Offsets in elements from the first tensor of each storage type (vmax shares
     # exp_avg_sq's type and base); a missing tensor's offset is never read.
-    real = _as_real(params[0])
+    real = as_real(params[0])
     sizes = (real.element_size(), *_state_itemsizes(state_format, real.dtype))
     bases = (rows[0][0], rows[0][1], rows[0][2], rows[0][2])
     table = []
@@ -482,13 +483,13 @@ def _build_plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, see
             table.append((a - base) // size if a else 0)
         table += [(a - scale_rows[0][0]) // 4 if a else 0 for a in scales]
     return _Plan(
-        offsets=_to_device(table, torch.int64, device),
-        **_blocks(numels, BLOCK, device),
+        offsets=to_device(table, torch.int64, device),
+        **block_lists(numels, BLOCK, device),
         step_offsets=step_offsets,
-        seeds=_to_device([s & 0xFFFFFFFF for s in seeds], torch.int64, device),
+        seeds=to_device([s & 0xFFFFFFFF for s in seeds], torch.int64, device),
         param_aligned=all(row[0] % 16 == 0 for row in rows),
         state_aligned=all(a % 16 == 0 for row in rows for a in row[1:]),
-        strides=[_as_real(p).stride() for p in params],
+        strides=[as_real(p).stride() for p in params],
     )
 
 
@@ -501,37 +502,19 @@ def _state_itemsizes(state_format: int, dtype: torch.dtype) -> tuple[int, int, i
 
 
 def _check_storage(t: Tensor) -> None:
-    _check_addresses(t, [t.data_ptr()])
+    check_addresses(t, [t.data_ptr()])
 
 
-def fused_adabound_triton_encoded(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list,
-    exp_avg_sqs: list,
-    max_exp_avg_sqs: list,
-    state_steps: list[Tensor],
-    *,
-    capturable: bool,
-    has_complex: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    amsbound: bool,
-    lr: float | Tensor,
-    box: tuple[float, float] | None,
-    maximize: bool,
-    state_dtype,
-    stochastic_rounding: bool,
-    rounding_seeds: list[int] | None,
-    **hyper,
-) -> None:
+def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     """One AdaBound step with low-precision state over tensors on one device, in place,
-    with no host sync; the arguments are those of :func:`dynabound.functional.adabound`
-    (8-bit moments as :class:`~dynabound.state_formats.Quantized` pairs)."""
+    with no host sync (8-bit moments as :class:`~dynabound.state_formats.Quantized`
+    pairs)."""
     if triton is None:
         raise RuntimeError("dynabound's fused CUDA kernel needs Triton")
+    params, grads, _, _, _, state_steps, rounding_seeds = tensors
     if not params:
         return
+    state_dtype = spec.state_dtype
     formats.check_state_dtype(state_dtype)
     if state_dtype == formats.EIGHT_BIT:
         state_format = FORMAT_8BIT
@@ -540,37 +523,35 @@ def fused_adabound_triton_encoded(
     else:
         state_format = FORMAT_PARAM
     device = params[0].device
-    inputs = _step_inputs(device, grad_scale, found_inf, lr, capturable)
-    seeds = list(rounding_seeds) if rounding_seeds is not None else list(range(len(params)))
+    inputs = step_inputs(device, spec)
+    if rounding_seeds is None:
+        tensors = tensors._replace(rounding_seeds=list(range(len(params))))
 
     # Validate everything before touching any state, so a refused step changes nothing.
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsbound else [],
-             state_steps, seeds)  # fmt: skip
-    dtype = params[0].dtype
-    split = [lists] if all(p.dtype is dtype for p in params) else _split_by_dtype(*lists)
     launches = []
-    for group in split:
+    for group in split_by_dtype(tensors):
         g_params, g_grads, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds = group
+        g_max = g_max if spec.amsbound else []
         plan = _plan(g_params, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds, state_format)
-        grad_table = _grad_table(plan, g_params, g_grads)
+        grad_table = grad_table_for(plan.strides, g_params, g_grads)
         launches.append((plan, grad_table, group))
 
-    schedule = _schedule(hyper["bounds"])
+    schedule = schedule_of(spec.bounds)
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
-    flags = _flags(hyper, schedule, inputs, amsbound, maximize, box)
+    flags = kernel_flags(spec, schedule, inputs)
     for plan, grad_table, group in launches:
         g_params, _, g_avgs, g_avg_sqs, _, g_steps, _ = group
-        real = _as_real(g_params[0]).dtype
-        hyper_table = _hyper_table(hyper, box, torch.float32, device)
-        coef = _coefficient_table(g_steps, hyper, torch.float32) if schedule == TABLE else None
+        real = as_real(g_params[0]).dtype
+        hyper_table = hyper_table_for(spec, torch.float32, device)
+        coef = coefficient_table(g_steps, spec, torch.float32) if schedule == TABLE else None
         if plan.n_blocks == 0:
             continue
         m_base = _storage(g_avgs[0], state_format)
         v_base = _storage(g_avg_sqs[0], state_format)
         state_size = _state_itemsizes(state_format, real)[0]
         _encoded_kernel[(plan.n_blocks,)](
-            _as_real(g_params[0]),
+            as_real(g_params[0]),
             m_base[0],
             v_base[0],
             m_base[1] if m_base[1] is not None else g_steps[0],
@@ -586,10 +567,10 @@ def fused_adabound_triton_encoded(
             hyper_table,
             *inputs.kernel_args(g_steps[0]),
             len(g_steps),
-            DTYPE=_TL_DTYPES[real],
+            DTYPE=TL_DTYPES[real],
             FORMAT=state_format,
             **flags,
-            ROUND_PARAM=bool(stochastic_rounding) and real is torch.bfloat16,
+            ROUND_PARAM=bool(spec.stochastic_rounding) and real is torch.bfloat16,
             P_VEC=16 // real.itemsize if plan.param_aligned and grad_table.aligned else 1,
             M_VEC=16 // state_size if plan.state_aligned else 1,
             BLOCK=BLOCK,
@@ -599,7 +580,7 @@ def fused_adabound_triton_encoded(
             enable_fp_fusion=False,
         )
     counters = [(group[5], plan.step_offsets) for plan, _, group in launches]
-    _advance_counters(schedule, state_steps, inputs.found_inf, counters)
+    advance_counters(schedule, state_steps, inputs.found_inf, counters)
     compat.bump_versions(params)
     compat.bump_versions(state_steps)
     if inputs.grad_scale is not None:
