@@ -242,7 +242,7 @@ def test_loaded_weights_restore_the_base_learning_rate(backend_run):
 
 
 # The PyTorch class raises the same message for these.
-SHARED_MESSAGES = ("lr", "final_lr", "gamma", "epsilon", "weight_decay")
+SHARED_MESSAGES = ("lr", "final_lr", "zero_final_lr", "gamma", "epsilon", "weight_decay")
 
 
 @pytest.mark.parametrize("name", list(runs.INVALID))

@@ -66,6 +66,12 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
             "final_lr applies: pass base_lr explicitly when lr starts at 0)",
         ),
         (group["final_lr"] >= 0, f"Invalid final learning rate: {group['final_lr']}"),
+        # A bound function ignores final_lr; the built-in bounds are proportional to it.
+        (
+            group["final_lr"] != 0 or callable(group["bounds"]),
+            f"Invalid final learning rate: {group['final_lr']} (must be > 0: both bounds are "
+            "proportional to it, so 0 clips every step's rate to 0 and no parameter ever moves)",
+        ),
         (group["gamma"] > 0, f"Invalid gamma (convergence speed): {group['gamma']} (must be > 0)"),
         (group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}"),
         (group["weight_decay"] >= 0, f"Invalid weight_decay value: {group['weight_decay']}"),
