@@ -9,6 +9,7 @@ survives ``state_dict``/``load_state_dict``, ``deepcopy``, pickle and ``add_para
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
-from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import (
+    Optimizer,
+    ParamsT,
+    _global_optimizer_post_hooks,
+    _global_optimizer_pre_hooks,
+    _use_grad_for_differentiable,
+)
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import kernels
@@ -225,6 +232,21 @@ class AdaBound(Optimizer):
         if fused:
             self._step_supports_amp_scaling = True
         self._register_bounds_marker()
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch's wrapper of ``step`` (the step hooks and a profiler label), without the
+        label while torch.compile traces the step: dynamo drops ``record_function`` and
+        warns that it does on every compiled run."""
+        profiled = Optimizer.profile_hook_step(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return _step_with_hooks(func, args, kwargs)
+            return profiled(*args, **kwargs)
+
+        return wrapper
 
     def _register_bounds_marker(self) -> None:
         # Registered first, so user state_dict post-hooks already see the marker. torch
@@ -467,10 +489,39 @@ def _kernel_ready(device_type: str) -> bool:
     return kernels.default_kernel_ready(device_type)
 
 
+def _step_with_hooks(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """What torch's ``Optimizer.profile_hook_step`` wrapper does around ``step``, less the
+    profiler label: the global and the optimizer's pre-hooks (which may replace the
+    arguments), the step, and the post-hooks."""
+    self = args[0]
+    for pre_hook in (
+        *_global_optimizer_pre_hooks.values(),
+        *self._optimizer_step_pre_hooks.values(),
+    ):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
+                    f"{result}."
+                )
+            args, kwargs = result
+    out = func(*args, **kwargs)
+    self._optimizer_step_code()
+    for post_hook in (
+        *self._optimizer_step_post_hooks.values(),
+        *_global_optimizer_post_hooks.values(),
+    ):
+        post_hook(self, args, kwargs)
+    return out
+
+
 def _lr_for_step(group: dict[str, Any]) -> float | Tensor:
     """The group's lr; under torch.compile a float lr becomes a tensor (no recompilation
-    when a scheduler changes it)."""
-    if torch.compiler.is_compiling() and not isinstance(group["lr"], Tensor):
+    when a scheduler changes it). The type is asked with torch.is_tensor: dynamo answers
+    isinstance on a float by guarding on its value, which recompiled once at the first
+    new lr."""
+    if torch.compiler.is_compiling() and not torch.is_tensor(group["lr"]):
         from ._compile_support import lr_as_tensor
 
         return lr_as_tensor(group)
