@@ -279,6 +279,7 @@ class AdaBound(Optimizer):
                     )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_state_dict(state_dict, self.param_groups, type(self).__name__)
         state_dict = dict(state_dict)
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         guessed = False
@@ -487,6 +488,53 @@ def _kernel_ready(device_type: str) -> bool:
 
         return kernel_ready(device_type)
     return kernels.default_kernel_ready(device_type)
+
+
+def _check_state_dict(state_dict: Any, groups: list[dict[str, Any]], name: str) -> None:
+    """Refuse a state dict that is not an optimizer's, or whose moments do not fit the
+    parameters they would be loaded into, before anything is loaded: the step after it
+    would fail far from the cause, or broadcast a moment of the wrong shape."""
+    where = f"{name}.load_state_dict"
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        if isinstance(state_dict, dict):
+            keys = ", ".join(map(repr, list(state_dict)[:8]))
+            got = f"a dict with keys {keys or '(none)'}"
+        else:
+            got = f"a {type(state_dict).__name__}"
+        raise ValueError(
+            f"{where}: expected an optimizer state dict (with 'state' and 'param_groups', as "
+            f"optimizer.state_dict() returns), got {got}; from a training checkpoint, pass its "
+            "optimizer entry"
+        )
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, list | tuple) or not all(
+        isinstance(g, dict) and "params" in g for g in saved_groups
+    ):
+        raise ValueError(f"{where}: 'param_groups' must be a list of dicts with 'params'")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError(f"{where}: 'state' must be a dict, got {type(state_dict['state'])}")
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    for index, (saved_id, p) in enumerate(zip(saved_ids, params, strict=False)):
+        saved = state_dict["state"].get(saved_id)
+        if not saved:
+            continue
+        missing = [k for k in ("step", *formats.MOMENTS[:2]) if k not in saved]
+        if missing:
+            raise ValueError(
+                f"{where}: the state of parameter {index} lacks {', '.join(missing)}; "
+                "it was not saved by AdaBound or Adam"
+            )
+        # The parameter's shape, or its real view's for complex moments stored as reals.
+        shapes = {tuple(p.shape), (*p.shape, 2) if p.is_complex() else tuple(p.shape)}
+        for key in formats.MOMENTS:
+            value = saved.get(key)
+            if torch.is_tensor(value) and tuple(value.shape) not in shapes:
+                raise ValueError(
+                    f"{where}: {key} of parameter {index} has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(p.shape)}: the state dict belongs to another model, or "
+                    "to the same parameters in another order"
+                )
 
 
 def _step_with_hooks(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -57,7 +57,7 @@ def _default_out(task: type, config: dict[str, Any], suffix: str | None = None) 
 
 def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> dict[str, Any]:
     """The options given on the command line, as config entries, for a resume check."""
-    given: dict[str, Any] = {"device": ns.device or saved.get("device", "auto")}
+    given: dict[str, Any] = {"task": task.name, "device": ns.device or saved.get("device", "auto")}
     for key, value in (
         ("epochs", ns.epochs),
         ("batch_size", ns.batch_size),
@@ -106,12 +106,12 @@ def _train_one(config: dict[str, Any], out: Path, resume: bool, ns: argparse.Nam
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from .runner import CONFIG, build_config
+    from .runner import build_config
 
     task = get_task(ns.task)
-    if ns.resume and ns.out and (Path(ns.out) / CONFIG).is_file():
-        saved = json.loads((Path(ns.out) / CONFIG).read_text())
-        result = _train_one(_resume_given(ns, task, saved), Path(ns.out), True, ns)
+    if ns.resume and ns.out:
+        out = Path(ns.out)
+        result = _train_one(_resume_given(ns, task, _saved_config(out)), out, True, ns)
         return 130 if result.interrupted else 0
     if ns.optim is None:
         raise ValueError("--optim is required (or --resume with the --out of a saved run)")
@@ -120,12 +120,20 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     )
     out = Path(ns.out) if ns.out else _default_out(task, config)
     if ns.resume:
-        saved = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else None
-        if saved is None:
-            raise ValueError(f"nothing to resume in {out}")
-        config = _resume_given(ns, task, saved)
+        config = _resume_given(ns, task, _saved_config(out))
     result = _train_one(config, out, ns.resume, ns)
     return 130 if result.interrupted else 0
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    """The configuration of the run to resume in ``out``, or why there is none."""
+    from .rundir import CONFIG, read_config
+
+    if not out.exists():
+        raise ValueError(f"nothing to resume: {out} does not exist")
+    if not (out / CONFIG).is_file():
+        raise ValueError(f"nothing to resume: {out} is not a run directory (no {CONFIG})")
+    return read_config(out)
 
 
 def _accepts(optim: str, key: str) -> bool:
