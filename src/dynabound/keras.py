@@ -29,10 +29,9 @@ import math
 import numbers
 from typing import Any
 
-import numpy as np
-
 try:
     import keras
+    import numpy as np
     from keras import ops
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -18,6 +19,7 @@ from .arguments import (
     build_parser,
     check_arguments,
 )
+from .devices import shutdown_distributed
 from .tasks import get_task
 
 __all__ = ["build_parser", "main"]
@@ -382,6 +384,37 @@ def _cmd_convert_checkpoint(ns: argparse.Namespace) -> int:
     return 0
 
 
+# The [experiments] extra, by module: what every command imports (numpy, matplotlib for
+# the figures, tqdm for the progress bars), and scikit-learn, whose digits data set the demo
+# and the digits task train on. Installing the extra is the one fix for any of them.
+EXTRA = {"numpy": "numpy", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+EXTRA_INSTALL = 'in a dynabound checkout, python -m pip install ".[experiments]"'
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a blocked module
+        return False
+
+
+def _missing_extra(ns: argparse.Namespace) -> list[str]:
+    """The packages of the [experiments] extra that this command needs and lacks."""
+    needed = ["numpy", "matplotlib", "tqdm"]
+    if ns.command == "demo" or getattr(ns, "task", None) == "digits":
+        needed.append("sklearn")
+    return [EXTRA[m] for m in needed if not _installed(m)]
+
+
+def _needs_extra(command: str, missing: list[str]) -> str:
+    names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"dynabound {command}: error: {names} {verb} not installed: this command needs the "
+        f"[experiments] extra; {EXTRA_INSTALL}"
+    )
+
+
 def _is_main() -> bool:
     import os
 
@@ -402,6 +435,10 @@ def _interrupt_on_sigterm() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    missing = _missing_extra(ns)
+    if missing:
+        print(_needs_extra(ns.command, missing), file=sys.stderr)
+        return 2
     from .data import DataFormatError, DataUnavailableError, DownloadError
 
     commands = {
@@ -422,10 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         code = commands[ns.command](ns)
-        from .runner import shutdown_distributed
-
         shutdown_distributed(wait_for_peers=True)
         return code
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA:
+            raise
+        print(_needs_extra(ns.command, [EXTRA[exc.name.split(".")[0]]]), file=sys.stderr)
+        return 2
     except (DataUnavailableError, DataFormatError, DownloadError, ValueError, OSError) as exc:
         print(f"dynabound {ns.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -433,8 +473,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        from .runner import shutdown_distributed
-
         shutdown_distributed()
 
 
