@@ -225,3 +225,26 @@ def test_default_warns_once_with_the_reason_when_the_cpu_kernel_is_unavailable(
         warnings.simplefilter("error")
         opt.step()  # once is enough
     assert opt.state[p]["step"].item() == 2
+
+
+@pytest.mark.parametrize("cuda_build", [None, "12.8"])
+def test_kernel_status_without_a_cuda_device_says_so(monkeypatch, capsys, cuda_build) -> None:
+    """Without a CUDA device, the missing device is the reason, whether Triton imports
+    or not (a CPU build of torch comes without Triton)."""
+    from dynabound.kernels import __main__ as status, triton_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(triton_kernel, "_IMPORT_ERROR", "triton is not importable (test)")
+    triton_kernel.unavailable_reason.cache_clear()
+    try:
+        status.main(["status"])
+        lines = capsys.readouterr().out.splitlines()
+    finally:
+        triton_kernel.unavailable_reason.cache_clear()
+    expected = (
+        f"no CUDA device (this torch, {torch.__version__}, is built without CUDA)"
+        if cuda_build is None
+        else "no CUDA device (torch.cuda.is_available() is False)"
+    )
+    assert f"cuda: unavailable: {expected}" in lines

@@ -186,7 +186,7 @@ def _finished(config: dict[str, Any], run_dir: Path) -> bool:
 
 
 def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
-    from .plots import run_label
+    from .plots import run_labels
     from .runner import load_run
     from .seeds import final_and_best
 
@@ -203,11 +203,11 @@ def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str
         "|---|---|---|---|---|",
     ]
     rows = []
-    for (config, metrics), d in zip(runs, run_dirs, strict=True):
+    labels = run_labels(configs, run_dirs)
+    for (config, metrics), d, label in zip(runs, run_dirs, labels, strict=True):
         if not metrics:
             continue
         final, best = final_and_best(metrics, metric)
-        label = run_label(config, configs)
         rows.append(
             {
                 "optimizer": label,
@@ -354,10 +354,9 @@ def _cmd_plot(ns: argparse.Namespace) -> int:
 
 
 def _transition_names(runs: list[Path]) -> dict[Path, str]:
-    """Each run's last path component, or its last two joined by "-" where runs share the
-    last one (adabound/seed-1 and amsbound/seed-1)."""
-    last = [r.name for r in runs]
-    return {r: r.name if last.count(r.name) == 1 else f"{r.parent.name}-{r.name}" for r in runs}
+    from .plots import run_names
+
+    return dict(zip(runs, run_names(runs), strict=True))
 
 
 def _cmd_probe(ns: argparse.Namespace) -> int:

@@ -60,10 +60,13 @@ _HYPER = (
 @functools.cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here, or None; asked every default step, so cached."""
+    # The device first: without one, a missing Triton is beside the point.
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"no CUDA device (this torch, {torch.__version__}, is built without CUDA)"
+        return "no CUDA device (torch.cuda.is_available() is False)"
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
     return None
 
 
