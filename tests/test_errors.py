@@ -231,7 +231,8 @@ def test_default_warns_once_with_the_reason_when_the_cpu_kernel_is_unavailable(
 def test_kernel_status_without_a_cuda_device_says_so(monkeypatch, capsys, cuda_build) -> None:
     """Without a CUDA device, the missing device is the reason, whether Triton imports
     or not (a CPU build of torch comes without Triton)."""
-    from dynabound.kernels import __main__ as status, triton_kernel
+    from dynabound.kernels import __main__ as status
+    from dynabound.kernels import triton_kernel
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", cuda_build)

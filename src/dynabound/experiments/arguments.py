@@ -24,7 +24,7 @@ __all__ = [
 
 EPILOG = """\
 examples:
-  dynabound demo                                  # offline, CPU, about 20 s
+  dynabound demo                                  # offline, CPU
   dynabound run mnist --optim adabound --data-dir data --download
   dynabound run mnist --optim adabound --resume   # continue after Ctrl-C or a kill
   dynabound compare cifar10 --model resnet34 --data-dir data
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="offline demo: two convex counterexamples + six optimizers on digits (CPU, ~20 s)",
+        help="offline demo: two convex counterexamples + six optimizers on digits (CPU)",
         description="Runs offline on CPU: (1) the online convex counterexample where Adam "
         "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
         "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound training "
