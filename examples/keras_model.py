@@ -10,7 +10,7 @@ could not bring back), so both runs end with the same weights, bit for bit.
 ``dynabound.keras`` registers its optimizers with Keras when it is imported: import it
 before ``load_model``.
 
-Needs ``pip install keras`` (``pip install dynabound[keras]``). Keras runs on the backend
+Needs Keras 3 (``python -m pip install ".[keras]"`` in the clone). Keras runs on the backend
 named by ``KERAS_BACKEND``; without one this script uses PyTorch, which dynabound needs
 anyway (JAX and TensorFlow work too). Run ``python examples/keras_model.py``.
 """

@@ -1,15 +1,16 @@
 """AdaBound in a JAX training loop with optax, with a checkpoint and a resume.
 
 A small MLP learns a synthetic regression with ``dynabound.optax.adabound`` under a
-learning-rate schedule. ``base_learning_rate`` is the rate ``final_lr`` refers to: it must
-be given with a schedule, and then the bounds follow the schedule as in PyTorch.
+learning-rate schedule. ``base_learning_rate`` is the rate ``final_lr`` refers to (by
+default the schedule's value at step 0; given here explicitly), and the bounds follow the
+schedule as in PyTorch.
 
 The same training runs twice: once straight through, once stopped half way after saving
 the parameters, the optimizer state and the step to a file, and resumed from that file.
 The optimizer state is an ordinary pytree (moments and step count), so the resumed run ends
 with the same parameters, bit for bit.
 
-Needs ``pip install jax optax`` (``pip install dynabound[jax]``). Run
+Needs jax and optax (``python -m pip install ".[jax]"`` in the clone). Run
 ``python examples/optax_loop.py``.
 """
 

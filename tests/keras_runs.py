@@ -51,6 +51,11 @@ BY_HAND_STEP, BY_HAND_LR = 500, 1e-4
 INVALID: dict[str, tuple[dict[str, Any], str]] = {
     "lr": (dict(learning_rate=-0.1), r"Invalid learning rate: -0\.1"),
     "final_lr": (dict(final_lr=-0.1), r"Invalid final learning rate: -0\.1"),
+    "zero_final_lr": (
+        dict(final_lr=0.0),
+        r"Invalid final learning rate: 0\.0 \(must be > 0: both bounds are proportional to it, "
+        "so 0 clips every step's rate to 0 and no parameter ever moves",
+    ),
     "gamma": (dict(gamma=0.0), r"Invalid gamma \(convergence speed\): 0\.0 \(must be > 0\)"),
     "beta_1": (dict(beta_1=1.0), r"Invalid beta_1 parameter: 1\.0"),
     "beta_2": (dict(beta_2=-0.1), r"Invalid beta_2 parameter: -0\.1"),

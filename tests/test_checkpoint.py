@@ -423,3 +423,58 @@ def test_setstate_backfills_an_unpickled_optimizer() -> None:
     assert group["base_lr"] == 0.01 and group["bounds"] == "reference"
     assert group["box"] is None and group["capturable"] is False and group["foreach"] is None
     train(restored, restored.param_groups[0]["params"], 3)
+
+
+def trained(params: list[Tensor], **kwargs) -> AdaBound:
+    opt = AdaBound(params, **kwargs)
+    set_grads(params, 0)
+    opt.step()
+    return opt
+
+
+def test_load_state_dict_refuses_what_is_not_an_optimizer_state_dict() -> None:
+    opt = AdaBound(make_params())
+    saved = trained(make_params()).state_dict()
+    checkpoint = {"model": {}, "optimizer": saved, "epoch": 3}
+    with pytest.raises(
+        ValueError,
+        match=r"AdaBound.load_state_dict: expected an optimizer state dict \(with 'state' and "
+        r"'param_groups', .*\), got a dict with keys 'model', 'optimizer', 'epoch'; from a "
+        "training checkpoint, pass its optimizer entry",
+    ):
+        opt.load_state_dict(checkpoint)
+    with pytest.raises(ValueError, match="got a list"):
+        opt.load_state_dict([saved])
+    with pytest.raises(ValueError, match="'param_groups' must be a list of dicts with 'params'"):
+        opt.load_state_dict({"state": {}, "param_groups": [{"lr": 1e-3}]})
+    opt.load_state_dict(checkpoint["optimizer"])  # the advice works
+
+
+def test_load_state_dict_refuses_moments_that_do_not_fit_the_parameters() -> None:
+    other_model = make_params(shapes=[(5, 6), (7,), ()])
+    saved = trained(other_model).state_dict()
+    opt = AdaBound(make_params())
+    with pytest.raises(
+        ValueError,
+        match=r"exp_avg of parameter 0 has shape \(5, 6\), the parameter \(6, 5\): the state "
+        "dict belongs to another model",
+    ):
+        opt.load_state_dict(saved)
+    assert not opt.state  # nothing was loaded
+    broken = trained(make_params()).state_dict()
+    del broken["state"][1]["step"]
+    with pytest.raises(ValueError, match="the state of parameter 1 lacks step"):
+        opt.load_state_dict(broken)
+
+
+def test_low_precision_and_complex_states_still_load() -> None:
+    complex_params = [torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)]
+    for params, kwargs in (
+        (make_params(torch.float32), dict(state_dtype="8bit")),
+        (make_params(torch.float32), dict(state_dtype=torch.bfloat16, amsbound=True)),
+        (complex_params, dict(state_dtype=torch.bfloat16)),
+        (complex_params, {}),
+    ):
+        saved = trained(params, **kwargs).state_dict()
+        twin = [p.detach().clone().requires_grad_() for p in params]
+        AdaBound(twin, **kwargs).load_state_dict(saved)

@@ -28,6 +28,14 @@ INVALID = {
         dict(lr=0.0), ValueError, r"Invalid base_lr: 0\.0 .*pass base_lr explicitly"
     ),
     "negative_final_lr": (dict(final_lr=-0.1), ValueError, r"Invalid final learning rate: -0\.1"),
+    "zero_final_lr": (
+        dict(final_lr=0.0), ValueError,
+        r"Invalid final learning rate: 0\.0 \(must be > 0: both bounds are proportional to it, "
+        "so 0 clips every step's rate to 0 and no parameter ever moves",
+    ),
+    "zero_final_lr_paper_bounds": (
+        dict(final_lr=0, bounds="paper"), ValueError, r"Invalid final learning rate: 0 \(must be"
+    ),
     "zero_gamma": (dict(gamma=0.0), ValueError, r"Invalid gamma .*: 0\.0 \(must be > 0\)"),
     "negative_gamma": (dict(gamma=-1e-3), ValueError, "Invalid gamma"),
     "negative_eps": (dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
@@ -148,9 +156,18 @@ def test_add_param_group_rejects_duplicate_params() -> None:
 
 def test_valid_edge_values_are_accepted() -> None:
     groups = AdaBound(
-        [param()], lr=0.0, base_lr=1e-3, final_lr=0.0, eps=0.0, betas=(0.0, 0.0), box=(-1, 1)
+        [param()], lr=0.0, base_lr=1e-3, final_lr=1e-12, eps=0.0, betas=(0.0, 0.0), box=(-1, 1)
     ).param_groups
     assert groups[0]["box"] == (-1, 1) and groups[0]["lr"] == 0.0
+
+
+def test_zero_final_lr_is_accepted_with_a_bound_function_which_ignores_it() -> None:
+    p = param()
+    opt = AdaBound([p], final_lr=0.0, bounds=lambda step: (0.01, 0.1))
+    start = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), start)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -208,3 +225,27 @@ def test_default_warns_once_with_the_reason_when_the_cpu_kernel_is_unavailable(
         warnings.simplefilter("error")
         opt.step()  # once is enough
     assert opt.state[p]["step"].item() == 2
+
+
+@pytest.mark.parametrize("cuda_build", [None, "12.8"])
+def test_kernel_status_without_a_cuda_device_says_so(monkeypatch, capsys, cuda_build) -> None:
+    """Without a CUDA device, the missing device is the reason, whether Triton imports
+    or not (a CPU build of torch comes without Triton)."""
+    from dynabound.kernels import __main__ as status
+    from dynabound.kernels import triton_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(triton_kernel, "_IMPORT_ERROR", "triton is not importable (test)")
+    triton_kernel.unavailable_reason.cache_clear()
+    try:
+        status.main(["status"])
+        lines = capsys.readouterr().out.splitlines()
+    finally:
+        triton_kernel.unavailable_reason.cache_clear()
+    expected = (
+        f"no CUDA device (this torch, {torch.__version__}, is built without CUDA)"
+        if cuda_build is None
+        else "no CUDA device (torch.cuda.is_available() is False)"
+    )
+    assert f"cuda: unavailable: {expected}" in lines

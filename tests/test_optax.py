@@ -12,8 +12,10 @@ float32 transcriptions of the same formula (PyTorch and NumPy) already differ by
 from __future__ import annotations
 
 import functools
+import inspect
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -140,6 +142,13 @@ CASES = {
         lambda: dbo.amsbound(_piecewise(1e-3), weight_decay=0.01, base_learning_rate=1e-3),
         _step_lr,
     ),
+    # The base learning rate taken from the schedule at count 0, as torch takes it from lr.
+    "step_schedule_default_base": (
+        dynabound.AMSBound,
+        dict(weight_decay=0.01),
+        lambda: dbo.amsbound(_piecewise(1e-3), weight_decay=0.01),
+        _step_lr,
+    ),
 }
 
 
@@ -202,26 +211,33 @@ def test_every_option_set_matches_torch(name, options):
     assert _rel_err(got, expected) <= TOL["float64"]
 
 
+# inject_hyperparams with the base learning rate given, and left to its default.
+BASES = {"given": dict(base_learning_rate=1e-3), "default": {}}
+
+
+@pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_inject_hyperparams_follows_schedule_like_torch(dtype):
+def test_inject_hyperparams_follows_schedule_like_torch(dtype, base):
     """inject_hyperparams rebuilds the chain with the current lr each step; the bounds
     must still scale with lr / base_lr rather than be re-derived from the current lr."""
     # In float32 injected betas would be rounded (1 - b2 off by 1e-5): keep them static.
     static = ("b1", "b2") if dtype == "float32" else ()
     with _enable_x64(dtype == "float64"):
         tx = optax.inject_hyperparams(dbo.amsbound, static_args=static)(
-            learning_rate=_piecewise(1e-3), base_learning_rate=1e-3, weight_decay=0.01
+            learning_rate=_piecewise(1e-3), weight_decay=0.01, **BASES[base]
         )
         got = _run_optax(tx, PARAMS, GRADS, getattr(jnp, dtype))
     assert _rel_err(got, _expected("step_schedule", dtype)) <= TOL[dtype]
 
 
-def test_inject_hyperparams_lr_set_by_hand_like_torch_group_lr():
+@pytest.mark.parametrize("base", list(BASES))
+def test_inject_hyperparams_lr_set_by_hand_like_torch_group_lr(base):
     """The README's recipe: change state.hyperparams['learning_rate'] between jitted steps,
-    as a PyTorch loop changes group['lr']; the bounds follow it through base_learning_rate."""
+    as a PyTorch loop changes group['lr']; the bounds follow it through the base learning
+    rate, given or kept in the state since init."""
     with _enable_x64(True):
         tx = optax.inject_hyperparams(dbo.amsbound)(
-            learning_rate=1e-3, base_learning_rate=1e-3, weight_decay=0.01
+            learning_rate=1e-3, weight_decay=0.01, **BASES[base]
         )
 
         @jax.jit
@@ -253,12 +269,59 @@ def test_bounds_do_not_follow_a_rederived_base_lr():
     assert _rel_err(got, _expected("step_schedule", "float64")) > 1e-3
 
 
-def test_base_learning_rate_required_for_schedules_and_injection():
-    with pytest.raises(ValueError, match="base_learning_rate"):
-        dbo.adabound(_piecewise(1e-3))
-    tx = optax.inject_hyperparams(dbo.adabound)(learning_rate=1e-3)
-    with pytest.raises(ValueError, match="base_learning_rate"):
-        tx.init({"w": jnp.zeros(3)})
+def _core_state(state):
+    """The ScaleByAdaBoundState inside an optimizer's state (injected or not)."""
+    states = [
+        x
+        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, dbo.ScaleByAdaBoundState))
+        if isinstance(x, dbo.ScaleByAdaBoundState)
+    ]
+    assert len(states) == 1
+    return states[0]
+
+
+def test_base_learning_rate_is_the_rate_at_step_zero_kept_in_the_state():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.full(3, 0.5)}
+    for tx in (
+        dbo.adabound(_piecewise(2e-3)),
+        dbo.adaboundw(optax.linear_schedule(2e-3, 1e-5, 10), weight_decay=0.1),
+        optax.inject_hyperparams(dbo.amsbound)(learning_rate=2e-3),
+        optax.inject_hyperparams(dbo.amsboundw)(learning_rate=optax.linear_schedule(2e-3, 0, 5)),
+    ):
+        state = tx.init(params)
+        assert float(_core_state(state).base_learning_rate) == pytest.approx(2e-3, rel=1e-7)
+        for _ in range(6):  # past the schedules' changes: the base stays
+            _, state = jax.jit(tx.update)(grads, state, params)
+        assert float(_core_state(state).base_learning_rate) == pytest.approx(2e-3, rel=1e-7)
+    # The lr-free core on its own has no learning rate to keep.
+    assert dbo.scale_by_adabound().init(params).base_learning_rate is None
+
+
+def test_default_base_equals_the_explicit_one_bit_for_bit():
+    # A schedule's value at count 0 is a float32 array: 1e-3 becomes 0.0010000000475.
+    for make, base in (
+        (
+            lambda **kw: dbo.amsboundw(_piecewise(1e-3), weight_decay=0.01, **kw),
+            float(_piecewise(1e-3)(0)),
+        ),
+        (lambda **kw: dbo.adabound(3e-3, final_lr=0.05, **kw), 3e-3),
+    ):
+        implicit = _run_optax(make(), PARAMS, GRADS, jnp.float32)
+        explicit = _run_optax(make(base_learning_rate=base), PARAMS, GRADS, jnp.float32)
+        for k in PARAMS:
+            np.testing.assert_array_equal(implicit[k], explicit[k])
+
+
+@pytest.mark.parametrize("factory", [dbo.adabound, dbo.amsbound, dbo.adaboundw, dbo.amsboundw])
+def test_a_rate_starting_at_zero_asks_for_the_base(factory):
+    warmup = optax.linear_schedule(0.0, 1e-3, 100)
+    with pytest.raises(ValueError, match=r"learning_rate\(0\) is 0\.0 and no base_learning_rate"):
+        factory(warmup)
+    factory(warmup, base_learning_rate=1e-3)  # the advice works
+    injected = optax.inject_hyperparams(factory)(learning_rate=0.0)
+    with pytest.raises(ValueError, match="learning_rate is 0.0 and no base_learning_rate"):
+        injected.init({"w": jnp.zeros(3)})
 
 
 def _counting_jit(fn):
@@ -278,6 +341,7 @@ def test_jit_traces_the_step_once():
         optax.inject_hyperparams(dbo.adaboundw)(
             learning_rate=_piecewise(1e-3), base_learning_rate=1e-3, weight_decay=1e-2
         ),
+        optax.inject_hyperparams(dbo.adaboundw)(learning_rate=_piecewise(1e-3), weight_decay=1e-2),
     ):
 
         def step(p, s, g, tx=tx):
@@ -386,6 +450,11 @@ def test_zero_learning_rate_moves_nothing(unscaled):
         (dict(learning_rate=-1e-3), "learning_rate"),
         (dict(learning_rate=1e-3, base_learning_rate=0.0), "base_learning_rate"),
         (dict(learning_rate=1e-3, final_lr=-0.1), "final_lr"),
+        (
+            dict(learning_rate=1e-3, final_lr=0.0),
+            r"Invalid final_lr: 0\.0 \(must be > 0: .* 0 clips every step's rate to 0 and no "
+            "parameter ever moves",
+        ),
         (dict(learning_rate=1e-3, gamma=0.0), "gamma"),
         (dict(learning_rate=1e-3, b1=1.0), "b1"),
         (dict(learning_rate=1e-3, b2=-0.1), "b2"),
@@ -423,6 +492,10 @@ def test_explicit_nonpositive_base_learning_rate_is_invalid():
 def test_scale_by_adabound_validation_and_lr_free_output():
     with pytest.raises(ValueError, match="final_lr_ratio"):
         dbo.scale_by_adabound(final_lr_ratio=-1.0)
+    with pytest.raises(
+        ValueError, match=r"final_lr_ratio: 0\.0 \(must be > 0: .* no parameter ever moves"
+    ):
+        dbo.scale_by_adabound(final_lr_ratio=0.0)
     # At t = 1: m = 0.1 g, sqrt(v) = sqrt(1e-3) |g|, numerator sqrt(1e-3) / 0.1, and the
     # rate is clamped into rho * [gamma / (gamma + 1), 1 + 1 / gamma]; no lr applied.
     tx = dbo.scale_by_adabound(final_lr_ratio=100.0)
@@ -443,8 +516,65 @@ def test_importing_dynabound_does_not_need_jax():
         "try:\n"
         "    import dynabound.optax\n"
         "except ImportError as e:\n"
-        "    assert 'dynabound[jax]' in str(e), e\n"
+        "    assert 'python -m pip install \".[jax]\"' in str(e), e\n"
         "else:\n"
         "    raise AssertionError('dynabound.optax imported without jax')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+FACTORIES = [dbo.adabound, dbo.amsbound, dbo.adaboundw, dbo.amsboundw]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_signatures_are_introspectable_and_accept_schedules(factory):
+    """optax's own tests decide from the annotation of learning_rate whether an optimizer
+    takes schedules; string annotations (postponed evaluation) hide that."""
+    lr = inspect.signature(factory).parameters["learning_rate"]
+    assert lr.annotation is optax.ScalarOrSchedule
+    hints = typing.get_type_hints(factory)
+    assert hints["return"] is optax.GradientTransformation
+    assert hints["base_learning_rate"] == float | None
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_constant_schedule_equals_the_constant(factory):
+    """optax's schedule test for its own optimizers, with ours: a constant schedule and the
+    constant give the same parameters after 10 jitted steps of a parabola."""
+    params = {"w": jnp.asarray([1.0, -2.0, 3.0])}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(tx, p, s):
+        g = jax.grad(lambda q: jnp.sum(q["w"] ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    runs = []
+    for lr in (optax.constant_schedule(1e-1), 1e-1):
+        tx = factory(learning_rate=lr, weight_decay=1e-2)
+        p, s = params, tx.init(params)
+        for _ in range(10):
+            p, s = step(tx, p, s)
+        runs.append(p["w"])
+    assert not np.allclose(runs[1], params["w"])
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_inject_hyperparams_wraps_it_like_optax_optimizers(factory):
+    """optax's inject_hyperparams test: jitted init and update of the wrapped optimizer give
+    the plain one's updates and state."""
+    kwargs = dict(learning_rate=1e-2, final_lr=0.1)
+    params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
+    grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
+    plain = factory(**kwargs)
+    injected = optax.inject_hyperparams(factory)(**kwargs)
+    updates, state = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
+    updates_i, state_i = jax.jit(injected.update)(grads, jax.jit(injected.init)(params), params)
+    assert jax.tree.structure(state_i.inner_state) == jax.tree.structure(state)
+    # optax's tolerances: injected betas are float32 arrays, 1 - b2 is off by 1e-5.
+    for a, b in zip(jax.tree.leaves(updates_i), jax.tree.leaves(updates), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(state_i.inner_state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert float(_core_state(state_i).base_learning_rate) == np.float32(1e-2)

@@ -41,14 +41,14 @@ import math
 import numbers
 from typing import Any
 
-import numpy as np
-
 try:
     import keras
+    import numpy as np
     from keras import ops
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "dynabound.keras needs Keras 3; install it with `pip install dynabound[keras]`"
+        "dynabound.keras needs Keras 3, which the [keras] extra installs: in a dynabound "
+        'checkout, python -m pip install ".[keras]" (dynabound is not on PyPI)'
     ) from exc
 
 __all__ = ["AdaBound", "AMSBound", "AdaBoundW", "AMSBoundW"]
@@ -187,7 +187,13 @@ class AdaBound(keras.optimizers.Optimizer):
             if not learning_rate >= 0:
                 raise ValueError(f"{name}: Invalid learning rate: {learning_rate} (must be >= 0)")
         checks = [
-            (final_lr >= 0, f"Invalid final learning rate: {final_lr} (must be >= 0)"),
+            (final_lr >= 0, f"Invalid final learning rate: {final_lr} (must be > 0)"),
+            (
+                final_lr != 0,
+                f"Invalid final learning rate: {final_lr} (must be > 0: both bounds are "
+                "proportional to it, so 0 clips every step's rate to 0 and no parameter ever "
+                "moves)",
+            ),
             (gamma > 0, f"Invalid gamma (convergence speed): {gamma} (must be > 0)"),
             (0.0 <= beta_1 < 1.0, f"Invalid beta_1 parameter: {beta_1} (must be in [0, 1))"),
             (0.0 <= beta_2 < 1.0, f"Invalid beta_2 parameter: {beta_2} (must be in [0, 1))"),

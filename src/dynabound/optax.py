@@ -6,10 +6,11 @@
 
 so that chaining it with ``optax.scale_by_learning_rate(lr)`` gives exactly the PyTorch
 update ``p -= lr * rate * m`` of :class:`dynabound.AdaBound`. ``rho = final_lr / base_lr``
-is fixed when the transformation is built: a learning-rate schedule then scales the Adam
-step and both bounds together, as in the authors' code, including under
-``optax.inject_hyperparams``, which rebuilds the optimizer with the current learning rate
-every step (pass ``base_learning_rate`` there, see :func:`adabound`).
+stays fixed while the learning rate changes: a learning-rate schedule scales the Adam step
+and both bounds together, as in the authors' code. The base learning rate defaults to the
+learning rate at step 0 (a schedule's value at count 0) and is kept in the optimizer
+state from ``init`` on, so it survives ``optax.inject_hyperparams``, which rebuilds the
+optimizer with the current learning rate every step (see :func:`adabound`).
 
 Decoupled weight decay (:func:`adaboundw`) is :func:`add_decoupled_weight_decay` after
 the learning rate, equal to PyTorch's ``p *= 1 - lr * wd`` before the step.
@@ -20,8 +21,9 @@ State arrays and updates have the dtype of the parameters; half-precision leaves
 computed in float32 and stored in their own dtype.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax reads the public signatures (a
+# `learning_rate` annotated optax.ScalarOrSchedule accepts schedules), so they must stay
+# objects, not strings.
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -32,7 +34,8 @@ try:
     import optax
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "dynabound.optax needs jax and optax; install them with `pip install dynabound[jax]`"
+        "dynabound.optax needs jax and optax, which the [jax] extra installs: in a dynabound "
+        'checkout, python -m pip install ".[jax]" (dynabound is not on PyPI)'
     ) from exc
 
 __all__ = [
@@ -50,6 +53,11 @@ __all__ = [
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 _BOUNDS = ("reference", "paper")
+# Why final_lr = 0 is refused rather than trained with: nothing would ever move.
+_POSITIVE_FINAL_LR = (
+    "> 0: both bounds are proportional to it, so 0 clips every step's rate to 0 "
+    "and no parameter ever moves"
+)
 
 
 class ScaleByAdaBoundState(NamedTuple):
@@ -58,13 +66,16 @@ class ScaleByAdaBoundState(NamedTuple):
     ``count`` is the number of updates applied so far (int32), ``mu`` and ``nu`` the first
     and second moments (``nu`` of a complex leaf holds the moments of the real and
     imaginary parts in its real and imaginary parts), ``nu_max`` the running maximum of
-    ``nu`` with AMSBound and ``None`` otherwise.
+    ``nu`` with AMSBound and ``None`` otherwise. ``base_learning_rate`` is the learning
+    rate ``final_lr`` refers to, kept by the optimizers (:func:`adabound` and the others)
+    from ``init`` on; ``None`` in the state of :func:`scale_by_adabound` used on its own.
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates | None
+    base_learning_rate: jax.Array | None = None
 
 
 def _concrete(value: Any) -> float | None:
@@ -154,30 +165,55 @@ def scale_by_adabound(
       A transformation whose output, multiplied by ``-lr`` (``scale_by_learning_rate``),
       is the AdaBound step.
     """
+    _check("final_lr_ratio", final_lr_ratio, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
+    return _scale_by_adabound(
+        lambda state: final_lr_ratio, None,
+        b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=amsbound, bounds=bounds,
+    )  # fmt: skip
+
+
+def _float_dtype() -> Any:
+    """float64 when JAX runs with 64-bit types enabled, float32 otherwise."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _scale_by_adabound(
+    ratio: Any,
+    initial_base: Any,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    gamma: Any,
+    amsbound: bool,
+    bounds: str,
+) -> optax.GradientTransformation:
+    """:func:`scale_by_adabound` with rho taken from ``ratio(state)``; ``initial_base()``,
+    unless None, is the base learning rate that ``init`` keeps in the state."""
     _validate_core(b1, b2, eps, gamma)
-    _check("final_lr_ratio", final_lr_ratio, lambda v: v >= 0.0, ">= 0")
     if bounds not in _BOUNDS:
         raise ValueError(f"bounds must be 'reference' or 'paper', got {bounds!r}")
 
     def init_fn(params: optax.Params) -> ScaleByAdaBoundState:
+        base = None if initial_base is None else jnp.asarray(initial_base(), _float_dtype())
         return ScaleByAdaBoundState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree_util.tree_map(jnp.zeros_like, params),
             nu=jax.tree_util.tree_map(jnp.zeros_like, params),
             nu_max=jax.tree_util.tree_map(jnp.zeros_like, params) if amsbound else None,
+            base_learning_rate=base,
         )
 
     def update_fn(updates, state, params=None):
         del params
         count = _safe_increment(state.count)
-        # float64 when JAX runs with 64-bit types enabled, float32 otherwise.
-        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        dtype = _float_dtype()
         numerator, lower, upper, scale, eps_ = _coefficients(
             count,
             b1=b1,
             b2=b2,
             eps=eps,
-            rho=final_lr_ratio,
+            rho=ratio(state),
             gamma=gamma,
             bounds=bounds,
             dtype=dtype,
@@ -214,39 +250,71 @@ def scale_by_adabound(
             mu=parts[1],
             nu=parts[2],
             nu_max=parts[3] if amsbound else None,
+            base_learning_rate=state.base_learning_rate,
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _resolve_base_lr(learning_rate: Any, base_learning_rate: Any) -> Any:
+def _initial_value(learning_rate: Any) -> Any:
+    """The learning rate at step 0: a schedule's value at count 0, else the rate itself."""
+    if callable(learning_rate):
+        return learning_rate(jnp.zeros([], jnp.int32))
+    return learning_rate
+
+
+def _require_positive_base(value: Any, learning_rate: Any) -> None:
+    """Refuse a base learning rate defaulted from a step-0 learning rate of 0 (warm-up): a
+    valid rate, but not one that final_lr can refer to. Traced values pass unchecked."""
+    v = _concrete(value)
+    if v is not None and not v > 0:
+        at_zero = "learning_rate(0)" if callable(learning_rate) else "learning_rate"
+        raise ValueError(
+            f"{at_zero} is {v!r} and no base_learning_rate was given: final_lr applies at "
+            "learning_rate == base_learning_rate, which defaults to the learning rate at "
+            "step 0 and must be > 0. Pass base_learning_rate explicitly when the learning "
+            "rate starts at 0: the rate final_lr refers to, e.g. learning_rate=0.0, "
+            "base_learning_rate=1e-3 (or the peak of a warm-up schedule)."
+        )
+
+
+def _adabound_core(
+    learning_rate: Any, base_learning_rate: Any, final_lr: Any, **core: Any
+) -> optax.GradientTransformation:
+    """scale_by_adabound with rho = final_lr / base, the base kept in the state.
+
+    A base given, or one known at construction (a Python number learning rate, or a
+    schedule's concrete value at count 0), fixes rho here, in double precision like the
+    PyTorch classes. Otherwise the learning rate is an array, as inside
+    ``optax.inject_hyperparams``, which rebuilds the optimizer from the current (possibly
+    decayed) rate every step: then the base is the rate seen by ``init`` and rho is formed
+    from the state at each update.
+    """
     if base_learning_rate is None:
-        if not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool):
-            raise ValueError(
-                "base_learning_rate must be given when learning_rate is a schedule or an "
-                "array (as inside optax.inject_hyperparams): the bounds are final_lr scaled "
-                "by learning_rate / base_learning_rate, and deriving the base from the "
-                "current learning rate would undo that scaling. Pass the initial (peak) "
-                "learning rate, e.g. base_learning_rate=1e-3."
-            )
-        if learning_rate == 0:
-            # lr = 0 is a valid step (warm-up, checkpoint loading) but cannot stand in for
-            # the rate final_lr refers to; name the argument that fixes it.
-            raise ValueError(
-                f"learning_rate is {learning_rate!r} and no base_learning_rate was given: "
-                "final_lr applies at learning_rate == base_learning_rate, which defaults to "
-                "learning_rate and must be > 0. Pass base_learning_rate explicitly when the "
-                "learning rate starts at 0: the rate final_lr refers to, e.g. "
-                "learning_rate=0.0, base_learning_rate=1e-3."
-            )
-        base_learning_rate = learning_rate
+        if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+            base_learning_rate = learning_rate
+        elif callable(learning_rate):
+            base_learning_rate = _concrete(_initial_value(learning_rate))
+        if base_learning_rate is not None:
+            _require_positive_base(base_learning_rate, learning_rate)
+    if base_learning_rate is None:
+
+        def initial_base() -> Any:
+            value = _initial_value(learning_rate)
+            _require_positive_base(value, learning_rate)
+            return value
+
+        return _scale_by_adabound(
+            lambda state: final_lr / state.base_learning_rate, initial_base, **core
+        )
     _check(
         "base_learning_rate",
         base_learning_rate,
         lambda v: v > 0.0,
         "> 0; it is the learning rate at which final_lr applies, e.g. base_learning_rate=1e-3",
     )
-    return base_learning_rate
+    ratio = final_lr / base_learning_rate
+    return _scale_by_adabound(lambda state: ratio, lambda: base_learning_rate, **core)
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -320,10 +388,9 @@ def _alias(
 ) -> optax.GradientTransformation:
     if not callable(learning_rate):
         _check("learning_rate", learning_rate, lambda v: v >= 0.0, ">= 0")
-    _check("final_lr", final_lr, lambda v: v >= 0.0, ">= 0")
+    _check("final_lr", final_lr, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
     _check("weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0")
-    base = _resolve_base_lr(learning_rate, base_learning_rate)
-    adabound_core = scale_by_adabound(final_lr_ratio=final_lr / base, **core)
+    adabound_core = _adabound_core(learning_rate, base_learning_rate, final_lr, **core)
     lr = optax.scale_by_learning_rate(learning_rate)
     if decoupled:
         decay = add_decoupled_weight_decay(learning_rate, weight_decay, unscaled_decay, mask)
@@ -354,15 +421,18 @@ def adabound(
     decaying schedule decays them too. ``weight_decay`` is an L2 term added to the gradient
     (see :func:`adaboundw` for decoupled decay).
 
-    ``base_learning_rate`` defaults to ``learning_rate`` when that is a Python number and
-    must be given when it is a schedule. ``optax.inject_hyperparams`` rebuilds the optimizer
-    from arrays every step, so pass it there too. Injected hyperparameters are rounded to
-    the parameters' dtype (in float32, ``b2 = 0.999`` becomes 0.99900001 and ``1 - b2`` is
-    off by 1e-5); mark them static to keep them Python floats::
+    ``base_learning_rate`` defaults to the learning rate at step 0 (a schedule's value at
+    count 0) and is kept in the optimizer state from ``init`` on (``base_learning_rate`` of
+    :class:`ScaleByAdaBoundState`), so ``optax.inject_hyperparams``, which rebuilds the
+    optimizer from the current learning rate every step, keeps the bounds scaling with the
+    rate instead of re-deriving them from it. Pass it when the rate starts at 0 (warm-up)
+    or when resuming with a rate that has already decayed. Injected hyperparameters are
+    rounded to the parameters' dtype (in float32, ``b2 = 0.999`` becomes 0.99900001 and
+    ``1 - b2`` is off by 1e-5); mark them static to keep them Python floats::
 
-        opt = optax.inject_hyperparams(
-            adabound, static_args=("base_learning_rate", "b1", "b2")
-        )(learning_rate=schedule, base_learning_rate=1e-3)
+        opt = optax.inject_hyperparams(adabound, static_args=("b1", "b2"))(
+            learning_rate=schedule
+        )
     """
     return _alias(
         learning_rate, base_learning_rate, final_lr, weight_decay, False,

@@ -10,6 +10,7 @@ survives ``state_dict``/``load_state_dict``, ``deepcopy``, pickle and ``add_para
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -18,7 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
-from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import (
+    Optimizer,
+    ParamsT,
+    _global_optimizer_post_hooks,
+    _global_optimizer_pre_hooks,
+    _use_grad_for_differentiable,
+)
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import kernels
@@ -70,6 +77,12 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
             "final_lr applies: pass base_lr explicitly when lr starts at 0)",
         ),
         (group["final_lr"] >= 0, f"Invalid final learning rate: {group['final_lr']}"),
+        # A bound function ignores final_lr; the built-in bounds are proportional to it.
+        (
+            group["final_lr"] != 0 or callable(group["bounds"]),
+            f"Invalid final learning rate: {group['final_lr']} (must be > 0: both bounds are "
+            "proportional to it, so 0 clips every step's rate to 0 and no parameter ever moves)",
+        ),
         (group["gamma"] > 0, f"Invalid gamma (convergence speed): {group['gamma']} (must be > 0)"),
         (group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}"),
         (group["weight_decay"] >= 0, f"Invalid weight_decay value: {group['weight_decay']}"),
@@ -224,6 +237,21 @@ class AdaBound(Optimizer):
             self._step_supports_amp_scaling = True
         self._register_bounds_marker()
 
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch's wrapper of ``step`` (the step hooks and a profiler label), without the
+        label while torch.compile traces the step: dynamo drops ``record_function`` and
+        warns that it does on every compiled run."""
+        profiled = Optimizer.profile_hook_step(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return _step_with_hooks(func, args, kwargs)
+            return profiled(*args, **kwargs)
+
+        return wrapper
+
     def _register_bounds_marker(self) -> None:
         # Registered first, so user state_dict post-hooks already see the marker. torch
         # drops hooks on pickle and deepcopy; __setstate__ puts this one back.
@@ -255,6 +283,7 @@ class AdaBound(Optimizer):
                     )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_state_dict(state_dict, self.param_groups, type(self).__name__)
         state_dict = dict(state_dict)
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         guessed = False
@@ -456,10 +485,86 @@ def _kernel_ready(device_type: str) -> bool:
     return kernels.default_kernel_ready(device_type)
 
 
+def _check_state_dict(state_dict: Any, groups: list[dict[str, Any]], name: str) -> None:
+    """Refuse a state dict that is not an optimizer's, or whose moments do not fit the
+    parameters they would be loaded into, before anything is loaded: the step after it
+    would fail far from the cause, or broadcast a moment of the wrong shape."""
+    where = f"{name}.load_state_dict"
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        if isinstance(state_dict, dict):
+            keys = ", ".join(map(repr, list(state_dict)[:8]))
+            got = f"a dict with keys {keys or '(none)'}"
+        else:
+            got = f"a {type(state_dict).__name__}"
+        raise ValueError(
+            f"{where}: expected an optimizer state dict (with 'state' and 'param_groups', as "
+            f"optimizer.state_dict() returns), got {got}; from a training checkpoint, pass its "
+            "optimizer entry"
+        )
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, list | tuple) or not all(
+        isinstance(g, dict) and "params" in g for g in saved_groups
+    ):
+        raise ValueError(f"{where}: 'param_groups' must be a list of dicts with 'params'")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError(f"{where}: 'state' must be a dict, got {type(state_dict['state'])}")
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    for index, (saved_id, p) in enumerate(zip(saved_ids, params, strict=False)):
+        saved = state_dict["state"].get(saved_id)
+        if not saved:
+            continue
+        missing = [k for k in ("step", *formats.MOMENTS[:2]) if k not in saved]
+        if missing:
+            raise ValueError(
+                f"{where}: the state of parameter {index} lacks {', '.join(missing)}; "
+                "it was not saved by AdaBound or Adam"
+            )
+        # The parameter's shape, or its real view's for complex moments stored as reals.
+        shapes = {tuple(p.shape), (*p.shape, 2) if p.is_complex() else tuple(p.shape)}
+        for key in formats.MOMENTS:
+            value = saved.get(key)
+            if torch.is_tensor(value) and tuple(value.shape) not in shapes:
+                raise ValueError(
+                    f"{where}: {key} of parameter {index} has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(p.shape)}: the state dict belongs to another model, or "
+                    "to the same parameters in another order"
+                )
+
+
+def _step_with_hooks(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """What torch's ``Optimizer.profile_hook_step`` wrapper does around ``step``, less the
+    profiler label: the global and the optimizer's pre-hooks (which may replace the
+    arguments), the step, and the post-hooks."""
+    self = args[0]
+    for pre_hook in (
+        *_global_optimizer_pre_hooks.values(),
+        *self._optimizer_step_pre_hooks.values(),
+    ):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
+                    f"{result}."
+                )
+            args, kwargs = result
+    out = func(*args, **kwargs)
+    self._optimizer_step_code()
+    for post_hook in (
+        *self._optimizer_step_post_hooks.values(),
+        *_global_optimizer_post_hooks.values(),
+    ):
+        post_hook(self, args, kwargs)
+    return out
+
+
 def _lr_for_step(group: dict[str, Any]) -> float | Tensor:
     """The group's lr; under torch.compile a float lr becomes a tensor (no recompilation
-    when a scheduler changes it)."""
-    if torch.compiler.is_compiling() and not isinstance(group["lr"], Tensor):
+    when a scheduler changes it). The type is asked with torch.is_tensor: dynamo answers
+    isinstance on a float by guarding on its value, which recompiled once at the first
+    new lr."""
+    if torch.compiler.is_compiling() and not torch.is_tensor(group["lr"]):
         from ._compile_support import lr_as_tensor
 
         return lr_as_tensor(group)

@@ -4,8 +4,10 @@ and a checkpoint of the earlier format is converted only on request."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import zipfile
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from dynabound.experiments.rundir import (
     CHECKPOINT,
     FORMAT,
     FORMAT_1,
+    DamagedCheckpointError,
     UnsafeCheckpointError,
     convert_checkpoint,
     load_checkpoint,
@@ -151,6 +154,124 @@ def test_the_commands_refuse_a_checkpoint_carrying_code(argv, tmp_path, capsys):
     assert "cannot be loaded safely" in err and str(run_dir / CHECKPOINT) in err
     assert not marker.exists()
     assert not (run_dir / ".lock").exists()
+
+
+# --- a damaged file is said to be damaged, never taken for one carrying code -------------------
+
+
+def _foreign_zip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+
+
+def _broken_pickle(path: Path) -> None:
+    """torch.save's archive with its pickled data replaced by bytes that are no pickle."""
+    source = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    with zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info)
+            archive.writestr(
+                info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else data
+            )
+
+
+DAMAGE = {
+    "truncated": (
+        lambda p: p.write_bytes(p.read_bytes()[:5000]),
+        "is truncated: a zip archive that stops after 5000 bytes",
+    ),
+    "text": (lambda p: p.write_text("garbage\n"), "is not a checkpoint: torch.save writes a zip"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "foreign_zip": (_foreign_zip, "is a zip archive that torch.save did not write"),
+    "broken_pickle": (_broken_pickle, "holds data that cannot be unpickled"),
+}
+
+
+def _damaged_run(tmp_path: Path, damage: str) -> Path:
+    run_dir = tmp_path / damage
+    _stopped_run(run_dir, _convex(), stop_at=10)
+    DAMAGE[damage][0](run_dir / CHECKPOINT)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_told_apart_from_an_unsafe_one(damage, tmp_path):
+    run_dir = _damaged_run(tmp_path, damage)
+    path = run_dir / CHECKPOINT
+    for load in (
+        lambda: load_checkpoint(path),
+        lambda: convert_checkpoint(run_dir),
+        lambda: convert_checkpoint(run_dir, trust=True),
+        lambda: train({"epochs": 2}, run_dir, resume=True, quiet=True, figures=False),
+        lambda: restore(run_dir),
+    ):
+        with pytest.raises(DamagedCheckpointError) as caught:
+            load()
+        assert not isinstance(caught.value, UnsafeCheckpointError)
+        message = str(caught.value)
+        assert message.startswith(f"damaged checkpoint: {path} {DAMAGE[damage][1]}"), message
+        assert "with or without --trust" in message and "cannot be loaded safely" not in message
+    assert not (run_dir / ".lock").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "convex", "--resume", "--out", "{run}"],
+        ["convert-checkpoint", "{run}"],
+        ["convert-checkpoint", "{run}", "--trust"],
+    ],
+    ids=["resume", "convert", "convert-trust"],
+)
+def test_the_commands_say_in_one_line_which_file_is_damaged(argv, tmp_path, capsys):
+    run_dir = _damaged_run(tmp_path, "truncated")
+    before = (run_dir / CHECKPOINT).read_bytes()
+    capsys.readouterr()  # the stopped run's own message
+    assert main([a.format(run=run_dir) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    prog = "dynabound " + argv[0]
+    assert err == [
+        f"{prog}: error: damaged checkpoint: {run_dir / CHECKPOINT} is truncated: a zip archive "
+        "that stops after 5000 bytes, without the directory that ends one. It cannot be "
+        "loaded, with or without --trust; restore it from a copy, or start the run again "
+        "with another --out"
+    ]
+    assert (run_dir / CHECKPOINT).read_bytes() == before
+
+
+def test_a_checkpoint_of_another_kind_says_what_it_holds(tmp_path):
+    run_dir = tmp_path / "other"
+    _stopped_run(run_dir, _convex(), stop_at=10)
+    torch.save({"model": {}, "epoch": 3}, run_dir / CHECKPOINT)
+    message = (
+        f"{run_dir / CHECKPOINT} is not a dynabound run checkpoint (it holds a dict with keys "
+        "model, epoch and no format entry)"
+    )
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_checkpoint(run_dir / CHECKPOINT)
+    torch.save([1, 2], run_dir / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"not a dynabound run checkpoint \(it holds a list\)"):
+        convert_checkpoint(run_dir)
+
+
+def test_a_checkpoint_whose_contents_do_not_fit_its_run_is_damaged(tmp_path):
+    run_dir = tmp_path / "swapped"
+    _stopped_run(run_dir, _convex(), stop_at=10)
+    ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    del ckpt["scheduler"]
+    torch.save(ckpt, run_dir / CHECKPOINT)
+    with pytest.raises(DamagedCheckpointError, match="does not fit the run it belongs to"):
+        train({"epochs": 2}, run_dir, resume=True, quiet=True, figures=False)
+
+
+def test_a_damaged_config_is_named(tmp_path, capsys):
+    run_dir = tmp_path / "cfg"
+    _stopped_run(run_dir, _convex(), stop_at=10)
+    (run_dir / "config.json").write_text('{"task": "convex", "optim"')
+    capsys.readouterr()
+    assert main(["run", "convex", "--resume", "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'config.json'} is damaged: it is not valid JSON" in err
 
 
 # --- what a checkpoint holds, and the generators' exact round trip -----------------------------

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+from typing import Any, NoReturn
 
 from .console import PROGRESS_EVERY
 from .optimizers import OPTIMIZERS
+from .presets import TASK_PRESETS, preset
 from .savepoints import CHECKPOINT_EVERY
 from .tasks import TASKS
 
@@ -21,7 +24,7 @@ __all__ = [
 
 EPILOG = """\
 examples:
-  dynabound demo                                  # offline, CPU, about 20 s
+  dynabound demo                                  # offline, CPU
   dynabound run mnist --optim adabound --data-dir data --download
   dynabound run mnist --optim adabound --resume   # continue after Ctrl-C or a kill
   dynabound compare cifar10 --model resnet34 --data-dir data
@@ -63,6 +66,50 @@ SIGN_DESCENT = "sign-descent.png"
 
 def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line, not after the usage block (with 40 options it buried
+    the error), and a suggestion for a misspelt choice."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(c) for c in action.choices]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        raise argparse.ArgumentError(
+            action,
+            f"invalid choice: {value!r} (choose from {', '.join(choices)})"
+            + (f"\ndid you mean {close[0]}?" if close else ""),
+        )
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _presets_text(task: type, optimizers: tuple[str, ...]) -> str:
+    """The paper's presets of ``task`` for ``optimizers``, one line each, for --help: what a
+    run with the task's default options trains with."""
+
+    def values(name: str, model: str | None = None) -> dict[str, str]:
+        hparams = task.adjust_hparams(name, preset(task.name, name, model=model), {})
+        return {k: _shown(v) for k, v in hparams.items()}
+
+    rows = []
+    for name in (o for o in optimizers if o in TASK_PRESETS[task.name]):
+        shown = values(name)
+        for key, value in values(name, "densenet121").items():  # CIFAR's Adam beta1 differs
+            if value != shown[key]:
+                shown[key] += f" (densenet121: {value})"
+        rows.append(f"  {name:<10} " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    head = "default: the paper's presets for this task with its default options\n(a value given "
+    return head + "below replaces the preset):\n" + "\n".join(rows)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(_shown(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -108,9 +155,8 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
             default="adabound",
             help="bounded optimizer to sweep (default adabound)",
         )
-    h = p.add_argument_group(
-        "hyperparameters", "default: the paper's presets for this task (see presets.py)"
-    )
+    shown = ("adabound", "amsbound", "adaboundw", "amsboundw") if mode == "sweep" else OPTIMIZERS
+    h = p.add_argument_group("hyperparameters", _presets_text(task, shown))
     for key, typ, text in HPARAMS:
         if mode == "sweep" and key in ("final_lr", "gamma"):
             h.add_argument(
@@ -226,7 +272,7 @@ def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dynabound",
         description="Reproduce the AdaBound paper's experiments (Luo et al., ICLR 2019): "
         "train with progress bars, resumable checkpoints and metrics files, and draw the "
@@ -238,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="offline demo: two convex counterexamples + seven optimizers on digits (CPU, ~20 s)",
+        help="offline demo: two convex counterexamples + seven optimizers on digits (CPU)",
         description="Runs offline on CPU: (1) the online convex counterexample where Adam "
         "converges to the worst point while AMSGrad and the paper's AdaBound/AMSBound find "
         "the optimum, and (2) SGDM, AdaGrad, Adam, AMSGrad, AdaBound and AMSBound, and "
@@ -268,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=text, description=text + ". Choose a task for its options.")
         tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
         for name, task in TASKS.items():
-            tp = tasks.add_parser(name, help=task.description, description=task.description)
+            tp = tasks.add_parser(
+                name,
+                help=task.description,
+                description=task.description,
+                formatter_class=argparse.RawDescriptionHelpFormatter,  # the presets' table
+            )
             _add_training(tp, task, mode)
 
     plot = sub.add_parser(
@@ -379,9 +430,10 @@ def check_arguments(ns: argparse.Namespace) -> None:
     """Refuse what argparse's types cannot see, before a command does any work."""
     from .devices import check_device
 
-    threads = getattr(ns, "threads", None)
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    for key in ("threads", "epochs", "batch_size"):
+        value = getattr(ns, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(key)} must be a positive integer, got {value}")
     for key in ("checkpoint_every", "progress_every"):
         value = getattr(ns, key, None)
         if value is not None and not value >= 0:  # also refuses NaN

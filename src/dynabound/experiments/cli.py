@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -18,6 +19,7 @@ from .arguments import (
     build_parser,
     check_arguments,
 )
+from .devices import shutdown_distributed
 from .tasks import get_task
 
 __all__ = ["build_parser", "main"]
@@ -57,7 +59,7 @@ def _default_out(task: type, config: dict[str, Any], suffix: str | None = None) 
 
 def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> dict[str, Any]:
     """The options given on the command line, as config entries, for a resume check."""
-    given: dict[str, Any] = {"device": ns.device or saved.get("device", "auto")}
+    given: dict[str, Any] = {"task": task.name, "device": ns.device or saved.get("device", "auto")}
     for key, value in (
         ("epochs", ns.epochs),
         ("batch_size", ns.batch_size),
@@ -106,12 +108,12 @@ def _train_one(config: dict[str, Any], out: Path, resume: bool, ns: argparse.Nam
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from .runner import CONFIG, build_config
+    from .runner import build_config
 
     task = get_task(ns.task)
-    if ns.resume and ns.out and (Path(ns.out) / CONFIG).is_file():
-        saved = json.loads((Path(ns.out) / CONFIG).read_text())
-        result = _train_one(_resume_given(ns, task, saved), Path(ns.out), True, ns)
+    if ns.resume and ns.out:
+        out = Path(ns.out)
+        result = _train_one(_resume_given(ns, task, _saved_config(out)), out, True, ns)
         return 130 if result.interrupted else 0
     if ns.optim is None:
         raise ValueError("--optim is required (or --resume with the --out of a saved run)")
@@ -120,12 +122,20 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     )
     out = Path(ns.out) if ns.out else _default_out(task, config)
     if ns.resume:
-        saved = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else None
-        if saved is None:
-            raise ValueError(f"nothing to resume in {out}")
-        config = _resume_given(ns, task, saved)
+        config = _resume_given(ns, task, _saved_config(out))
     result = _train_one(config, out, ns.resume, ns)
     return 130 if result.interrupted else 0
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    """The configuration of the run to resume in ``out``, or why there is none."""
+    from .rundir import CONFIG, read_config
+
+    if not out.exists():
+        raise ValueError(f"nothing to resume: {out} does not exist")
+    if not (out / CONFIG).is_file():
+        raise ValueError(f"nothing to resume: {out} is not a run directory (no {CONFIG})")
+    return read_config(out)
 
 
 def _accepts(optim: str, key: str) -> bool:
@@ -176,7 +186,7 @@ def _finished(config: dict[str, Any], run_dir: Path) -> bool:
 
 
 def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
-    from .plots import run_label
+    from .plots import run_labels
     from .runner import load_run
     from .seeds import final_and_best
 
@@ -193,11 +203,11 @@ def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str
         "|---|---|---|---|---|",
     ]
     rows = []
-    for (config, metrics), d in zip(runs, run_dirs, strict=True):
+    labels = run_labels(configs, run_dirs)
+    for (config, metrics), d, label in zip(runs, run_dirs, labels, strict=True):
         if not metrics:
             continue
         final, best = final_and_best(metrics, metric)
-        label = run_label(config, configs)
         rows.append(
             {
                 "optimizer": label,
@@ -360,10 +370,9 @@ def _plot_against(runs: list[Path], ns: argparse.Namespace) -> int:
 
 
 def _transition_names(runs: list[Path]) -> dict[Path, str]:
-    """Each run's last path component, or its last two joined by "-" where runs share the
-    last one (adabound/seed-1 and amsbound/seed-1)."""
-    last = [r.name for r in runs]
-    return {r: r.name if last.count(r.name) == 1 else f"{r.parent.name}-{r.name}" for r in runs}
+    from .plots import run_names
+
+    return dict(zip(runs, run_names(runs), strict=True))
 
 
 def _cmd_probe(ns: argparse.Namespace) -> int:
@@ -392,6 +401,37 @@ def _cmd_convert_checkpoint(ns: argparse.Namespace) -> int:
     return 0
 
 
+# The [experiments] extra, by module: what every command imports (numpy, matplotlib for
+# the figures, tqdm for the progress bars), and scikit-learn, whose digits data set the demo
+# and the digits task train on. Installing the extra is the one fix for any of them.
+EXTRA = {"numpy": "numpy", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+EXTRA_INSTALL = 'in a dynabound checkout, python -m pip install ".[experiments]"'
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a blocked module
+        return False
+
+
+def _missing_extra(ns: argparse.Namespace) -> list[str]:
+    """The packages of the [experiments] extra that this command needs and lacks."""
+    needed = ["numpy", "matplotlib", "tqdm"]
+    if ns.command == "demo" or getattr(ns, "task", None) == "digits":
+        needed.append("sklearn")
+    return [EXTRA[m] for m in needed if not _installed(m)]
+
+
+def _needs_extra(command: str, missing: list[str]) -> str:
+    names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"dynabound {command}: error: {names} {verb} not installed: this command needs the "
+        f"[experiments] extra; {EXTRA_INSTALL}"
+    )
+
+
 def _is_main() -> bool:
     import os
 
@@ -412,6 +452,10 @@ def _interrupt_on_sigterm() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    missing = _missing_extra(ns)
+    if missing:
+        print(_needs_extra(ns.command, missing), file=sys.stderr)
+        return 2
     from .data import DataFormatError, DataUnavailableError, DownloadError
 
     commands = {
@@ -432,10 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         code = commands[ns.command](ns)
-        from .runner import shutdown_distributed
-
         shutdown_distributed(wait_for_peers=True)
         return code
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA:
+            raise
+        print(_needs_extra(ns.command, [EXTRA[exc.name.split(".")[0]]]), file=sys.stderr)
+        return 2
     except (DataUnavailableError, DataFormatError, DownloadError, ValueError, OSError) as exc:
         print(f"dynabound {ns.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -443,8 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        from .runner import shutdown_distributed
-
         shutdown_distributed()
 
 

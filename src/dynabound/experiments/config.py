@@ -79,8 +79,10 @@ def build_config(
     cls.check_args(args)
     d = cls.defaults
     batch = int(d["batch_size"] if batch_size is None else batch_size)
-    if batch < 1 or (scale_from_batch is not None and scale_from_batch < 1):
-        raise ValueError("batch sizes must be positive")
+    if batch < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch}")
+    if scale_from_batch is not None and scale_from_batch < 1:
+        raise ValueError(f"--scale-from-batch must be a positive integer, got {scale_from_batch}")
     values = preset(task, optim, hparams, model=cls.preset_model(args))
     tuned = dict(values)
     if scale_from_batch is not None:
@@ -106,8 +108,8 @@ def build_config(
     if scale_from_batch is not None:
         # Only when used, so that configurations saved before the option compare equal.
         config.update(scale_from_batch=int(scale_from_batch), tuned_hparams=tuned)
-    if config["epochs"] < 1 or config["batch_size"] < 1:
-        raise ValueError("epochs and batch size must be positive")
+    if config["epochs"] < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {config['epochs']}")
     if not (math.isfinite(config["lr_decay"]) and config["lr_decay"] > 0):
         raise ValueError(f"--lr-decay must be positive, got {config['lr_decay']}")
     if any(m < 1 for m in config["milestones"]):

@@ -27,6 +27,8 @@ __all__ = [
     "plot_sign_descent",
     "plot_sweep",
     "run_label",
+    "run_labels",
+    "run_names",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -95,6 +97,25 @@ def run_label(config: dict[str, Any], others: Sequence[dict[str, Any]] = ()) -> 
     return label
 
 
+def run_names(run_dirs: Sequence[PathLike]) -> list[str]:
+    """Each run's directory name, or its last two path components joined by "-" where runs
+    share the name (adabound/seed-1 and amsbound/seed-1)."""
+    paths = [Path(d) for d in run_dirs]
+    last = [p.name for p in paths]
+    return [p.name if last.count(p.name) == 1 else f"{p.parent.name}-{p.name}" for p in paths]
+
+
+def run_labels(configs: Sequence[dict[str, Any]], run_dirs: Sequence[PathLike]) -> list[str]:
+    """:func:`run_label` of each run; runs that would still share a label (the same
+    optimizer and settings, as in two runs of one command) get their run names added."""
+    labels = [run_label(c, configs) for c in configs]
+    names = run_names(run_dirs)
+    return [
+        f"{label} ({name})" if labels.count(label) > 1 else label
+        for label, name in zip(labels, names, strict=True)
+    ]
+
+
 def _value(value: Any) -> str:
     """A hyperparameter in a legend: numbers compactly, names as they are, absent as
     "default" (a run that left it to the class)."""
@@ -144,16 +165,17 @@ def plot_runs(
             return _plot_bands(groups, path, title, band, metric)
     fig, axes = _figure(1, len(panels))
     configs = [c for c, _ in runs]
-    styles = _line_styles(configs)
-    for (config, metrics), style in zip(runs, styles, strict=True):
+    labels = run_labels(configs, run_dirs)
+    for index, ((_, metrics), style, label) in enumerate(
+        zip(runs, _line_styles(configs), labels, strict=True)
+    ):
         epochs = [m["epoch"] for m in metrics]
-        if len(epochs) <= 12:
-            style = {**style, "marker": "o", "markersize": 4}
+        style = _with_marks(style, len(epochs), index, len(runs))
         for ax, (key, _) in zip(axes[0], panels, strict=True):
             ax.plot(
                 epochs,
                 [m.get(key, math.nan) for m in metrics],
-                label=run_label(config, configs),
+                label=label,
                 linewidth=1.4,
                 **style,
             )
@@ -206,15 +228,18 @@ def _plot_bands(
     fig, axes = _figure(1, len(panels))
     firsts = [g.config for g in groups]
     edges: dict[str, list[Any]] = {key: [] for key, _ in panels}
-    for group, style in zip(groups, _line_styles(firsts), strict=True):
+    labels = run_labels(firsts, [_group_dir(g) for g in groups])
+    for index, (group, style, label) in enumerate(
+        zip(groups, _line_styles(firsts), labels, strict=True)
+    ):
         if not all(group.metrics):
             continue  # a run without a finished epoch has nothing to draw
-        label = run_label(group.config, firsts)
         if len(group) > 1:
             label += f" (n={len(group)})"
         for ax, (key, _) in zip(axes[0], panels, strict=True):
             epochs, mean, low, high = _band(group, key, band)
-            ax.plot(epochs, mean, label=label, linewidth=1.4, **style)
+            marked = _with_marks(style, len(epochs), index, len(groups))
+            ax.plot(epochs, mean, label=label, linewidth=1.4, **marked)
             if len(group) > 1:
                 ax.fill_between(epochs, low, high, color=style["color"], alpha=0.2, linewidth=0)
             edges[key] += [list(low), list(high)]
@@ -223,16 +248,48 @@ def _plot_bands(
     return _save(fig, path)
 
 
+def _group_dir(group: SeedGroup) -> Path:
+    """The directory that names a group of seeds: the parent of its seed-N runs."""
+    first = Path(group.run_dirs[0])
+    return first.parent if len(group) > 1 else first
+
+
+# Optimizers whose curves often lie on another's (AMSGrad on Adam, AMSBound on AdaBound:
+# the running maximum rarely binds): their lines start dashed, so that the line beneath
+# shows through the gaps.
+_DASHED_FIRST = {"amsgrad", "amsbound", "amsboundw"}
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*")
+
+
 def _line_styles(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The optimizer's colour; runs sharing an optimizer get different dashes."""
+    """The optimizer's colour, and a marker of its own for every line (hollow, so that
+    markers drawn on one spot all show); runs sharing an optimizer get different dashes,
+    and so do the AMS variants, which often coincide with their base optimizer."""
     dashes = ("-", "--", ":", "-.")
     seen: dict[str, int] = {}
     styles = []
-    for c in configs:
-        k = seen.get(c["optim"], 0)
-        seen[c["optim"]] = k + 1
-        styles.append({"color": COLOURS.get(c["optim"]), "linestyle": dashes[k % len(dashes)]})
+    for index, c in enumerate(configs):
+        optim = c["optim"]
+        k = seen.get(optim, 0) + (optim in _DASHED_FIRST)
+        seen[optim] = seen.get(optim, 0) + 1
+        styles.append(
+            {
+                "color": COLOURS.get(optim),
+                "linestyle": dashes[k % len(dashes)],
+                "marker": _MARKERS[index % len(_MARKERS)],
+                "fillstyle": "none",
+            }
+        )
     return styles
+
+
+def _with_marks(style: dict[str, Any], points: int, index: int, lines: int) -> dict[str, Any]:
+    """``style`` with its markers placed: on every point of a short curve, else on about
+    ten points, shifted from line to line so that coinciding lines show all their marks."""
+    if points <= 12:
+        return {**style, "markersize": 5}
+    step = max(1, points // 10)
+    return {**style, "markersize": 5, "markevery": (index * step // max(1, lines), step)}
 
 
 def _zoom_accuracy(ax: Any, curves: list[list[float]]) -> None:
@@ -266,11 +323,14 @@ def plot_convex(run_dirs: Sequence[PathLike], path: PathLike, title: str | None 
     runs = _load(run_dirs)
     fig, axes = _figure(1, 2)
     configs = [c for c, _ in runs]
-    for (config, metrics), style in zip(runs, _line_styles(configs), strict=True):
+    labels = run_labels(configs, run_dirs)
+    for index, ((_, metrics), style, label) in enumerate(
+        zip(runs, _line_styles(configs), labels, strict=True)
+    ):
         ts = [t for m in metrics for t in m["trace_t"]]
         xs = [x for m in metrics for x in m["trace_x"]]
         regret = [r for m in metrics for r in m["trace_avg_regret"]]
-        style["label"] = run_label(config, configs)
+        style = {**_with_marks(style, len(ts), index, len(runs)), "label": label}
         axes[0][0].plot(ts, xs, linewidth=1.3, **style)
         axes[0][1].plot(ts, regret, linewidth=1.3, **style)
     args = configs[0]["task_args"]
@@ -329,9 +389,12 @@ def plot_sign_descent(run_dirs: Sequence[PathLike], path: PathLike, title: str |
         raise ValueError("no run has sign-descent records (recorded since the sign measure)")
     fig, axes = _figure(1, len(_SIGN_PANELS), width=14.0)
     firsts = [g.config for g in groups]
-    styles = _line_styles(firsts)
-    for group, style in zip(groups, styles, strict=True):
+    labels = run_labels(firsts, [_group_dir(g) for g in groups])
+    for index, (group, style, label) in enumerate(
+        zip(groups, _line_styles(firsts), labels, strict=True)
+    ):
         epochs = sorted({m["epoch"] for ms in group.metrics for m in ms if "sign" in m})
+        style = _with_marks(style, len(epochs), index, len(groups))
         for ax, (key, label) in zip(axes[0], _SIGN_PANELS, strict=True):
             per_epoch = [
                 [m["sign"][key] for ms in group.metrics for m in ms
@@ -339,7 +402,7 @@ def plot_sign_descent(run_dirs: Sequence[PathLike], path: PathLike, title: str |
                 for e in epochs
             ]  # fmt: skip
             means = [math.fsum(v) / len(v) if v else math.nan for v in per_epoch]
-            ax.plot(epochs, means, label=run_label(group.config, firsts), linewidth=1.4, **style)
+            ax.plot(epochs, means, label=label, linewidth=1.4, **style)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
     axes[0][0].set_ylim(0, 1.02)

@@ -11,7 +11,9 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, and is loade
 ``torch.load(weights_only=True)``: resuming a run directory someone else shared cannot run
 code from it. One written in the earlier format (``dynabound-run/1``, which held numpy's
 generator state as a numpy array) is refused with a message; :func:`convert_checkpoint`
-rewrites it on request, for a file the user trusts.
+rewrites it on request, for a file the user trusts. A file that is not a checkpoint at all
+(empty, truncated, text, another zip archive) is a :class:`DamagedCheckpointError`, never
+mistaken for one that would run code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import pickle
 import secrets
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ __all__ = [
     "CHECKPOINT",
     "CONFIG",
     "FORMAT",
+    "DamagedCheckpointError",
     "METRICS",
     "RunLock",
     "UnsafeCheckpointError",
@@ -123,13 +127,23 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run directory's ``config.json``; a damaged one is a ValueError naming the file."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged: it is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "task" not in config or "optim" not in config:
+        raise ValueError(f"{path} is not a dynabound run configuration (no task and optim)")
+    return config
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(config, metrics) of a run directory."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
-    config = json.loads((run_dir / CONFIG).read_text())
-    return config, read_metrics(run_dir / METRICS)
+    return read_config(run_dir), read_metrics(Path(run_dir) / METRICS)
 
 
 def find_runs(path: str | os.PathLike[str]) -> list[Path]:
@@ -159,6 +173,18 @@ def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
     atomic_write(Path(run_dir) / CHECKPOINT, lambda fh: torch.save(payload, fh))
 
 
+class DamagedCheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint at all: empty, truncated, or not what
+    ``torch.save`` writes. Unlike :class:`UnsafeCheckpointError`, trusting it cannot help."""
+
+    def __init__(self, path: Path, problem: str):
+        path = Path(path)
+        super().__init__(
+            f"damaged checkpoint: {path} {problem}. It cannot be loaded, with or without "
+            "--trust; restore it from a copy, or start the run again with another --out"
+        )
+
+
 class UnsafeCheckpointError(ValueError):
     """A checkpoint the weights-only loader refuses: loading it would run code from it."""
 
@@ -185,20 +211,84 @@ def _unsafe_globals(path: Path) -> str:
         return ""
 
 
+# How every zip archive, and so every file torch.save writes, begins.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _damage(path: Path) -> str | None:
+    """What makes ``path`` unreadable as a ``torch.save`` file, found from its layout
+    alone (nothing is unpickled), or None when it looks like one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head.startswith(_ZIP_MAGIC):
+        return (
+            f"is not a checkpoint: torch.save writes a zip archive, and this file starts "
+            f"with {head!r}"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return (
+            f"is truncated: a zip archive that stops after {size} bytes, without the "
+            "directory that ends one"
+        )
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        return "is a zip archive that torch.save did not write (no data.pkl in it)"
+    return None
+
+
+def _torch_load(path: Path, device: torch.device | str, *, trust: bool = False) -> Any:
+    """``torch.load`` with the weights-only unpickler (the full one with ``trust``), its
+    failures sorted into a damaged file and one that would run code."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    problem = _damage(path)
+    if problem is not None:
+        raise DamagedCheckpointError(path, problem)
+    try:
+        return torch.load(path, map_location=device, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        can_scan = hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+        if not trust and (not can_scan or _unsafe_globals(path)):
+            raise UnsafeCheckpointError(path) from exc
+        # Refused with no import to run (or by the full unpickler): the data is broken.
+        raise DamagedCheckpointError(
+            path, f"holds data that cannot be unpickled ({_first_line(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise DamagedCheckpointError(path, f"cannot be read ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(path) from exc
+    ckpt = _torch_load(path, device)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_1:
         raise ValueError(
             f"{path} was written in the earlier format {FORMAT_1}; convert it once with "
             f"`dynabound convert-checkpoint {path.parent}`"
         )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dynabound run checkpoint")
+        raise ValueError(f"{path} is not a dynabound run checkpoint ({_what(ckpt)})")
     return ckpt
+
+
+def _what(ckpt: Any) -> str:
+    """What a loaded file holds instead of a run checkpoint, for an error message."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}"
+    keys = ", ".join(map(str, list(ckpt)[:6])) + (", ..." if len(ckpt) > 6 else "")
+    if "format" in ckpt:
+        return f"its format is {ckpt['format']!r}, not {FORMAT!r}"
+    return f"it holds a dict with keys {keys or '(none)'} and no format entry"
 
 
 def convert_checkpoint(run_dir: str | os.PathLike[str], *, trust: bool = False) -> bool:
@@ -214,15 +304,15 @@ def convert_checkpoint(run_dir: str | os.PathLike[str], *, trust: bool = False) 
     lock = RunLock(run_dir)
     try:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+            ckpt = _torch_load(path, "cpu")
+        except UnsafeCheckpointError:
             if not trust:
-                raise UnsafeCheckpointError(path) from exc
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                raise
+            ckpt = _torch_load(path, "cpu", trust=True)
         if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
             return False
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_1:
-            raise ValueError(f"{path} is not a dynabound run checkpoint")
+            raise ValueError(f"{path} is not a dynabound run checkpoint ({_what(ckpt)})")
         rng = [
             {**s, "numpy": numpy_state(s["numpy"]), "python": python_state(s["python"])}
             for s in ckpt["rng"]

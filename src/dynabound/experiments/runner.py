@@ -42,6 +42,7 @@ from .rundir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    DamagedCheckpointError,
     RunLock,
     append_environment,
     append_metrics,
@@ -134,7 +135,14 @@ class _Run:
         self.saved_inside: dict[str, Any] | None = None
         self.resumed = ckpt is not None
         if ckpt is not None:
-            self._restore(ckpt)
+            try:
+                self._restore(ckpt)
+            except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+                # A checkpoint of the right format whose contents do not fit the run built
+                # from its own configuration: a missing entry, a tensor of another shape.
+                raise DamagedCheckpointError(
+                    run_dir / CHECKPOINT, f"does not fit the run it belongs to ({exc!r:.300})"
+                ) from exc
         else:
             self._start()
         if dist.is_main:  # what the numbers from here on depend on besides the config

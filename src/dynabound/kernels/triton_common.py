@@ -59,6 +59,11 @@ HYPER = (*_TABLED_FLOATS, "box_lo", "box_hi", "largest")
 @functools.cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here, or None; asked every default step, so cached."""
+    # The device first: without one, a missing or old Triton is beside the point.
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"no CUDA device (this torch, {torch.__version__}, is built without CUDA)"
+        return "no CUDA device (torch.cuda.is_available() is False)"
     if IMPORT_ERROR is not None:
         return IMPORT_ERROR
     if compat.triton_version(triton) < compat.MIN_TRITON:
@@ -67,8 +72,6 @@ def unavailable_reason() -> str | None:
             f"Triton {triton.__version__} is older than {oldest}, the oldest release the fused "
             f"CUDA kernel is tested with (it comes with torch {compat.TORCH_WITH_MIN_TRITON})"
         )
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
     return None
 
 

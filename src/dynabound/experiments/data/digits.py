@@ -23,7 +23,8 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError(
-            "the digits data set needs scikit-learn: pip install 'dynabound[experiments]'"
+            "the digits data set needs scikit-learn, which the [experiments] extra installs: "
+            'in a dynabound checkout, python -m pip install ".[experiments]"'
         ) from exc
     bunch = load_digits()
     # Pixels are counts of set bits in 4x4 blocks, 0..16.
