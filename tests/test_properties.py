@@ -44,7 +44,8 @@ def hyperparameters(min_gamma: float, max_beta2: float) -> st.SearchStrategy[dic
         {
             "lr": st.floats(0.0, 1.0),
             "base_lr": st.floats(1e-4, 1.0),
-            "final_lr": st.floats(0.0, 1.0),
+            # 0 is refused (nothing would move); the smallest positive values stay in.
+            "final_lr": st.floats(0.0, 1.0, exclude_min=True),
             "gamma": st.floats(min_gamma, 1.0),
             "eps": st.sampled_from([0.0, 1e-30, 1e-8, 1e-3]),
             "betas": st.tuples(st.floats(0.0, 0.999), st.floats(0.0, max_beta2)),

@@ -59,9 +59,10 @@ def test_reaches_loss_threshold(optimizer_cls: type[torch.optim.Optimizer]) -> N
     [
         {"lr": 0.0, "base_lr": 1e-2},
         {"lr": 1e-2, "maximize": True},
-        {"lr": 1e-2, "final_lr": 0.0},  # both bounds 0: the clipping must stop every update
+        # both bounds 0 (final_lr = 0 is refused): the clipping must stop every update
+        {"lr": 1e-2, "bounds": lambda step: (0.0, 0.0)},
     ],
-    ids=["lr0", "maximize", "final_lr0"],
+    ids=["lr0", "maximize", "zero_bounds"],
 )
 def test_threshold_rejects_a_non_learning_optimizer(kwargs: dict[str, object]) -> None:
     # Guards the threshold itself: an optimizer that does not descend must miss it.
