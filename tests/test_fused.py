@@ -8,6 +8,7 @@ The Triton kernel runs through Triton's CPU interpreter in a subprocess, since
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -251,10 +252,27 @@ def test_version_counters_are_bumped():
 
 def test_dtensor_parameters_update_their_local_shards(tmp_path):
     """FSDP2/tensor-parallel parameters are DTensors, which own no storage: the kernel must
-    update the local shards (here a one-process mesh) instead of reading data_ptr() == 0."""
+    update the local shards (here a one-process mesh) instead of reading data_ptr() == 0.
+
+    The process group lives in a fresh process: in a test worker that has already forked
+    (torch.compile's compile workers), torch 2.4's gloo group can hang forever in its
+    destructor, joining a thread that never returns."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_update_dtensor_shards, args=(str(tmp_path / "store"),)
+    )
+    child.start()
+    child.join(timeout=300)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the DTensor step did not finish within 300 s")
+    assert child.exitcode == 0, "the DTensor step failed in its process (its error is above)"
+
+
+def _update_dtensor_shards(store: str) -> None:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
@@ -262,28 +280,23 @@ def test_dtensor_parameters_update_their_local_shards(tmp_path):
     except ImportError:  # torch 2.4: not public yet
         from torch.distributed._tensor import Shard, distribute_tensor
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        plain = make_params(shapes=[(6, 4), (5,)])
-        sharded = [
-            torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
-            for p in plain
-        ]
-        fused = AdaBound(sharded, lr=1e-2, fused=True, amsbound=True, weight_decay=0.1)
-        ref = AdaBound(plain, lr=1e-2, foreach=False, amsbound=True, weight_decay=0.1)
-        for step in range(3):
-            set_grads(plain, step)
-            for d, p in zip(sharded, plain, strict=True):
-                d.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
-            fused.step()
-            ref.step()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    plain = make_params(shapes=[(6, 4), (5,)])
+    sharded = [
+        torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain
+    ]
+    fused = AdaBound(sharded, lr=1e-2, fused=True, amsbound=True, weight_decay=0.1)
+    ref = AdaBound(plain, lr=1e-2, foreach=False, amsbound=True, weight_decay=0.1)
+    for step in range(3):
+        set_grads(plain, step)
         for d, p in zip(sharded, plain, strict=True):
-            torch.testing.assert_close(d.full_tensor(), p.detach(), **TIGHT[torch.float32])
-    finally:
-        dist.destroy_process_group()
+            d.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        fused.step()
+        ref.step()
+    for d, p in zip(sharded, plain, strict=True):
+        torch.testing.assert_close(d.full_tensor(), p.detach(), **TIGHT[torch.float32])
+    dist.destroy_process_group()
 
 
 def test_fused_step_inside_torch_compile():
