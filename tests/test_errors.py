@@ -232,17 +232,17 @@ def test_kernel_status_without_a_cuda_device_says_so(monkeypatch, capsys, cuda_b
     """Without a CUDA device, the missing device is the reason, whether Triton imports
     or not (a CPU build of torch comes without Triton)."""
     from dynabound.kernels import __main__ as status
-    from dynabound.kernels import triton_kernel
+    from dynabound.kernels import triton_common
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", cuda_build)
-    monkeypatch.setattr(triton_kernel, "_IMPORT_ERROR", "triton is not importable (test)")
-    triton_kernel.unavailable_reason.cache_clear()
+    monkeypatch.setattr(triton_common, "IMPORT_ERROR", "triton is not importable (test)")
+    triton_common.unavailable_reason.cache_clear()
     try:
         status.main(["status"])
         lines = capsys.readouterr().out.splitlines()
     finally:
-        triton_kernel.unavailable_reason.cache_clear()
+        triton_common.unavailable_reason.cache_clear()
     expected = (
         f"no CUDA device (this torch, {torch.__version__}, is built without CUDA)"
         if cuda_build is None
