@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_required import require_tested_triton
 from option_sets import BACKENDS, EVERY_OPTION, cases
 
 from dynabound import AdaBound, kernels, optim
@@ -164,7 +165,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton")
+    require_tested_triton()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     path = [str(TESTS.parent / "src"), str(TESTS), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, path))

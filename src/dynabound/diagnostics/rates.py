@@ -150,7 +150,7 @@ def _second_moment(
     an element where it is exactly zero has had no nonzero gradient yet."""
     if isinstance(optimizer, AdaBound):
         return _dynabound_moment(group, state)
-    if isinstance(optimizer, Adam):
+    if isinstance(optimizer, Adam | AdamW):  # AdamW subclasses Adam only from torch 2.5 on
         return _real(state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"])
     if isinstance(optimizer, Adamax):  # max(b2*u, |g| + eps) holds eps until a gradient
         return _real(state["exp_inf"]) - group["eps"]
