@@ -29,6 +29,21 @@ the steady-state one: the same step for a slowly varying gradient, with a differ
 response to fast changes. AdaBound's lr schedule scales ``final`` (``lr / base_lr``), so an
 SGD schedule that multiplies its rate by ``k(t)`` is matched by the same schedule on
 AdaBound's lr.
+
+``final_lr="auto"`` estimates the value instead (Keskar and Socher's SWATS projection,
+arXiv:1712.07628). At each step of a param group, Adam's unclipped step ``p`` and the
+gradient ``g`` give the SGD rate that takes the same step along ``p``:
+``gamma = (p . p) / (p . g)``, over all the group's parameters. Referred to ``base_lr``
+(``final_lr`` scales with ``lr / base_lr``, so does Adam's step) and smoothed by a
+bias-corrected exponential average with ``beta2``, that is the ``final_lr`` in use from the
+next step on. SWATS's SGD phase is the dampened-momentum step, so its rate is, unit for
+unit, AdaBound's ``final``. The estimate is fixed once it has settled: its relative change
+from one sample to the next stayed below :data:`SETTLE_TOLERANCE` for
+:data:`SETTLE_PATIENCE` samples in a row, or the group has estimated for
+:func:`estimation_cap` steps (``ceil(1/gamma)``: by then the bounds are within a factor
+two of ``final``, and a ``final`` that still moved would act as an lr schedule). Steps whose
+Adam step does not descend (``p . g <= 0``) or has no length give no sample. Until the
+first sample exists (a group's first step) the step is Adam's, unclipped.
 """
 
 from __future__ import annotations
@@ -36,7 +51,20 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-__all__ = ["final_lr_from_sgd", "sgd_step_factor"]
+__all__ = [
+    "AUTO",
+    "SETTLE_PATIENCE",
+    "SETTLE_TOLERANCE",
+    "estimation_cap",
+    "final_lr_from_sgd",
+    "new_estimation",
+    "record_sample",
+    "sgd_step_factor",
+]
+
+AUTO = "auto"
+SETTLE_TOLERANCE = 1e-3
+SETTLE_PATIENCE = 100
 
 
 def _check(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> None:
@@ -123,3 +151,59 @@ def final_lr_from_sgd(
     # 1.0000000000000002; 15 significant digits give the decimal value the recipe meant and
     # stay within float rounding of the exact quotient.
     return float(f"{final_lr:.15g}")
+
+
+def estimation_cap(gamma: float) -> int:
+    """The most steps a group estimates before its estimate is fixed: ``ceil(1/gamma)``
+    (at least :data:`SETTLE_PATIENCE`). At step ``1/gamma`` the reference bounds are
+    ``final/2`` and ``2*final``."""
+    return max(SETTLE_PATIENCE, math.ceil(1.0 / gamma))
+
+
+def new_estimation() -> dict:
+    """The record of one group's estimate, as the group keeps it (plain Python values, so
+    ``state_dict`` saves it and ``torch.load(weights_only=True)`` reads it back exactly).
+
+    * ``estimate``: the bias-corrected average, the ``final_lr`` in use (None before the
+      first sample);
+    * ``average``, ``samples``: the uncorrected exponential average and how many samples
+      it holds;
+    * ``calm``: how many consecutive samples changed the estimate by less than
+      :data:`SETTLE_TOLERANCE` (relative);
+    * ``steps``: steps taken while estimating; ``fixed_at``: the step at which the
+      estimate was fixed (None while estimating);
+    * ``history``: ``[step, sample, estimate]`` per estimating step (``sample`` is NaN on a
+      step that gave none).
+    """
+    return {
+        "estimate": None,
+        "average": 0.0,
+        "samples": 0,
+        "calm": 0,
+        "steps": 0,
+        "fixed_at": None,
+        "history": [],
+    }
+
+
+def record_sample(record: dict, step: int, sample: float, beta: float, cap: int) -> bool:
+    """Add one step's sample (NaN or a non-positive value: none) to ``record``; return
+    whether the estimate is now fixed."""
+    record["steps"] += 1
+    valid = math.isfinite(sample) and sample > 0
+    if valid:
+        previous = record["estimate"]
+        record["samples"] += 1
+        record["average"] = beta * record["average"] + (1.0 - beta) * sample
+        estimate = record["average"] / (1.0 - beta ** record["samples"])
+        record["estimate"] = estimate
+        if previous is not None and abs(estimate - previous) < SETTLE_TOLERANCE * estimate:
+            record["calm"] += 1
+        else:
+            record["calm"] = 0
+    record["history"].append([step, sample if valid else math.nan, record["estimate"]])
+    settled = record["calm"] >= SETTLE_PATIENCE
+    if record["estimate"] is not None and (settled or record["steps"] >= cap):
+        record["fixed_at"] = step
+        return True
+    return False

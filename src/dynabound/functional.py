@@ -22,6 +22,7 @@ term as 0: each step sees it, but the next one has lost it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -29,12 +30,13 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from . import final_lr as final_lr_rule
 from . import state_formats as formats
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
 from .kernels.layout import dense_in_any_order
 from .spec import StepSpec, StepTensors
 
-__all__ = ["adabound", "adabound_step"]
+__all__ = ["adabound", "adabound_step", "estimating_step"]
 
 
 def adabound(
@@ -56,7 +58,7 @@ def adabound(
     beta1: float,
     beta2: float,
     lr: float | Tensor,
-    final_lr: float,
+    final_lr: float | str,
     base_lr: float,
     gamma: float,
     eps: float,
@@ -69,7 +71,8 @@ def adabound(
     state_dtype: torch.dtype | str | None = None,
     stochastic_rounding: bool = False,
     rounding_seeds: list[int] | None = None,
-) -> None:
+    final_lr_estimation: dict | None = None,
+) -> float | None:
     """Apply one AdaBound/AMSBound step in place, like ``torch.optim._functional.adam``.
 
     ``state_steps`` are incremented here. ``max_exp_avg_sqs`` is only read with
@@ -83,14 +86,25 @@ def adabound(
     index) seed the random bits of both; foreach falls back to the single-tensor path for
     them.
 
-    The keywords but ``foreach`` and ``fused`` are the fields of a
-    :class:`~dynabound.spec.StepSpec`; this builds one and calls :func:`adabound_step`.
+    ``final_lr="auto"`` estimates the SGD rate from the step itself
+    (:mod:`dynabound.final_lr`): pass ``final_lr_estimation``, a record from
+    :func:`dynabound.final_lr.new_estimation` that the caller keeps between steps (like the
+    moments), and switch to the returned float once it is not None: the estimate, fixed.
+
+    The keywords but ``foreach``, ``fused`` and ``final_lr_estimation`` are the fields of a
+    :class:`~dynabound.spec.StepSpec`; this builds one and calls :func:`adabound_step` (or
+    :func:`estimating_step`).
     """
+    auto = isinstance(final_lr, str)
+    if auto and final_lr != final_lr_rule.AUTO:
+        raise ValueError(f"final_lr must be a number or 'auto', got {final_lr!r}")
+    if auto and final_lr_estimation is None:
+        raise ValueError("final_lr='auto' needs final_lr_estimation (final_lr.new_estimation())")
     spec = StepSpec(
         lr=lr,
         beta1=beta1,
         beta2=beta2,
-        final_lr=final_lr,
+        final_lr=math.nan if auto else float(final_lr),
         base_lr=base_lr,
         gamma=gamma,
         eps=eps,
@@ -112,7 +126,71 @@ def adabound(
     tensors = StepTensors(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
     )
+    if auto:
+        return estimating_step(tensors, spec, final_lr_estimation, foreach=foreach, fused=fused)
     adabound_step(tensors, spec, foreach=foreach, fused=fused)
+    return None
+
+
+def check_auto_final_lr(spec: StepSpec, params: list[Tensor]) -> None:
+    """Refuse ``final_lr="auto"`` where it has no meaning or cannot be computed."""
+    if callable(spec.bounds):
+        raise ValueError(
+            "final_lr='auto' cannot apply with a bound function: the function ignores final_lr"
+        )
+    if spec.bounds == "paper":
+        raise ValueError(
+            "final_lr='auto' does not apply to bounds='paper': its Adam-phase rate is divided "
+            "by sqrt(t), so the SGD rate matching it decays and never settles to one final_lr"
+        )
+    if spec.capturable:
+        raise ValueError(
+            "final_lr='auto' does not support capturable=True: while estimating, each step "
+            "reads two sums per group on the host"
+        )
+    if any(is_traceable_wrapper_subclass(p) for p in params):
+        raise ValueError(
+            "final_lr='auto' is not supported for DTensor parameters (FSDP2, tensor "
+            "parallel): each rank sees only its shard of the projection; pass a number"
+        )
+
+
+def _no_bounds(step):
+    # Before the first sample there is no final to bound by: the step is Adam's.
+    return 0.0, math.inf
+
+
+def estimating_step(
+    tensors: StepTensors,
+    spec: StepSpec,
+    record: dict,
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> float | None:
+    """One step of a group whose ``final_lr`` is being estimated: the step bounded by the
+    current estimate (``record``, :func:`dynabound.final_lr.new_estimation`), then its own
+    projection added to the estimate. Returns the estimate once it is fixed, else None.
+    ``spec.final_lr`` is ignored."""
+    check_auto_final_lr(spec, tensors.params)
+    estimate = record["estimate"]
+    if estimate is None:
+        spec = spec._replace(final_lr=1.0, bounds=_no_bounds)
+    else:
+        spec = spec._replace(final_lr=estimate)
+    projection = torch.zeros(2, dtype=torch.float64, device=tensors.params[0].device)
+    adabound_step(tensors._replace(projection=projection), spec, foreach=foreach, fused=fused)
+    step = int(tensors.state_steps[0].item())
+    lr = spec.lr.item() if isinstance(spec.lr, Tensor) else spec.lr
+    # The backends' Adam steps are per unit of lr * scale, scale after within_range.
+    dtype = _arithmetic_dtype(tensors.params[0].dtype)
+    scale = float(within_range(step_coefficients_from(step, spec), dtype, lr).scale)
+    squares, along = projection.tolist()
+    sample = spec.base_lr * scale * squares / along if along > 0 else math.nan
+    cap = final_lr_rule.estimation_cap(spec.gamma)
+    if final_lr_rule.record_sample(record, step, sample, spec.beta2, cap):
+        return record["estimate"]
+    return None
 
 
 def adabound_step(
@@ -243,7 +321,7 @@ def _coefficients(step, dtype, spec: StepSpec, lr):
 
 
 def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, _ = tensors
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = tensors[:6]
     amsbound = spec.amsbound
     for step_t in state_steps:
         step_t += 1
@@ -268,7 +346,7 @@ def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
                 max_exp_avg_sq = max_exp_avg_sq.to(torch.float32)
         _update_tensor(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars.of(i), scalars.eps_used,
-            spec,
+            spec, tensors.projection,
         )  # fmt: skip
         if stored is not None:
             for target, value in zip(
@@ -279,9 +357,11 @@ def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
 
 
 def _update_tensor(
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, eps_used, spec: StepSpec
-) -> None:
-    """The element-wise update of one tensor in its arithmetic dtype, in place."""
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, eps_used, spec: StepSpec,
+    projection: Tensor | None = None,
+) -> None:  # fmt: skip
+    """The element-wise update of one tensor in its arithmetic dtype, in place; adds the
+    tensor's Adam-step sums to ``projection`` if given (:class:`~dynabound.spec.StepTensors`)."""
     amsbound, wd = spec.amsbound, spec.weight_decay
     beta1, beta2, eps, box = spec.beta1, spec.beta2, spec.eps, spec.box
     if spec.maximize:
@@ -312,6 +392,8 @@ def _update_tensor(
     if eps_used:
         denom = denom + eps
     rate = denom.reciprocal() * numerator
+    if projection is not None:
+        _add_projection(projection, [rate * exp_avg], [grad])
     rate = rate.clamp(lower, upper) * multiplier
     param.addcmul_(rate, exp_avg, value=-1)
     if box is not None:
@@ -325,7 +407,7 @@ def _single_tensor_encoded(tensors: StepTensors, spec: StepSpec) -> None:
     Everything runs on 1-dim views in memory order, the order of the fused kernels' blocks
     and random bits. The random bits depend on the step's value, read on the host.
     """
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors[:7]
     amsbound, state_dtype = spec.amsbound, spec.state_dtype
     for step_t in state_steps:
         step_t += 1
@@ -351,7 +433,9 @@ def _single_tensor_encoded(tensors: StepTensors, spec: StepSpec) -> None:
         work_param = stored_param.to(torch.float32, copy=True)
         work_grad = formats.memory_flat(grad).to(torch.float32)
         work = [_read_moment(t, signed=k == 0) for k, t in enumerate(moments)]
-        _update_tensor(work_param, work_grad, *work, scalars.of(i), scalars.eps_used, spec)
+        _update_tensor(
+            work_param, work_grad, *work, scalars.of(i), scalars.eps_used, spec, tensors.projection
+        )
         bits = formats.random_bits(
             formats.step_key(seed, step, formats.STREAM_STATE), work_param.numel(), param.device
         )
@@ -408,7 +492,7 @@ def _chunks(sizes: Sequence[int]) -> Iterator[slice]:
 
 
 def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, _ = tensors
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = tensors[:6]
     if not params:
         return
     amsbound, capturable = spec.amsbound, spec.capturable
@@ -449,21 +533,29 @@ def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
                 d_scalars.part(part),
                 spec,
                 low_precision=low_precision,
+                projection=tensors.projection,
             )
 
 
 def _multi_tensor_chunk(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, *, low_precision
-) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, *, low_precision,
+    projection=None,
+) -> None:  # fmt: skip
     if not low_precision:
         _multi_tensor_update(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, scratch=None
-        )
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, scratch=None,
+            projection=projection,
+        )  # fmt: skip
         return
     stored = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     work = [_float32_copies(ts) if ts is not None else None for ts in stored]
     grads = _float32_copies(grads)
-    _multi_tensor_update(work[0], grads, work[1], work[2], work[3], scalars, spec, scratch=grads)
+    # The projection reads the step's gradients after the rates are formed: no scratch then.
+    scratch = grads if projection is None else None
+    _multi_tensor_update(
+        work[0], grads, work[1], work[2], work[3], scalars, spec, scratch=scratch,
+        projection=projection,
+    )  # fmt: skip
     for targets, values in zip(stored, work, strict=True):
         if targets is not None:
             _copy_(targets, values)
@@ -485,8 +577,9 @@ def _copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
 
 
 def _multi_tensor_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec: StepSpec, *, scratch
-) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec: StepSpec, *, scratch,
+    projection=None,
+) -> None:  # fmt: skip
     # One temporary list at most: the modified gradient, reused as the rates. ``scratch``
     # is a list of gradients the caller owns, which can serve as that temporary.
     wd, beta1, beta2 = spec.weight_decay, spec.beta1, spec.beta2
@@ -524,6 +617,8 @@ def _multi_tensor_update(
         torch._foreach_add_(rates, spec.eps)
     torch._foreach_reciprocal_(rates)
     _foreach_mul_(rates, scalars.numerator)
+    if projection is not None:
+        _add_projection(projection, torch._foreach_mul(rates, exp_avgs), grads)
     torch._foreach_clamp_min_(rates, _scalar_list(scalars.lower, rates))
     torch._foreach_clamp_max_(rates, _scalar_list(scalars.upper, rates))
     _foreach_mul_(rates, scalars.multiplier)
@@ -531,6 +626,21 @@ def _multi_tensor_update(
     if spec.box is not None:
         torch._foreach_clamp_min_(params, spec.box[0])
         torch._foreach_clamp_max_(params, spec.box[1])
+
+
+def _add_projection(projection: Tensor, steps: list[Tensor], grads: list[Tensor]) -> None:
+    """Add ``sum(d*d)`` and ``sum(d*g)`` over the Adam steps ``d`` (unclipped, per unit of
+    ``lr * scale``) and the gradients ``g`` to ``projection``, in float64."""
+    with torch.no_grad():
+        steps = [d.detach().reshape(-1).to(torch.float64) for d in steps]
+        grads = [g.detach().reshape(-1).to(torch.float64) for g in grads]
+        sums = torch.stack(
+            [
+                sum(torch.dot(d, d) for d in steps),
+                sum(torch.dot(d, g) for d, g in zip(steps, grads, strict=True)),
+            ]
+        )
+        projection.add_(sums.to(projection.device))
 
 
 def _foreach_mul_(tensors: list[Tensor], value) -> None:

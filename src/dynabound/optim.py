@@ -31,7 +31,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from . import kernels
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
-from .functional import adabound_step
+from .final_lr import AUTO, new_estimation
+from .functional import adabound_step, check_auto_final_lr, estimating_step
 from .kernels.layout import dense_in_any_order
 from .spec import StepSpec, StepTensors
 
@@ -69,6 +70,14 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
         group["base_lr"] = _as_float(lr)
     if group["box"] is not None:
         group["box"] = tuple(group["box"])
+    final_lr = group["final_lr"]
+    auto = isinstance(final_lr, str)
+    if auto and final_lr != AUTO:
+        raise ValueError(f"{name}: final_lr must be a number or 'auto', got {final_lr!r}")
+    if auto:
+        final_lr = 1.0  # the estimate's range is checked where it is made
+        check_auto_final_lr(_spec_of(group), group["params"])
+        group.setdefault("final_lr_auto", new_estimation())
     checks = [
         (_as_float(lr) >= 0, f"Invalid learning rate: {lr} (must be >= 0)"),
         (
@@ -76,11 +85,11 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
             f"Invalid base_lr: {group['base_lr']} (must be > 0; it is the lr at which "
             "final_lr applies: pass base_lr explicitly when lr starts at 0)",
         ),
-        (group["final_lr"] >= 0, f"Invalid final learning rate: {group['final_lr']}"),
+        (final_lr >= 0, f"Invalid final learning rate: {final_lr}"),
         # A bound function ignores final_lr; the built-in bounds are proportional to it.
         (
-            group["final_lr"] != 0 or callable(group["bounds"]),
-            f"Invalid final learning rate: {group['final_lr']} (must be > 0: both bounds are "
+            final_lr != 0 or callable(group["bounds"]),
+            f"Invalid final learning rate: {final_lr} (must be > 0: both bounds are "
             "proportional to it, so 0 clips every step's rate to 0 and no parameter ever moves)",
         ),
         (group["gamma"] > 0, f"Invalid gamma (convergence speed): {group['gamma']} (must be > 0)"),
@@ -159,7 +168,11 @@ class AdaBound(Optimizer):
         lr: Adam-phase learning rate (float or 1-element Tensor). A scheduler scaling it
             scales the bounds too. ``lr == 0`` (warm-up) means no update.
         betas: coefficients of the running averages of the gradient and its square.
-        final_lr: the SGD learning rate both bounds converge to, meant at ``lr == base_lr``.
+        final_lr: the SGD learning rate both bounds converge to, meant at ``lr == base_lr``;
+            ``"auto"`` estimates it per param group from the Adam phase's own steps
+            (:mod:`dynabound.final_lr`): the running estimate bounds the steps until it
+            settles, then ``group["final_lr"]`` holds the fixed float and
+            ``group["final_lr_auto"]`` the record of how it was found.
         gamma: convergence speed of the bounds (> 0).
         eps: term added to the denominator.
         weight_decay: L2 penalty added to the gradient (decoupled with
@@ -192,7 +205,7 @@ class AdaBound(Optimizer):
         params: ParamsT,
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        final_lr: float = 0.1,
+        final_lr: float | str = 0.1,
         gamma: float = 1e-3,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -448,12 +461,9 @@ class AdaBound(Optimizer):
             if not params:
                 continue
             foreach, fused = _choose_implementation(group, params)
-            beta1, beta2 = group["betas"]
-            spec = StepSpec(
-                **{name: group[name] for name in _GROUP_FIELDS},
+            spec = _spec_of(
+                group,
                 lr=_lr_for_step(group),
-                beta1=beta1,
-                beta2=beta2,
                 # Step counters on a GPU (kept there for the default fused path) are read
                 # as tensors on a fallback path too: reading them from the host would sync.
                 capturable=group["capturable"] or not (fused or state_steps[0].is_cpu),
@@ -464,7 +474,15 @@ class AdaBound(Optimizer):
             tensors = StepTensors(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
             )
-            adabound_step(tensors, spec, foreach=foreach, fused=fused)
+            if group["final_lr"] == AUTO:
+                record = group.get("final_lr_auto")
+                if record is None or record["fixed_at"] is not None:
+                    record = group["final_lr_auto"] = new_estimation()  # set to "auto" again
+                fixed = _estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
+                if fixed is not None:
+                    group["final_lr"] = fixed
+            else:
+                adabound_step(tensors, spec, foreach=foreach, fused=fused)
         return loss
 
 
@@ -475,6 +493,21 @@ _GROUP_FIELDS = tuple(
     for name in StepSpec._fields
     if name in inspect.signature(AdaBound.__init__).parameters and name not in ("lr", "capturable")
 )
+
+# An estimating step reads its projection on the host: under torch.compile it runs eagerly,
+# between graphs, until the estimate is fixed.
+_estimating_step = torch.compiler.disable(estimating_step)
+
+
+def _spec_of(group: dict[str, Any], **derived: Any) -> StepSpec:
+    """The group's StepSpec; ``derived`` gives the fields step() derives (defaults: the
+    group's lr and capturable)."""
+    beta1, beta2 = group["betas"]
+    derived.setdefault("lr", group["lr"])
+    derived.setdefault("capturable", group["capturable"])
+    return StepSpec(
+        **{name: group[name] for name in _GROUP_FIELDS}, beta1=beta1, beta2=beta2, **derived
+    )
 
 
 def _kernel_ready(device_type: str) -> bool:

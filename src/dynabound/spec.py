@@ -71,6 +71,16 @@ class StepTensors(NamedTuple):
 
     ``max_exp_avg_sqs`` is empty unless the step is AMSBound's; ``rounding_seeds`` (one
     integer per parameter, None: its position) seed the random bits of low-precision state.
+
+    ``projection``, when given, is an output: a float64 tensor of shape (2,) into which the
+    step *adds* ``sum(d*d)`` and ``sum(d*g)`` over every element it updates, where
+    ``d = numerator / (sqrt(u) + eps) * m`` is the element's unclipped Adam step per unit of
+    ``lr * scale`` (``numerator``, ``eps`` and ``scale`` as the backend uses them after
+    :func:`dynabound.bounds.within_range`; ``m`` and ``u`` after this step's update) and
+    ``g`` the gradient the step used (negated by ``maximize``, unscaled by ``grad_scale``,
+    with coupled weight decay added). A step skipped for ``found_inf`` adds nothing.
+    ``final_lr="auto"`` estimates its SGD rate from these two sums
+    (:mod:`dynabound.final_lr`).
     """
 
     params: list[Tensor]
@@ -80,14 +90,16 @@ class StepTensors(NamedTuple):
     max_exp_avg_sqs: list
     state_steps: list[Tensor]
     rounding_seeds: list[int] | None = None
+    projection: Tensor | None = None
 
     def take(self, indices: list[int]) -> StepTensors:
-        """The tensors at ``indices``; each keeps its seed (by default its position here)."""
+        """The tensors at ``indices``; each keeps its seed (by default its position here).
+        The projection output is shared: each part adds its sums into it."""
         seeds = self.rounding_seeds
         if seeds is None:
             seeds = range(len(self.params))
         lists = [[ts[i] for i in indices] if ts else [] for ts in self[:6]]
-        return StepTensors(*lists, [seeds[i] for i in indices])
+        return StepTensors(*lists, [seeds[i] for i in indices], self.projection)
 
 
 def _fields_annotated(kind: type) -> tuple[str, ...]:

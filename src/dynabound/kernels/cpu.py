@@ -253,7 +253,7 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
     """
     lib = load()
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors[:7]
     if not params:
         return
     grad_scale, found_inf = spec.grad_scale, spec.found_inf

@@ -511,7 +511,7 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     pairs)."""
     if triton is None:
         raise RuntimeError("dynabound's fused CUDA kernel needs Triton")
-    params, grads, _, _, _, state_steps, rounding_seeds = tensors
+    params, grads, _, _, _, state_steps, rounding_seeds = tensors[:7]
     if not params:
         return
     state_dtype = spec.state_dtype
