@@ -56,6 +56,7 @@ __all__ = [
     "SETTLE_PATIENCE",
     "SETTLE_TOLERANCE",
     "estimation_cap",
+    "final_lr_at",
     "final_lr_from_sgd",
     "new_estimation",
     "record_sample",
@@ -207,3 +208,18 @@ def record_sample(record: dict, step: int, sample: float, beta: float, cap: int)
         record["fixed_at"] = step
         return True
     return False
+
+
+def final_lr_at(group: dict, step: int) -> float | None:
+    """The ``final_lr`` a param group's step ``step`` used (or, for a step not taken yet,
+    will use): the group's number, or during estimation the estimate of the step before
+    (None: the step was Adam's, unbounded, before the first sample)."""
+    record = group.get("final_lr_auto")
+    history = record["history"] if record else []
+    if history and history[0][0] <= step <= history[-1][0]:
+        index = int(step - history[0][0])
+        return history[index - 1][2] if index > 0 else None
+    final_lr = group["final_lr"]
+    if final_lr == AUTO:
+        return record["estimate"] if record else None
+    return float(final_lr)

@@ -279,10 +279,12 @@ class AdaBound(Optimizer):
         except (ValueError, RuntimeError):
             self.param_groups.pop()  # a rejected group must not stay installed
             raise
+        self._note_estimation()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._register_bounds_marker()
+        self._note_estimation()
         for group in self.param_groups:
             for key, value in _BACKFILL.items():
                 group.setdefault(key, value)
@@ -330,6 +332,7 @@ class AdaBound(Optimizer):
             )
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
+        self._note_estimation()
         self._restore_encoded_state(state_dict)
         # torch keeps loaded step counters on the CPU unless fused=True or capturable; the
         # default fused CUDA path wants them beside the parameters too.
@@ -443,6 +446,17 @@ class AdaBound(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # An estimating step reads its projection on the host and grows its record: it runs
+        # eagerly, between graphs, until every estimate is fixed. The flag is an attribute:
+        # dynamo would guard on every entry of a group it reads, the growing record too.
+        if torch.compiler.is_compiling() and self._estimating_final_lr:
+            _step_groups_eagerly(self)
+        else:
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
+        """Step every param group (``step`` without its closure and hooks)."""
         for group_index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -478,12 +492,15 @@ class AdaBound(Optimizer):
                 record = group.get("final_lr_auto")
                 if record is None or record["fixed_at"] is not None:
                     record = group["final_lr_auto"] = new_estimation()  # set to "auto" again
-                fixed = _estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
+                fixed = estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
                 if fixed is not None:
                     group["final_lr"] = fixed
             else:
                 adabound_step(tensors, spec, foreach=foreach, fused=fused)
-        return loss
+        self._note_estimation()
+
+    def _note_estimation(self) -> None:
+        self._estimating_final_lr = any(g["final_lr"] == AUTO for g in self.param_groups)
 
 
 # The StepSpec fields a param group holds under their own names: every keyword of the
@@ -494,9 +511,7 @@ _GROUP_FIELDS = tuple(
     if name in inspect.signature(AdaBound.__init__).parameters and name not in ("lr", "capturable")
 )
 
-# An estimating step reads its projection on the host: under torch.compile it runs eagerly,
-# between graphs, until the estimate is fixed.
-_estimating_step = torch.compiler.disable(estimating_step)
+_step_groups_eagerly = torch.compiler.disable(AdaBound._step_groups)
 
 
 def _spec_of(group: dict[str, Any], **derived: Any) -> StepSpec:

@@ -108,7 +108,8 @@ def scale_batch_size(
         h["lr"] = h["lr"] * root
         h["eps"] = h["eps"] / root
         if bounded:
-            h["final_lr"] = h["final_lr"] * kappa
+            if h["final_lr"] != "auto":  # an estimate is made at the new batch size
+                h["final_lr"] = h["final_lr"] * kappa
             h["gamma"] = h["gamma"] * kappa
         if decoupled and h.get("weight_decay"):
             unscaled = bool(h.get("unscaled_decay", False))

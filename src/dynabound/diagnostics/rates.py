@@ -46,6 +46,7 @@ from torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, Optimizer, RMSprop
 
 from .. import state_formats as formats
 from ..bounds import step_coefficients
+from ..final_lr import AUTO, final_lr_at
 from ..optim import AdaBound
 
 __all__ = [
@@ -108,10 +109,12 @@ class _DynaboundRate:
 def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _DynaboundRate:
     beta1, beta2 = group["betas"]
     step = _step(state)
+    final_lr = final_lr_at(group, int(step))
+    bounds = group["bounds"] if final_lr is not None else _no_bounds
     c = step_coefficients(
         step,
-        bounds=group["bounds"],
-        final_lr=group["final_lr"],
+        bounds=bounds,
+        final_lr=final_lr if final_lr is not None else 1.0,
         base_lr=group["base_lr"],
         gamma=group["gamma"],
         beta1=_float(beta1),
@@ -127,6 +130,11 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     absolute = _float(group["lr"]) * _float(c.scale)
     rate = raw.clamp(lower, upper).mul_(absolute)
     return _DynaboundRate(rate, raw, lower, upper, absolute, step)
+
+
+def _no_bounds(step: float) -> tuple[float, float]:
+    # final_lr="auto" before its first sample: the step was Adam's.
+    return 0.0, math.inf
 
 
 def _dynabound_moment(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
@@ -376,6 +384,10 @@ class BoundActivity:
     step: int
     rates: dict[str, float]
     params: tuple[ParamActivity, ...] = field(default=())
+    # Per param group: the final_lr its last step used (NaN before final_lr="auto" has its
+    # first sample) and whether it is still estimating it.
+    final_lrs: tuple[float, ...] = field(default=())
+    estimating: tuple[bool, ...] = field(default=())
 
     @property
     def transition(self) -> float:
@@ -393,7 +405,20 @@ class BoundActivity:
             "upper_bound": self.upper_bound,
             "rate_median": self.rates.get("rate_q0.5", float("nan")),
             **self.rates,
+            **self._final_lr_summary(),
         }
+
+    def _final_lr_summary(self) -> dict[str, float]:
+        """``final_lr`` (and ``final_lr_estimating``, 1 or 0) of a single group; with
+        several, one ``final_lr/{i}`` per group and the number still estimating."""
+        if len(self.final_lrs) == 1:
+            return {
+                "final_lr": self.final_lrs[0],
+                "final_lr_estimating": float(self.estimating[0]),
+            }
+        flat = {f"final_lr/{i}": value for i, value in enumerate(self.final_lrs)}
+        flat["final_lr_estimating"] = float(sum(self.estimating))
+        return flat
 
     def per_param(self) -> dict[str, float]:
         """Flat per-parameter fractions: ``{name}/lower``, ``{name}/upper``, ``{name}/free``."""
@@ -482,4 +507,12 @@ def bound_activity(
             **_quantiles(flats, quantiles),
         },
         params=tuple(params),
+        final_lrs=tuple(_last_final_lr(optimizer, group) for group in optimizer.param_groups),
+        estimating=tuple(group["final_lr"] == AUTO for group in optimizer.param_groups),
     )
+
+
+def _last_final_lr(optimizer: Optimizer, group: dict[str, Any]) -> float:
+    steps = [_step(s) for p in group["params"] if (s := optimizer.state.get(p))]
+    final_lr = final_lr_at(group, int(max(steps, default=0)))
+    return float("nan") if final_lr is None else final_lr

@@ -36,6 +36,17 @@ examples:
   dynabound probe runs/cifar10-resnet34-adam
 """
 
+
+def final_lr_value(text: str) -> float | str:
+    """A final_lr on the command line: a number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 HPARAMS = (
     ("lr", float, "learning rate (Adam-phase lr for the bounded methods)"),
     ("momentum", float, "SGDM momentum"),
@@ -48,7 +59,12 @@ HPARAMS = (
     ("beta1", float, "first-moment coefficient"),
     ("beta2", float, "second-moment coefficient"),
     ("beta3", float, "Adan: coefficient of its second moment (its beta2 is the difference's)"),
-    ("final_lr", float, "AdaBound/AMSBound: the SGD rate both bounds converge to"),
+    (
+        "final_lr",
+        final_lr_value,
+        "AdaBound/AMSBound: the SGD rate both bounds converge to, or 'auto' (estimated from "
+        "the Adam phase; the value in use is in metrics.jsonl, bounds.final_lr)",
+    ),
     ("gamma", float, "AdaBound/AMSBound: convergence speed of the bounds"),
     ("eps", float, "denominator term"),
     ("weight_decay", float, "weight decay (L2; decoupled for AdamW/AdaBoundW)"),

@@ -274,6 +274,7 @@ def _write_aggregate(task: type, run_dirs: list[Path], out: Path) -> None:
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
     from .plots import plot_sweep
+    from .rundir import estimated_final_lr
     from .runner import build_config, load_run
 
     task = get_task(ns.task)
@@ -284,7 +285,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     for gamma in ns.gamma:
         for final_lr in ns.final_lr:
             values = {**overrides, "final_lr": final_lr, "gamma": gamma}
-            jobs.append((ns.optim, values, None, out / f"final_lr={final_lr:g},gamma={gamma:g}"))
+            name = final_lr if isinstance(final_lr, str) else f"{final_lr:g}"
+            jobs.append((ns.optim, values, None, out / f"final_lr={name},gamma={gamma:g}"))
     done, interrupted = _run_collection(ns, task, jobs)
     if interrupted:
         return 130
@@ -294,9 +296,13 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     results = []
     for d in done:
         config, metrics = load_run(d)
+        final_lr, auto = config["hparams"]["final_lr"], config["hparams"]["final_lr"] == "auto"
+        if auto:
+            final_lr = estimated_final_lr(metrics)
         results.append(
             {
-                "final_lr": config["hparams"]["final_lr"],
+                "final_lr": final_lr,
+                "auto": auto,
                 "gamma": config["hparams"]["gamma"],
                 "value": metrics[-1][key],
                 "curve": [m[key] for m in metrics],
@@ -311,7 +317,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"| gamma | final_lr | final {key} |\n|---|---|---|")
     for r in results:
-        print(f"| {r['gamma']:g} | {r['final_lr']:g} | {r['value']:.4g} |")
+        final_lr = f"auto: {r['final_lr']:.4g}" if r["auto"] else f"{r['final_lr']:g}"
+        print(f"| {r['gamma']:g} | {final_lr} | {r['value']:.4g} |")
     print(f"figure: {figure}")
     return 0
 

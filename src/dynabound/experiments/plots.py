@@ -421,7 +421,8 @@ def plot_sweep(
     """Final test metric against final_lr, one line per gamma (the paper's appendix study).
 
     ``results`` rows hold ``final_lr``, ``gamma``, ``value`` and optionally ``curve``
-    (the per-epoch test metric), drawn in a second panel.
+    (the per-epoch test metric), drawn in a second panel. A row with ``auto`` true ran
+    ``final_lr="auto"``: its ``final_lr`` is the estimate, drawn as a star off the line.
     """
     if not results:
         raise ValueError("no sweep results")
@@ -435,13 +436,20 @@ def plot_sweep(
     for i, gamma in enumerate(gammas):
         rows = sorted((r for r in results if r["gamma"] == gamma), key=lambda r: r["final_lr"])
         colour = cmap(i / max(1, len(gammas) - 1))
+        grid = [r for r in rows if not r.get("auto")]
         axes[0][0].plot(
-            [r["final_lr"] for r in rows],
-            [r["value"] for r in rows],
+            [r["final_lr"] for r in grid],
+            [r["value"] for r in grid],
             marker="o",
             color=colour,
             label=f"gamma={gamma:g}",
         )
+        for r in rows:
+            if r.get("auto"):
+                axes[0][0].plot(
+                    [r["final_lr"]], [r["value"]], marker="*", markersize=12, linestyle="",
+                    color=colour, label=f"auto (estimate {r['final_lr']:.3g}), gamma={gamma:g}",
+                )  # fmt: skip
         if curves:
             for j, r in enumerate(rows):
                 axes[0][1].plot(

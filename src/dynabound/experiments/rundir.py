@@ -42,6 +42,7 @@ __all__ = [
     "append_metrics",
     "atomic_write",
     "convert_checkpoint",
+    "estimated_final_lr",
     "find_runs",
     "load_checkpoint",
     "load_run",
@@ -144,6 +145,18 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(config, metrics) of a run directory."""
     return read_config(run_dir), read_metrics(Path(run_dir) / METRICS)
+
+
+def estimated_final_lr(metrics: list[dict[str, Any]]) -> float:
+    """The final_lr a ``final_lr="auto"`` run used at the end of its last recorded epoch
+    (its fixed estimate, once fixed): ``bounds.final_lr`` of the last metrics record, or the
+    first param group's ``bounds.final_lr/0``. NaN when the run recorded no bounds."""
+    for record in reversed(metrics):
+        bounds = record.get("bounds") or {}
+        value = bounds.get("final_lr", bounds.get("final_lr/0"))
+        if value is not None:
+            return float(value)
+    return float("nan")
 
 
 def find_runs(path: str | os.PathLike[str]) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .optimizers import DISPLAY_NAMES, effective_sgd_step
-from .rundir import load_run
+from .rundir import estimated_final_lr, load_run
 from .seeds import final_and_best, group_runs, summarize
 
 __all__ = ["EFFECTIVE_STEP", "SensitivityPoint", "sensitivity_points", "sensitivity_table"]
@@ -77,7 +77,13 @@ def sensitivity_points(
     for group in group_runs(runs):
         config, hparams = group.config, group.config["hparams"]
         metric = "perplexity" if "test_ppl" in group.metrics[0][-1] else "accuracy"
-        if isinstance(against, str):
+        if hparams.get("final_lr") == "auto" and (isinstance(against, str) or against.get(
+            config["optim"]) == "final_lr"):  # fmt: skip
+            # Each seed estimates its own: the point sits at their mean.
+            estimates = [estimated_final_lr(m) for m in group.metrics]
+            key, formula, value = "final_lr", "final_lr (auto)", "auto"
+            x = sum(estimates) / len(estimates)
+        elif isinstance(against, str):
             try:
                 x, formula = effective_sgd_step(config["optim"], hparams)
             except ValueError as exc:
