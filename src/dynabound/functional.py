@@ -609,7 +609,7 @@ def _multi_tensor_update(
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         second_moments = max_exp_avg_sqs
 
-    if scratch is None:
+    if scratch is None or projection is not None:  # the projection reads the gradients
         rates = torch._foreach_sqrt(second_moments)
     else:
         rates = scratch
