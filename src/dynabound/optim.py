@@ -28,7 +28,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import kernels
+from . import kernels, sharded_state
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
 from .functional import adabound_step
@@ -129,11 +129,10 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                     f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
                     "without gaps (contiguous, channels-last or another dense layout)"
                 )
-            if is_traceable_wrapper_subclass(p):
+            if is_traceable_wrapper_subclass(p) and not sharded_state.is_sharded(p):
                 raise ValueError(
                     f"{name}: state_dtype={group['state_dtype']!r} is not supported for "
-                    f"{type(p).__name__} parameters (FSDP2, tensor parallel): 8-bit block "
-                    "scales follow whole tensors; use state_dtype=None"
+                    f"{type(p).__name__} parameters (of tensor subclasses, DTensor only)"
                 )
 
 
@@ -235,7 +234,7 @@ class AdaBound(Optimizer):
         super().__init__(params, defaults)
         if fused:
             self._step_supports_amp_scaling = True
-        self._register_bounds_marker()
+        self._register_state_dict_hook()
 
     @staticmethod
     def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -252,12 +251,12 @@ class AdaBound(Optimizer):
 
         return wrapper
 
-    def _register_bounds_marker(self) -> None:
+    def _register_state_dict_hook(self) -> None:
         # Registered first, so user state_dict post-hooks already see the marker. torch
         # drops hooks on pickle and deepcopy; __setstate__ puts this one back.
         hooks = self._optimizer_state_dict_post_hooks.values()
-        if _mark_bound_functions not in hooks:
-            self.register_state_dict_post_hook(_mark_bound_functions)
+        if _present_state_dict not in hooks:
+            self.register_state_dict_post_hook(_present_state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -269,7 +268,7 @@ class AdaBound(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._register_bounds_marker()
+        self._register_state_dict_hook()
         for group in self.param_groups:
             for key, value in _BACKFILL.items():
                 group.setdefault(key, value)
@@ -343,7 +342,7 @@ class AdaBound(Optimizer):
                 if torch.is_tensor(value) and value.dtype != state[key].dtype:
                     state[key] = value.to(device=p.device)
             if formats.stored_format(state, p) != formats.storage(group["state_dtype"], p):
-                formats.convert(state, p, group["state_dtype"])
+                sharded_state.convert(state, p, group["state_dtype"])
 
     def _init_group(
         self,
@@ -381,12 +380,12 @@ class AdaBound(Optimizer):
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
                 for moment in formats.MOMENTS if amsbound else formats.MOMENTS[:2]:
-                    state.update(formats.new_moment(p, moment, state_dtype))
+                    state.update(sharded_state.new_moment(p, moment, state_dtype))
             elif state["exp_avg"].dtype is not (stored_dtype or p.dtype):
                 # The group's state_dtype was changed after the state was created (or the
                 # parameter's dtype, which keeps the moments as they are).
                 if formats.stored_format(state, p) != formats.storage(state_dtype, p):
-                    formats.convert(state, p, state_dtype)
+                    sharded_state.convert(state, p, state_dtype)
             step = state["step"]
             if differentiable and step.requires_grad:
                 raise RuntimeError(
@@ -413,7 +412,7 @@ class AdaBound(Optimizer):
                     max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(step)
             if rounding_seeds is not None:
-                rounding_seeds.append(seed_base + position)
+                rounding_seeds.append(sharded_state.shard_seed(seed_base + position, p))
         return has_complex
 
     @_use_grad_for_differentiable
@@ -571,13 +570,27 @@ def _lr_for_step(group: dict[str, Any]) -> float | Tensor:
     return group["lr"]
 
 
-def _mark_bound_functions(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+def _mark_bound_functions(state_dict: dict[str, Any]) -> None:
     """A bound function is code, not data: the state dict holds a marker instead, so that
     ``torch.load(weights_only=True)`` works; load_state_dict takes the function from the
     receiving optimizer."""
     for group in state_dict["param_groups"]:
         if callable(group.get("bounds")):
             group["bounds"] = _CUSTOM_BOUNDS
+
+
+def _present_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """What ``state_dict`` holds beyond torch's: a marker for a bound function, and 8-bit
+    moments of DTensor parameters as float32 DTensors, which a distributed checkpoint can
+    reshard (:func:`dynabound.sharded_state.portable_state`)."""
+    _mark_bound_functions(state_dict)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for saved_id, p in zip(ids, params, strict=True):
+        if saved_id in state_dict["state"]:
+            state_dict["state"][saved_id] = sharded_state.portable_state(
+                state_dict["state"][saved_id], p
+            )
 
 
 def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
