@@ -99,14 +99,14 @@ def _local_state(state: dict) -> dict:
 
 
 def new_moment(p: Tensor, moment: str, state_dtype) -> dict[str, Tensor]:
-    """:func:`dynabound.state_formats.new_moment` for a plain or a DTensor parameter."""
+    """``state_formats.new_moment`` for a plain or a DTensor parameter."""
     if not is_sharded(p) or state_dtype is None:
         return formats.new_moment(p, moment, state_dtype)  # zeros_like keeps the placements
     return _rewrap(formats.new_moment(p.to_local(), moment, state_dtype), p)
 
 
 def convert(state: dict, p: Tensor, state_dtype) -> None:
-    """:func:`dynabound.state_formats.convert` for a plain or a DTensor parameter: a shard's
+    """``state_formats.convert`` for a plain or a DTensor parameter: a shard's
     moments are re-stored in its own blocks."""
     if not is_sharded(p):
         formats.convert(state, p, state_dtype)

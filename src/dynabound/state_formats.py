@@ -30,6 +30,7 @@ kernels draw the same bits. Each parameter has its own ``seed``, kept in its sta
 Blocks and element numbers follow the parameter's memory order, the order in which the
 fused kernels walk it, so a parameter must cover its memory densely (any layout without
 gaps, such as contiguous or channels-last: :func:`dynabound.kernels.layout.dense_in_any_order`).
+A DTensor parameter's blocks are those of each rank's shard (:mod:`dynabound.sharded_state`).
 """
 
 from __future__ import annotations

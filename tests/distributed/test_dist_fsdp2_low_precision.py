@@ -12,6 +12,7 @@ The model is dist_helpers.make_float32_model (uneven shards, one of them empty).
 
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from dist_helpers import (
     spawn_two,
 )
 from dist_helpers import make_float32_model as make_model
-from kernel_required import require_cpu_kernel
+from kernel_required import require_cpu_kernel, require_tested_triton
 from torch import Tensor
 
 from dynabound import AdaBound, sharded_state
@@ -66,12 +67,16 @@ def _layout_problems(optimizer: AdaBound) -> list[str]:
     return problems
 
 
-def _worker(rank: int, out_dir: Path) -> None:
+def _worker(rank: int, out_dir: Path, triton: bool = False) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     results: dict[Any, Any] = {}
-    for impl, fmt, name in [(i, f, n) for i in IMPLS for f in FORMATS for n in CONFIGS]:
+    cases = [(i, f, n) for i in IMPLS for f in FORMATS for n in CONFIGS]
+    if triton:
+        _route_fused_steps_to_triton()
+        cases = [("fused", fmt, "amsboundw") for fmt in FORMATS]
+    for impl, fmt, name in cases:
         try:
             model = make_model()
             fed = fed_gradients(model, STEPS)
@@ -87,8 +92,24 @@ def _worker(rank: int, out_dir: Path) -> None:
             }
         except Exception:  # reported by the test of this case, not fatal to the others
             results[impl, fmt, name] = traceback.format_exc()
-    results["complex"] = _complex_run(mesh)
-    torch.save(results, out_dir / f"rank{rank}.pt")
+    if triton:
+        import sys
+
+        results["triton_interpreted"] = os.environ.get("TRITON_INTERPRET") == "1" and (
+            "dynabound.kernels.triton_encoded" in sys.modules
+        )
+    else:
+        results["complex"] = _complex_run(mesh)
+    torch.save(results, out_dir / f"{'triton-' if triton else ''}rank{rank}.pt")
+
+
+def _route_fused_steps_to_triton() -> None:
+    """Run fused steps of CPU tensors with the CUDA (Triton) kernels, as the interpreter
+    tests do (``run_kernels("cuda", ...)``); the DTensors are unwrapped before."""
+    from dynabound import kernels
+    from dynabound.kernels.dispatch import run_kernels
+
+    kernels.fused_step = lambda tensors, spec: run_kernels("cuda", tensors, spec)
 
 
 def _complex_run(mesh: Any) -> Tensor:
@@ -119,6 +140,18 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Any, Any]]:
     out_dir = tmp_path_factory.mktemp("fsdp2_low_precision")
     spawn_two(_worker, out_dir)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def triton_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Any, Any]]:
+    # Apart from the others: TRITON_INTERPRET must be set before the workers import Triton.
+    require_fully_shard()
+    require_tested_triton()
+    out_dir = tmp_path_factory.mktemp("fsdp2_low_precision_triton")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        spawn_two(_worker, out_dir, True)
+    return [torch.load(out_dir / f"triton-rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
 def _outcome(ranks: list[dict[Any, Any]], key: tuple) -> dict[str, Any]:
@@ -243,3 +276,14 @@ def test_complex_dtensor_parameter(ranks):
         got = result["complex"]
         assert torch.equal(got[:5], param.detach()[:5])  # rank 0's rows: the unsharded bits
         assert (got - param.detach()).abs().max().item() <= 0.02 * moved
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_kernel_matches_the_cpu_kernel_on_shards(ranks, triton_ranks, fmt):
+    # Run by Triton's interpreter: the same float32 operations in the same order as the CPU
+    # kernel (tests/test_triton_encoded.py), so every bit agrees.
+    cpu = _outcome(ranks, ("fused", fmt, "amsboundw"))["params"]
+    triton = _outcome(triton_ranks, ("fused", fmt, "amsboundw"))["params"]
+    assert all(result["triton_interpreted"] for result in triton_ranks)
+    for key, value in cpu.items():
+        assert torch.equal(triton[key], value), key
