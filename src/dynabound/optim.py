@@ -179,7 +179,8 @@ class AdaBound(Optimizer):
             ``torch.bfloat16`` (2 bytes each) or ``"8bit"`` (1 byte plus a float32 scale per
             256 elements); arithmetic stays float32, and encoded moments are rounded
             stochastically (see :mod:`dynabound.state_formats`). ``load_state_dict``
-            converts a state saved in another format.
+            converts a state saved in another format. DTensor (FSDP2) parameters: each
+            rank encodes its own shard (:mod:`dynabound.sharded_state`).
         stochastic_rounding: round bfloat16 parameters stochastically after each update
             (pure-bfloat16 training: small updates survive in expectation instead of being
             rounded away). Other dtypes are unaffected.
@@ -287,6 +288,7 @@ class AdaBound(Optimizer):
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         guessed = False
         for saved, current in zip(saved_groups, self.param_groups, strict=False):
+            _check_codes_arrived_with_scales(state_dict["state"], saved, type(self).__name__)
             # How the moments are stored belongs to the receiving optimizer: a state saved
             # in another format is converted (_restore_encoded_state).
             saved["state_dtype"] = current["state_dtype"]
@@ -582,14 +584,39 @@ def _mark_bound_functions(state_dict: dict[str, Any]) -> None:
 def _present_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     """What ``state_dict`` holds beyond torch's: a marker for a bound function, and 8-bit
     moments of DTensor parameters as float32 DTensors, which a distributed checkpoint can
-    reshard (:func:`dynabound.sharded_state.portable_state`)."""
+    reshard (:func:`dynabound.sharded_state.portable_state`). A group whose moments are all
+    presented so says ``state_dtype`` None, the format of what it holds: a group saying
+    "8bit" holds codes and block scales."""
     _mark_bound_functions(state_dict)
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for saved_id, p in zip(ids, params, strict=True):
-        if saved_id in state_dict["state"]:
-            state_dict["state"][saved_id] = sharded_state.portable_state(
-                state_dict["state"][saved_id], p
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        for saved_id, p in zip(saved["params"], group["params"], strict=True):
+            if saved_id in state_dict["state"]:
+                state_dict["state"][saved_id] = sharded_state.portable_state(
+                    state_dict["state"][saved_id], p
+                )
+        if group["state_dtype"] == formats.EIGHT_BIT and all(
+            sharded_state.is_sharded(p) for p in group["params"]
+        ):
+            saved["state_dtype"] = None
+
+
+def _check_codes_arrived_with_scales(state: dict, saved_group: dict, name: str) -> None:
+    """Refuse 8-bit codes that lost their block scales on the way: a distributed
+    checkpoint copies saved tensors into the receiving optimizer's own ``state_dict``, so
+    codes saved from unsharded parameters arrive cast into the float moments of a receiver
+    in another format or with DTensor parameters, without their scales."""
+    if saved_group.get("state_dtype") != formats.EIGHT_BIT:
+        return
+    for saved_id in saved_group["params"]:
+        entry = state.get(saved_id) or {}
+        if "exp_avg" in entry and formats.scale_key("exp_avg") not in entry:
+            raise ValueError(
+                f"{name}.load_state_dict: the state was saved with state_dtype='8bit' (codes "
+                "and block scales of unsharded parameters) but arrived without its block "
+                "scales: torch.distributed.checkpoint cannot convert 8-bit codes into another "
+                "state_dtype or onto DTensor parameters. Load it into the same unsharded "
+                "model with state_dtype='8bit', or save it from a sharded model (FSDP2, a "
+                "one-rank mesh will do), whose checkpoints hold decoded moments"
             )
 
 

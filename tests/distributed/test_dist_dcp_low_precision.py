@@ -9,7 +9,9 @@ encodes it again into the receiving shards' blocks. Three process groups run in 
 2. two ranks train three steps and save, continue uninterrupted, and resume fresh models
    from their own checkpoint (bit-identical: same codes, same scales, same parameters),
    from the one-rank checkpoint, and into another state_dtype;
-3. one rank resumes from the two-rank checkpoint.
+3. one rank resumes from the two-rank checkpoint; an unsharded model's 8-bit state
+   (codes and whole-tensor scales) loads only into the same model and format, and any
+   other receiver refuses it with the reason.
 
 Every run is fed the same global gradients (dist_helpers.fed_gradients); a resumed run that
 changed world size or format is checked against an unsharded run to the format's rounding.
@@ -80,17 +82,21 @@ def _save(model: nn.Module, optimizer: AdaBound, path: Path) -> None:
 
 def _resume(fmt: str, path: Path) -> tuple[nn.Module, AdaBound]:
     """A fresh model (other initial weights) and optimizer in ``fmt``, loaded from ``path``."""
+    model, optimizer = _build(fmt, seed=99)
+    _load(model, optimizer, path)
+    return model, optimizer
+
+
+def _load(model: nn.Module, optimizer: AdaBound, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import state_dict as sd
 
-    model, optimizer = _build(fmt, seed=99)
     loaded = {"model": sd.get_model_state_dict(model)}
     dcp.load(loaded, checkpoint_id=path)
     sd.set_model_state_dict(model, loaded["model"])
     loaded = {"optim": sd.get_optimizer_state_dict(model, optimizer)}
     dcp.load(loaded, checkpoint_id=path)
     sd.set_optimizer_state_dict(model, optimizer, loaded["optim"])
-    return model, optimizer
 
 
 def _full(model: nn.Module) -> dict[str, Tensor]:
@@ -165,7 +171,37 @@ def _one_rank_resumes(rank: int, out_dir: Path) -> None:
             return _full(model)
 
         _guarded(results, ("2to1", fmt), from_two_ranks)
+    _guarded(results, "plain", lambda: _plain_codes_into_other_receivers(out_dir / "plain-8bit"))
     torch.save(results, out_dir / "w1-rank0.pt")
+
+
+def _plain_codes_into_other_receivers(path: Path) -> dict[str, str | None]:
+    """An unsharded model's 8-bit state (codes and whole-tensor scales) saved with DCP, then
+    loaded into receivers that cannot take it: the errors, by receiver."""
+
+    def plain(fmt: str, seed: int = 0) -> tuple[nn.Module, AdaBound]:
+        model = make_float32_model(seed)
+        kwargs = dict(state_dtype=FORMATS[fmt], foreach=False)
+        return model, AdaBound(model.parameters(), **HYPER, **kwargs)
+
+    model, optimizer = plain("8bit")
+    feed(model, optimizer, _fed()[:STEPS])
+    _save(model, optimizer, path)
+    receivers = {
+        "plain fp32": lambda: plain("fp32", seed=99),
+        "plain bf16": lambda: plain("bf16", seed=99),
+        "sharded 8bit": lambda: _build("8bit", seed=99),
+    }
+    errors: dict[str, str | None] = {}
+    for name, build in receivers.items():
+        try:
+            _load(*build(), path)
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    model, optimizer = plain("8bit", seed=99)
+    _load(model, optimizer, path)  # the same unsharded model and format: loads
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +285,9 @@ def test_loading_into_another_state_dtype(runs, saved, into):
         assert outcome["stored"] == stored
         # The coarser of the two formats sets the rounding.
         _assert_within_rounding(outcome["params"], "8bit" if "8bit" in (saved, into) else into)
+
+
+def test_unsharded_8bit_codes_into_another_receiver_are_refused(runs):
+    errors = _get(runs["one"], "plain")
+    for receiver, error in errors.items():
+        assert error is not None and "arrived without its block scales" in error, receiver
