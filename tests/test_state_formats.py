@@ -65,6 +65,10 @@ def np_encode(x: np.ndarray, signed: bool, noise: np.ndarray):
     padded[:n] = np.abs(x)
     scales = padded.reshape(-1, formats.BLOCK).max(axis=1)
     inverse = np.where(scales > 0, np.float32(1) / np.where(scales > 0, scales, 1), 0)
+    inverse = inverse.astype(np.float32)
+    # One ulp up where scale * inverse < 1: the block's largest magnitude encodes as 1.0.
+    low = (scales > 0) & (scales * inverse < 1)
+    inverse = np.where(low, np.nextafter(inverse, np.float32(np.inf)), inverse)
     y = np.minimum(padded.reshape(-1, formats.BLOCK) * inverse[:, None].astype(np.float32), 1)
     y = y.astype(np.float32).reshape(-1)[:n].astype(np.float64)
     codes = np.zeros(n, np.int64)
@@ -153,6 +157,20 @@ def test_block_maximum_is_exact_and_errors_are_within_one_step(signed):
     in_range = x.abs() >= scale * 2.0 ** -(15 if signed else 31)
     error = (decoded - x).abs()[in_range] / x.abs()[in_range]
     assert error.max() <= 0.125 + 1e-6
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoding_decoded_values_to_nearest_is_lossless(signed):
+    # A sharded checkpoint stores decoded 8-bit moments (dynabound.sharded_state); loaded
+    # onto the same shards they must give back the same codes and scales. Noise 0 rounds
+    # every value down: a block's largest one too, were its relative value 1 - 2^-24.
+    x = spread_values(64 * formats.BLOCK, seed=3, low=-6, high=2)
+    if not signed:
+        x = x.abs()
+    codes, scales = formats.encode(x, signed, torch.zeros(x.numel(), dtype=torch.int64))
+    nearest = torch.full((x.numel(),), 1 << 15, dtype=torch.int64)
+    again = formats.encode(formats.decode(codes, scales, signed), signed, nearest)
+    assert torch.equal(again.codes, codes) and torch.equal(again.scales, scales)
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from . import final_lr as final_lr_rule
 from . import state_formats as formats
 from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
-from .kernels.layout import dense_in_any_order
+from .kernels.layout import dense_in_any_order, local_shards
 from .spec import StepSpec, StepTensors
 
 __all__ = ["adabound", "adabound_step", "estimating_step"]
@@ -410,6 +410,8 @@ def _single_tensor_encoded(tensors: StepTensors, spec: StepSpec) -> None:
     Everything runs on 1-dim views in memory order, the order of the fused kernels' blocks
     and random bits. The random bits depend on the step's value, read on the host.
     """
+    # A DTensor's shard is encoded on its own (dynabound.sharded_state).
+    tensors = local_shards(tensors)
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors[:7]
     amsbound, state_dtype = spec.amsbound, spec.state_dtype
     for step_t in state_steps:

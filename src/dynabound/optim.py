@@ -28,7 +28,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import kernels
+from . import kernels, sharded_state
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
 from .final_lr import AUTO, new_estimation
@@ -138,11 +138,10 @@ def _prepare_group(group: dict[str, Any], name: str) -> None:
                     f"{name}: state_dtype={group['state_dtype']!r} needs parameters stored "
                     "without gaps (contiguous, channels-last or another dense layout)"
                 )
-            if is_traceable_wrapper_subclass(p):
+            if is_traceable_wrapper_subclass(p) and not sharded_state.is_sharded(p):
                 raise ValueError(
                     f"{name}: state_dtype={group['state_dtype']!r} is not supported for "
-                    f"{type(p).__name__} parameters (FSDP2, tensor parallel): 8-bit block "
-                    "scales follow whole tensors; use state_dtype=None"
+                    f"{type(p).__name__} parameters (of tensor subclasses, DTensor only)"
                 )
 
 
@@ -193,7 +192,8 @@ class AdaBound(Optimizer):
             ``torch.bfloat16`` (2 bytes each) or ``"8bit"`` (1 byte plus a float32 scale per
             256 elements); arithmetic stays float32, and encoded moments are rounded
             stochastically (see :mod:`dynabound.state_formats`). ``load_state_dict``
-            converts a state saved in another format.
+            converts a state saved in another format. DTensor (FSDP2) parameters: each
+            rank encodes its own shard (:mod:`dynabound.sharded_state`).
         stochastic_rounding: round bfloat16 parameters stochastically after each update
             (pure-bfloat16 training: small updates survive in expectation instead of being
             rounded away). Other dtypes are unaffected.
@@ -248,7 +248,7 @@ class AdaBound(Optimizer):
         super().__init__(params, defaults)
         if fused:
             self._step_supports_amp_scaling = True
-        self._register_bounds_marker()
+        self._register_state_dict_hook()
 
     @staticmethod
     def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,12 +265,12 @@ class AdaBound(Optimizer):
 
         return wrapper
 
-    def _register_bounds_marker(self) -> None:
+    def _register_state_dict_hook(self) -> None:
         # Registered first, so user state_dict post-hooks already see the marker. torch
         # drops hooks on pickle and deepcopy; __setstate__ puts this one back.
         hooks = self._optimizer_state_dict_post_hooks.values()
-        if _mark_bound_functions not in hooks:
-            self.register_state_dict_post_hook(_mark_bound_functions)
+        if _present_state_dict not in hooks:
+            self.register_state_dict_post_hook(_present_state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -283,7 +283,7 @@ class AdaBound(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._register_bounds_marker()
+        self._register_state_dict_hook()
         self._note_estimation()
         for group in self.param_groups:
             for key, value in _BACKFILL.items():
@@ -303,6 +303,7 @@ class AdaBound(Optimizer):
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         guessed = False
         for saved, current in zip(saved_groups, self.param_groups, strict=False):
+            _check_codes_arrived_with_scales(state_dict["state"], saved, type(self).__name__)
             # How the moments are stored belongs to the receiving optimizer: a state saved
             # in another format is converted (_restore_encoded_state).
             saved["state_dtype"] = current["state_dtype"]
@@ -359,7 +360,7 @@ class AdaBound(Optimizer):
                 if torch.is_tensor(value) and value.dtype != state[key].dtype:
                     state[key] = value.to(device=p.device)
             if formats.stored_format(state, p) != formats.storage(group["state_dtype"], p):
-                formats.convert(state, p, group["state_dtype"])
+                sharded_state.convert(state, p, group["state_dtype"])
 
     def _init_group(
         self,
@@ -397,12 +398,12 @@ class AdaBound(Optimizer):
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(group, p))
                 for moment in formats.MOMENTS if amsbound else formats.MOMENTS[:2]:
-                    state.update(formats.new_moment(p, moment, state_dtype))
+                    state.update(sharded_state.new_moment(p, moment, state_dtype))
             elif state["exp_avg"].dtype is not (stored_dtype or p.dtype):
                 # The group's state_dtype was changed after the state was created (or the
                 # parameter's dtype, which keeps the moments as they are).
                 if formats.stored_format(state, p) != formats.storage(state_dtype, p):
-                    formats.convert(state, p, state_dtype)
+                    sharded_state.convert(state, p, state_dtype)
             step = state["step"]
             if differentiable and step.requires_grad:
                 raise RuntimeError(
@@ -429,7 +430,7 @@ class AdaBound(Optimizer):
                     max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(step)
             if rounding_seeds is not None:
-                rounding_seeds.append(seed_base + position)
+                rounding_seeds.append(sharded_state.shard_seed(seed_base + position, p))
         return has_complex
 
     @_use_grad_for_differentiable
@@ -619,13 +620,52 @@ def _lr_for_step(group: dict[str, Any]) -> float | Tensor:
     return group["lr"]
 
 
-def _mark_bound_functions(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+def _mark_bound_functions(state_dict: dict[str, Any]) -> None:
     """A bound function is code, not data: the state dict holds a marker instead, so that
     ``torch.load(weights_only=True)`` works; load_state_dict takes the function from the
     receiving optimizer."""
     for group in state_dict["param_groups"]:
         if callable(group.get("bounds")):
             group["bounds"] = _CUSTOM_BOUNDS
+
+
+def _present_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """What ``state_dict`` holds beyond torch's: a marker for a bound function, and 8-bit
+    moments of DTensor parameters as float32 DTensors, which a distributed checkpoint can
+    reshard (:func:`dynabound.sharded_state.portable_state`). A group whose moments are all
+    presented so says ``state_dtype`` None, the format of what it holds: a group saying
+    "8bit" holds codes and block scales."""
+    _mark_bound_functions(state_dict)
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        for saved_id, p in zip(saved["params"], group["params"], strict=True):
+            if saved_id in state_dict["state"]:
+                state_dict["state"][saved_id] = sharded_state.portable_state(
+                    state_dict["state"][saved_id], p
+                )
+        if group["state_dtype"] == formats.EIGHT_BIT and all(
+            sharded_state.is_sharded(p) for p in group["params"]
+        ):
+            saved["state_dtype"] = None
+
+
+def _check_codes_arrived_with_scales(state: dict, saved_group: dict, name: str) -> None:
+    """Refuse 8-bit codes that lost their block scales on the way: a distributed
+    checkpoint copies saved tensors into the receiving optimizer's own ``state_dict``, so
+    codes saved from unsharded parameters arrive cast into the float moments of a receiver
+    in another format or with DTensor parameters, without their scales."""
+    if saved_group.get("state_dtype") != formats.EIGHT_BIT:
+        return
+    for saved_id in saved_group["params"]:
+        entry = state.get(saved_id) or {}
+        if "exp_avg" in entry and formats.scale_key("exp_avg") not in entry:
+            raise ValueError(
+                f"{name}.load_state_dict: the state was saved with state_dtype='8bit' (codes "
+                "and block scales of unsharded parameters) but arrived without its block "
+                "scales: torch.distributed.checkpoint cannot convert 8-bit codes into another "
+                "state_dtype or onto DTensor parameters. Load it into the same unsharded "
+                "model with state_dtype='8bit', or save it from a sharded model (FSDP2, a "
+                "one-rank mesh will do), whose checkpoints hold decoded moments"
+            )
 
 
 def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:

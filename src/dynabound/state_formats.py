@@ -30,6 +30,7 @@ kernels draw the same bits. Each parameter has its own ``seed``, kept in its sta
 Blocks and element numbers follow the parameter's memory order, the order in which the
 fused kernels walk it, so a parameter must cover its memory densely (any layout without
 gaps, such as contiguous or channels-last: :func:`dynabound.kernels.layout.dense_in_any_order`).
+A DTensor parameter's blocks are those of each rank's shard (:mod:`dynabound.sharded_state`).
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ def encode(x: Tensor, signed: bool, noise: Tensor) -> Quantized:
     magnitude = torch.nn.functional.pad(x.abs(), (0, blocks * BLOCK - n)).view(blocks, BLOCK)
     scales = magnitude.amax(dim=1)
     inverse = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
+    # One ulp up where scale * (1 / scale) rounds below 1, so that the block's largest
+    # magnitude encodes as exactly 1.0: decoding and re-encoding to nearest is then lossless.
+    raised = torch.nextafter(inverse, torch.full_like(inverse, math.inf))
+    inverse = torch.where((scales > 0) & (scales * inverse < 1), raised, inverse)
     relative = (magnitude * inverse[:, None]).clamp_(max=1.0).view(-1)[:n]
     relative = torch.nan_to_num(relative, nan=0.0)  # code 0; the block's NaN scale decodes NaN
     bits = relative.view(torch.int32).to(torch.int64)

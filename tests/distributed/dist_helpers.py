@@ -2,7 +2,8 @@
 
 ``spawn_two(fn, *args)`` starts two fresh interpreters (the ``spawn`` start method, as
 torchrun would give), joins them in a gloo process group over TCP on a free localhost port,
-runs ``fn(rank, *args)`` in each and raises if either fails or the pair outlives the timeout.
+runs ``fn(rank, *args)`` in each and raises if either fails or the pair outlives the timeout
+(``spawn(fn, *args, world_size=n)`` does the same for another number of processes).
 Workers write what is to be checked with ``torch.save``; the test process reads it and
 compares with a single-process run over the same global batches.
 
@@ -38,14 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s: float) -> None:
+def _entry(
+    rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s: float, world_size: int
+) -> None:
     # Two ranks share the test machine's cores; more threads each only oversubscribe.
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=WORLD_SIZE,
+        world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
     try:
@@ -59,9 +62,16 @@ def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s
 
 def spawn_two(fn: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> None:
     """Run ``fn(rank, *args)`` on ranks 0 and 1; ``fn`` must be importable (module level)."""
+    spawn(fn, *args, timeout_s=timeout_s)
+
+
+def spawn(
+    fn: Callable[..., None], *args: Any, world_size: int = WORLD_SIZE, timeout_s: float = 300.0
+) -> None:
+    """Run ``fn(rank, *args)`` on each rank of a fresh gloo group of ``world_size``."""
     for attempt in range(3):
         try:
-            _spawn_two_once(fn, args, timeout_s)
+            _spawn_once(fn, args, timeout_s, world_size)
             return
         except mp.ProcessRaisedException as exc:
             # Between free_port() and the bind, another test process (pytest-xdist runs
@@ -70,11 +80,11 @@ def spawn_two(fn: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> 
                 raise
 
 
-def _spawn_two_once(fn: Callable[..., None], args: tuple, timeout_s: float) -> None:
+def _spawn_once(fn: Callable[..., None], args: tuple, timeout_s: float, world_size: int) -> None:
     context = mp.start_processes(
         _entry,
-        args=(fn, free_port(), args, timeout_s / 2),
-        nprocs=WORLD_SIZE,
+        args=(fn, free_port(), args, timeout_s / 2, world_size),
+        nprocs=world_size,
         join=False,
         start_method="spawn",
     )
@@ -170,3 +180,37 @@ def tensors_in(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, list | tuple):
         for value in obj:
             yield from tensors_in(value)
+
+
+# Low-precision optimizer state needs float32 (or 16-bit) parameters, and 8-bit blocks of
+# 256 elements need a layer larger than make_model's: 41 x 24 shards into 21 rows (one whole
+# block and a part) and 20 rows; 1 x 13 leaves rank 1 an empty shard.
+def make_float32_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(24, 41), nn.Tanh(), nn.Linear(41, 13), nn.Tanh(), nn.Linear(13, 1)
+    )
+
+
+def fed_gradients(model: nn.Module, steps: int, seed: int = 1) -> list[dict[str, Tensor]]:
+    """Global gradients by parameter name for each step: every rank, and a single process,
+    feeds the same ones (no data split, so the runs differ only in the optimizer)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    return [
+        {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+        for _ in range(steps)
+    ]
+
+
+def feed(model: nn.Module, optimizer: torch.optim.Optimizer, steps: list[dict[str, Tensor]]):
+    """Step ``optimizer`` with the given global gradients (as DTensors like each parameter)."""
+    for step in steps:
+        for name, p in model.named_parameters():
+            grad = step[name]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                grad = distribute_tensor(grad, p.device_mesh, p.placements)
+            p.grad = grad
+        optimizer.step()

@@ -466,7 +466,15 @@ DB_INLINE float magnitude_of(uint32_t bits) {
   return bits > 0x7F800000u ? std::numeric_limits<float>::quiet_NaN() : bits_float(bits);
 }
 
-DB_INLINE float inverse_of(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
+// 1 / scale, raised by one ulp where scale * (1 / scale) rounds below 1, so that the block's
+// largest magnitude encodes as exactly 1.0 (its scale): decoding and re-encoding to nearest
+// then gives the same codes and scales (state_formats.encode does the same).
+DB_INLINE float inverse_of(float scale) {
+  if (!(scale > 0.0f)) return 0.0f;
+  const float inverse = 1.0f / scale;
+  return scale * inverse < 1.0f ? std::nextafter(inverse, std::numeric_limits<float>::infinity())
+                                : inverse;
+}
 
 struct EncodedTensor {
   void* p;

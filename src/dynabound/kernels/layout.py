@@ -74,5 +74,13 @@ def local_shards(tensors: T) -> T:
     dtensor = compat.dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in tensors[0]):
         return tensors
-    shards = [[t.to_local() if isinstance(t, dtensor) else t for t in ts] for ts in tensors[:5]]
+
+    def local(t):
+        if isinstance(t, dtensor):
+            return t.to_local()
+        if isinstance(t, tuple):  # an 8-bit moment: DTensor codes, this rank's block scales
+            return t._make(map(local, t))
+        return t
+
+    shards = [[local(t) for t in ts] for ts in tensors[:5]]
     return tensors._make([*shards, *tensors[5:]])

@@ -125,6 +125,9 @@ if triton is not None:
         """Magnitude codes (int32) of ``x`` in a block whose largest magnitude is ``scale``."""
         # IEEE division (a plain fp32 `/` is approximate on the GPU), as on the CPU.
         inverse = tl.where(scale > 0.0, tl.div_rn(1.0, scale), 0.0)
+        # One ulp up where scale * inverse < 1: the largest magnitude encodes as exactly 1.0.
+        raised = (inverse.to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+        inverse = tl.where((scale > 0.0) & (scale * inverse < 1.0), raised, inverse)
         relative = tl.abs(x) * inverse
         relative = tl.where(relative > 1.0, 1.0, relative)
         # NaN (a NaN value, or an infinite one times the inverse 0 of an infinite scale)
