@@ -9,9 +9,6 @@ steps.
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from dynabound.final_lr import final_lr_at
 
 STEPS, GAMMA = 160, 0.02
 
@@ -27,6 +24,12 @@ def torch_run(cls, kwargs, params, grads, dtype, scheduler=None):
     """``cls(final_lr="auto", foreach=False, **kwargs)`` fed ``grads`` (name -> array of
     steps): the final_lr each step used (NaN for Adam's unclipped steps), the parameters
     after each step, and the param group at the end."""
+    # Imported here: tests/keras_runs.py reads the constants above in processes that run
+    # Keras on other backends and never load torch.
+    import torch
+
+    from dynabound.final_lr import final_lr_at
+
     dtype = getattr(torch, dtype)
     tensors = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in params.items()}
     opt = cls(list(tensors.values()), final_lr="auto", foreach=False, **kwargs)
