@@ -735,3 +735,24 @@ def test_auto_final_lr_refusals_match_torch():
         dbo.scale_by_adabound(final_lr_ratio="sgd")
     with pytest.raises(ValueError, match=r"bounds='paper'"):
         dbo.scale_by_adabound(final_lr_ratio="auto", bounds="paper")
+
+
+def test_auto_final_lr_under_multisteps_estimates_from_the_averaged_gradients():
+    """optax.MultiSteps updates the inner state once per k = 2 micro-batches: the
+    estimate sees the averaged gradient, as the PyTorch class fed the averages does."""
+    k = 2
+    micro = _gradients(k * auto.STEPS, SHAPES, seed=7)
+    # MultiSteps' running mean, acc + (g - acc) / n, in its order of roundings: the samples
+    # are ratios of sums that may nearly cancel, so another order of the same average
+    # moves them by far more than its own rounding.
+    mean = {n: g[0::k] + (g[1::k] - g[0::k]) / 2 for n, g in micro.items()}
+    expected = auto.torch_run(dynabound.AdaBound, dict(gamma=auto.GAMMA), PARAMS, mean, "float64")
+    with _enable_x64(True):
+        inner = dbo.adabound(1e-3, final_lr="auto", gamma=auto.GAMMA)
+        # MultiSteps accumulates in float32 unless told otherwise, 64-bit JAX or not.
+        tx = optax.MultiSteps(inner, k, accumulator_dtype=jnp.float64)
+        used, trajectory, fixed, _ = _optax_auto(tx, micro, jnp.float64)
+    # Keep what the inner optimizer saw after each whole step.
+    auto.assert_runs_agree(
+        expected, used[::k], trajectory[k - 1 :: k], fixed[k - 1 :: k], "float64", PARAMS
+    )
