@@ -353,12 +353,17 @@ class AdaBound(keras.optimizers.Optimizer):
             ops.logical_and(ops.isfinite(sample), sample > 0),
         )
         samples = record["samples"] + ops.cast(valid, "int32")
-        beta = self.beta_2
+        # The average's weights and its bias correction from one beta, the rounded one: with
+        # 1 - beta rounded on its own, the weights would no longer add up to the correction
+        # (1e-5 relative apart in float32 with beta = 0.999). 1 - beta**n through expm1,
+        # which keeps its digits at small n.
+        # Through NumPy: TensorFlow would round a Python float through float32.
+        dtype = keras.backend.standardize_dtype(along.dtype)
+        keep = ops.convert_to_tensor(np.asarray(self.beta_2, dtype))
         average = ops.where(
-            valid, record["average"] * beta + sample * (1 - beta), record["average"]
+            valid, record["average"] * keep + sample * (1 - keep), record["average"]
         )
-        # 1 - beta**n through expm1: in float32 the plain form loses digits at small n.
-        correction = -ops.expm1(ops.cast(samples, average.dtype) * _log(beta))
+        correction = -ops.expm1(ops.cast(samples, along.dtype) * ops.log(keep))
         estimate = ops.where(valid, average / ops.where(valid, correction, one), record["estimate"])
         change = ops.abs(estimate - record["estimate"])
         calm_step = ops.logical_and(

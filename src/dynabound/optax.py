@@ -243,10 +243,13 @@ def _add_sample(
     sample = squares / jnp.where(along > 0, along, 1)
     valid = estimating & (along > 0) & jnp.isfinite(sample) & (sample > 0)
     samples = record.samples + valid.astype(jnp.int32)
-    beta = jnp.asarray(beta, dtype)
-    average = jnp.where(valid, beta * record.average + (1 - beta) * sample, record.average)
-    # 1 - beta**n through expm1: in float32 the plain form loses digits at small n.
-    correction = -jnp.expm1(samples.astype(dtype) * jnp.asarray(_log(beta), dtype))
+    # The average's weights and its bias correction from one beta, the rounded one: with
+    # 1 - beta rounded on its own, the weights would no longer add up to the correction
+    # (1e-5 relative apart in float32 with beta = 0.999). 1 - beta**n through expm1,
+    # which keeps its digits at small n.
+    keep = jnp.asarray(beta, dtype)
+    average = jnp.where(valid, keep * record.average + (1 - keep) * sample, record.average)
+    correction = -jnp.expm1(samples.astype(dtype) * _log(keep))
     estimate = jnp.where(valid, average / jnp.where(valid, correction, 1), record.estimate)
     change = jnp.abs(estimate - record.estimate)
     calm_step = (record.samples > 0) & (change < final_lr_rule.SETTLE_TOLERANCE * estimate)
