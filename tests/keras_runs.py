@@ -9,6 +9,7 @@ process. Importing this module (for the shared cases and data) does not import K
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import auto_final_lr_reference as auto
 import numpy as np
 
 STEPS = 1000
@@ -318,6 +320,134 @@ class _float64:
             jax.config.update("jax_enable_x64", self.previous)
 
 
+# final_lr="auto", compared step by step with the PyTorch classes
+# (tests/auto_final_lr_reference.py): (class, Keras-spelled arguments, dtype, gradients).
+AUTO_CASES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "adabound": ("AdaBound", dict(gamma=auto.GAMMA), "float32", "noisy"),
+    "adabound_float64": ("AdaBound", dict(gamma=auto.GAMMA), "float64", "noisy"),
+    "amsbound_l2": ("AMSBound", dict(gamma=auto.GAMMA, weight_decay=0.05), "float32", "noisy"),
+    "adaboundw": ("AdaBoundW", dict(gamma=auto.GAMMA, weight_decay=0.5), "float32", "noisy"),
+    # fixed when it has settled, long before the cap of ceil(1/gamma) = 1000 steps
+    "settles": ("AdaBound", {}, "float32", "steady"),
+}
+AUTO_SAVED_AT = 50  # the resumed run: optimizer saved and rebuilt mid-estimation
+# Keras spellings of what must be refused with final_lr="auto".
+AUTO_INVALID = {
+    "paper": dict(bounds="paper"),
+    "bound_function": dict(bounds=lambda t: (0.0, 1.0)),
+    "spelling": dict(final_lr="Auto"),
+}
+
+
+def auto_gradients(kind: str) -> dict[str, np.ndarray]:
+    """The "noisy" gradients have scales over 1e-6..1 (steps whose Adam step does not
+    descend give no sample); the "steady" ones one direction with 1% noise, whose
+    samples settle."""
+    if kind == "noisy":
+        return gradients(auto.STEPS, seed=5)
+    rng = np.random.default_rng(6)
+    return {
+        k: (1.0 + 0.01 * rng.standard_normal((auto.STEPS, *s))) * rng.uniform(0.1, 1.0, size=s)
+        for k, s in SHAPES.items()
+    }
+
+
+class _AutoRunner:
+    """Applies a gradient sequence step by step, reading the optimizer's final_lr_in_use
+    before each step and final_lr_fixed after it: on JAX through a jitted stateless_apply,
+    on TensorFlow through a tf.function, on PyTorch through apply."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def run(self, make, grads, dtype, resume_at=None) -> dict[str, Any]:
+        import keras
+
+        names = list(SHAPES)
+        params = initial()
+        variables = [keras.Variable(params[k].astype(dtype), name=k) for k in names]
+        opt = make()
+        opt.build(variables)
+        step = self._step_function(opt, variables)
+        used, trajectory, fixed = [], [], []
+        for t in range(len(grads[names[0]])):
+            if t == resume_at:
+                opt = self._rebuilt(opt, variables)
+                step = self._step_function(opt, variables)
+            used.append(float(keras.ops.convert_to_numpy(opt.final_lr_in_use)))
+            step([keras.ops.convert_to_tensor(grads[k][t].astype(dtype)) for k in names])
+            fixed.append(opt.final_lr_fixed)
+            trajectory.append(
+                {k: keras.ops.convert_to_numpy(v) for k, v in zip(names, variables, strict=True)}
+            )
+        return {"used": np.array(used), "trajectory": trajectory, "fixed": fixed}
+
+    @staticmethod
+    def _rebuilt(opt, variables):
+        """A new optimizer from ``opt``'s config and saved variables, as a loaded model's."""
+        store: dict[str, Any] = {}
+        opt.save_own_variables(store)
+        again = type(opt).from_config(json.loads(json.dumps(opt.get_config())))
+        again.build(variables)
+        again.load_own_variables(store)
+        return again
+
+    def _step_function(self, opt, variables):
+        if self.backend == "jax":
+            import jax
+
+            apply = jax.jit(opt.stateless_apply)
+
+            def step(g):
+                trainable, state = apply(
+                    [v.value for v in opt.variables], g, [v.value for v in variables]
+                )
+                for v, value in zip(variables + opt.variables, trainable + state, strict=True):
+                    v.assign(value)
+
+            return step
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            return tf.function(lambda g: opt.apply(g, variables))
+        import torch
+
+        def step(g):
+            with torch.no_grad():
+                opt.apply(g, variables)
+
+        return step
+
+
+def _auto(backend, dbk, out) -> None:
+    import keras
+
+    runner = _AutoRunner(backend)
+    for case, (cls, kwargs, dtype, kind) in AUTO_CASES.items():
+        grads = auto_gradients(kind)
+
+        def make(cls=cls, kwargs=kwargs):
+            return getattr(dbk, cls)(final_lr="auto", **kwargs)
+
+        with _float64(backend) if dtype == "float64" else contextlib.nullcontext():
+            keras.config.set_floatx(dtype)
+            try:
+                out["auto", case] = runner.run(make, grads, dtype)
+                if case == "adabound":
+                    out["auto", "resumed"] = runner.run(make, grads, dtype, AUTO_SAVED_AT)
+            finally:
+                keras.config.set_floatx("float32")
+    for name, kwargs in AUTO_INVALID.items():
+        kwargs = {"final_lr": "auto", **kwargs}
+        try:
+            dbk.AdaBound(**kwargs)
+        except ValueError as e:
+            out["auto_error", name] = str(e)
+        else:
+            out["auto_error", name] = None
+    out["auto_number_in_use"] = dbk.AdaBound(final_lr=0.05).final_lr_in_use
+
+
 def _exclusion(runner, dbk, out) -> None:
     """exclude_from_weight_decay: "b" gets no decay, "w" the decoupled one."""
     params, grads = initial(), {k: g[:100] for k, g in gradients().items()}
@@ -483,12 +613,17 @@ def _fit(dbk, out) -> None:
     for name, opt in [
         ("adabound", dbk.AdaBound(learning_rate=3e-3, final_lr=0.1)),
         ("adam", keras.optimizers.Adam(learning_rate=3e-3)),
+        # final_lr="auto" inside model.fit's compiled step, fixed at the cap (step 100)
+        ("auto", dbk.AdaBound(learning_rate=3e-3, final_lr="auto", gamma=0.02)),
     ]:
         model = _model(keras)
         _compile(keras, model, opt)
         model.fit(x, y, epochs=6, batch_size=32, verbose=0)
         out["fit", name] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         out["fit", name, "steps"] = int(keras.ops.convert_to_numpy(opt.iterations))
+        if name == "auto":
+            out["fit", name, "final_lr"] = float(keras.ops.convert_to_numpy(opt.final_lr_in_use))
+            out["fit", name, "fixed"] = opt.final_lr_fixed
 
 
 def _optimizer_state(opt) -> list[np.ndarray]:
@@ -621,6 +756,7 @@ def main(backend: str, path: str) -> None:
     out: dict[Any, Any] = {"backend": backend}
     runner = _Runner(backend)
     _parity(runner, dbk, out)
+    _auto(backend, dbk, out)
     _registry(runner, dbk, out)
     _exclusion(runner, dbk, out)
     _sparse(backend, dbk, out)

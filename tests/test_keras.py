@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import dynabound  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import auto_final_lr_reference as auto  # noqa: E402
 import keras_runs as runs  # noqa: E402
 from option_sets import cases  # noqa: E402
 
@@ -285,6 +286,10 @@ def test_fit_on_digits(backend_run):
     accuracy, adam = backend_run["fit", "adabound"], backend_run["fit", "adam"]
     assert accuracy >= 0.93
     assert accuracy >= adam - 0.03
+    # final_lr="auto" in model.fit's compiled step: estimated, fixed, and training well.
+    assert backend_run["fit", "auto", "fixed"]
+    assert 0 < backend_run["fit", "auto", "final_lr"] < 1
+    assert backend_run["fit", "auto"] >= adam - 0.03
 
 
 def _equal(a, b) -> bool:
@@ -314,6 +319,55 @@ def test_loaded_weights_restore_the_base_learning_rate(backend_run):
     rebuilt_weights, rebuilt_state = backend_run["resume", "rebuilt"]
     assert _equal(rebuilt_weights, weights)
     assert _equal(rebuilt_state, state)
+
+
+@functools.cache
+def _expected_auto(case: str) -> tuple:
+    cls, kwargs, dtype, kind = runs.AUTO_CASES[case]
+    grads = runs.auto_gradients(kind)
+    return auto.torch_run(getattr(dynabound, cls), runs.to_torch(kwargs), PARAMS, grads, dtype)
+
+
+@pytest.mark.parametrize("case", list(runs.AUTO_CASES))
+def test_auto_final_lr_follows_torch_step_by_step(backend_run, case):
+    """final_lr="auto": the final_lr each step used and the parameters after it, as in
+    PyTorch's AdaBound(final_lr="auto", foreach=False) (tests/auto_final_lr_reference.py):
+    estimated over both variables, fixed at the cap (gamma=0.02: step 100) or, for
+    "settles", once settled; the runs go on with the fixed value."""
+    expected = _expected_auto(case)
+    record = expected[2]["final_lr_auto"]
+    if case == "settles":
+        assert 100 < record["fixed_at"] < auto.STEPS  # 100 calm samples; the cap is 1000
+    else:
+        assert record["fixed_at"] == 100
+    got = backend_run["auto", case]
+    assert got["trajectory"][-1]["w"].dtype == np.dtype(runs.AUTO_CASES[case][2])
+    auto.assert_runs_agree(
+        expected, got["used"], got["trajectory"], got["fixed"], runs.AUTO_CASES[case][2], PARAMS
+    )
+
+
+def test_auto_final_lr_continues_from_saved_variables(backend_run):
+    """An optimizer rebuilt from the config and saved variables mid-estimation (step 50)
+    continues the estimate exactly: the same steps as one run straight through."""
+    straight, resumed = backend_run["auto", "adabound"], backend_run["auto", "resumed"]
+    np.testing.assert_array_equal(resumed["used"], straight["used"])
+    assert resumed["fixed"] == straight["fixed"]
+    for a, b in zip(resumed["trajectory"], straight["trajectory"], strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_auto_final_lr_refusals_match_torch(backend_run):
+    bad = dynabound.AdaBound([torch.zeros(1, requires_grad=True)], final_lr=0.1)
+    for name, kwargs in runs.AUTO_INVALID.items():
+        message = backend_run["auto_error", name]
+        assert message is not None, f"{name}: no ValueError"
+        with pytest.raises(ValueError) as info:
+            torch_kwargs = {"final_lr": "auto", **runs.to_torch(kwargs)}
+            bad.add_param_group({"params": [torch.zeros(1, requires_grad=True)], **torch_kwargs})
+        # The same reason, after the class name: "AdaBound: ..."
+        assert message == f"AdaBound: {str(info.value).removeprefix('AdaBound: ')}"
+    assert backend_run["auto_number_in_use"] == 0.05
 
 
 # The PyTorch class raises the same message for these.

@@ -24,6 +24,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 
+import auto_final_lr_reference as auto  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from option_sets import cases  # noqa: E402
 
@@ -578,3 +579,180 @@ def test_inject_hyperparams_wraps_it_like_optax_optimizers(factory):
     for a, b in zip(jax.tree.leaves(state_i.inner_state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4)
     assert float(_core_state(state_i).base_learning_rate) == np.float32(1e-2)
+
+
+# final_lr="auto": the estimate, step by step, against the PyTorch classes
+# (tests/auto_final_lr_reference.py). Gradient scales over 1e-3..1 give steps whose Adam
+# step does not descend (no sample), and rates clipped on both sides.
+AUTO_GRADS = _gradients(auto.STEPS, SHAPES, seed=5)
+AUTO_CASES = {
+    "adabound": (dynabound.AdaBound, {}, dbo.adabound),
+    "amsbound_l2": (dynabound.AMSBound, dict(weight_decay=0.05), dbo.amsbound),
+    "adaboundw": (dynabound.AdaBoundW, dict(weight_decay=0.5), dbo.adaboundw),
+}
+
+
+def _optax_auto(tx, grads, dtype):
+    """The final_lr each step used, the parameters after each, whether the estimate was
+    fixed after each, and the last state: one jitted step, traced once."""
+
+    def step(p, s, g):
+        used = dbo.final_lr_in_use(s)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, used
+
+    step, traces = _counting_jit(step)
+    p = {k: jnp.asarray(v, dtype) for k, v in PARAMS.items()}
+    s = tx.init(p)
+    used, trajectory, fixed = [], [], []
+    for t in range(len(grads["w"])):
+        p, s, value = step(p, s, {k: jnp.asarray(g[t], dtype) for k, g in grads.items()})
+        used.append(float(value))
+        trajectory.append({k: np.asarray(v) for k, v in p.items()})
+        fixed.append(bool(_core_state(s).final_lr_estimate.fixed))
+    assert len(traces) == 1
+    return np.array(used), trajectory, fixed, s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(AUTO_CASES))
+def test_auto_final_lr_follows_torch_step_by_step(case, dtype):
+    cls, kwargs, factory = AUTO_CASES[case]
+    expected = auto.torch_run(cls, dict(kwargs, gamma=auto.GAMMA), PARAMS, AUTO_GRADS, dtype)
+    assert expected[2]["final_lr_auto"]["fixed_at"] == 100  # the cap, not settling
+    if not kwargs:  # with weight decay, p's pull keeps every step descending
+        assert np.isnan(np.array(expected[2]["final_lr_auto"]["history"])[:, 1]).any()
+    with _enable_x64(dtype == "float64"):
+        tx = factory(1e-3, final_lr="auto", gamma=auto.GAMMA, **kwargs)
+        used, trajectory, fixed, _ = _optax_auto(tx, AUTO_GRADS, getattr(jnp, dtype))
+    auto.assert_runs_agree(expected, used, trajectory, fixed, dtype, PARAMS)
+
+
+def test_auto_final_lr_bounds_the_steps():
+    """Controls for the test above: the same run with Adam's steps throughout, or with the
+    final estimate as a number from the start, ends elsewhere."""
+    _, trajectory, _, state = _optax_auto(
+        dbo.adabound(1e-3, final_lr="auto", gamma=auto.GAMMA), AUTO_GRADS, jnp.float32
+    )
+    estimate = float(dbo.final_lr_in_use(state))
+    for other in (
+        optax.adam(1e-3, eps=1e-8),
+        dbo.adabound(1e-3, final_lr=estimate, gamma=auto.GAMMA),
+    ):
+        got = _run_optax(other, PARAMS, AUTO_GRADS, jnp.float32)
+        assert _rel_err(got, trajectory[-1]) > 1e-3
+
+
+def test_auto_final_lr_settles_like_torch():
+    """Gradients of one direction with small noise: the samples agree, and the estimate is
+    fixed once SETTLE_PATIENCE samples in a row changed it by less than SETTLE_TOLERANCE,
+    long before the cap of ceil(1/gamma) = 1000 steps."""
+    rng = np.random.default_rng(6)
+    steps = 140
+    grads = {
+        k: (1.0 + 0.01 * rng.standard_normal((steps, *s))) * rng.uniform(0.1, 1.0, size=s)
+        for k, s in SHAPES.items()
+    }
+    expected = auto.torch_run(dynabound.AdaBound, {}, PARAMS, grads, "float64")
+    assert expected[2]["final_lr_auto"]["fixed_at"] < steps < 1000
+    with _enable_x64(True):
+        used, trajectory, fixed, state = _optax_auto(
+            dbo.adabound(1e-3, final_lr="auto"), grads, jnp.float64
+        )
+    auto.assert_runs_agree(expected, used, trajectory, fixed, "float64", PARAMS)
+    assert int(_core_state(state).final_lr_estimate.calm) == 100
+
+
+def test_auto_final_lr_with_a_schedule_through_inject_hyperparams():
+    """A decaying rate (injected, traced) scales the step and the bounds; the estimate is
+    referred to the base learning rate, as in the PyTorch class with a StepLR scheduler."""
+    schedule = optax.piecewise_constant_schedule(1e-3, {60: 0.1, 120: 0.1})
+    expected = auto.torch_run(
+        dynabound.AMSBound,
+        dict(gamma=auto.GAMMA),
+        PARAMS,
+        AUTO_GRADS,
+        "float64",
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=60, gamma=0.1),
+    )
+    with _enable_x64(True):
+        tx = optax.inject_hyperparams(dbo.amsbound)(
+            learning_rate=schedule, final_lr="auto", gamma=auto.GAMMA
+        )
+        used, trajectory, fixed, _ = _optax_auto(tx, AUTO_GRADS, jnp.float64)
+    auto.assert_runs_agree(expected, used, trajectory, fixed, "float64", PARAMS)
+
+
+def test_auto_final_lr_ratio_of_the_core_alone():
+    """scale_by_adabound knows no learning rate: its estimate is final_lr_ratio, the
+    optimizer's divided by its base learning rate."""
+    lr = 2e-3
+    chained = _optax_auto(
+        dbo.adabound(lr, final_lr="auto", gamma=auto.GAMMA), AUTO_GRADS, jnp.float32
+    )[3]
+    core = optax.chain(
+        dbo.scale_by_adabound(final_lr_ratio="auto", gamma=auto.GAMMA),
+        optax.scale_by_learning_rate(lr),
+    )
+    alone = _optax_auto(core, AUTO_GRADS, jnp.float32)[3]
+    assert _core_state(alone).base_learning_rate is None
+    ratio = float(dbo.final_lr_in_use(alone))
+    assert ratio * lr == pytest.approx(float(dbo.final_lr_in_use(chained)), rel=1e-6)
+
+
+def test_final_lr_in_use_needs_one_estimate():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="found 0"):
+        dbo.final_lr_in_use(dbo.adabound(1e-3).init(params))
+    two = optax.multi_transform(
+        {"a": dbo.adabound(1e-3, final_lr="auto"), "b": dbo.amsbound(1e-3, final_lr="auto")},
+        {"w": "a", "v": "b"},
+    )
+    state = two.init({"w": jnp.ones(3), "v": jnp.ones(2)})
+    with pytest.raises(ValueError, match="found 2"):
+        dbo.final_lr_in_use(state)
+    # Each partition estimates its own, like a param group: pass its part of the state.
+    assert np.isnan(dbo.final_lr_in_use(state.inner_states["a"]))
+
+
+def _torch_refusal(**kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        dynabound.AdaBound([torch.zeros(1, requires_grad=True)], final_lr="auto", **kwargs)
+    return str(info.value)
+
+
+def test_auto_final_lr_refusals_match_torch():
+    for factory in FACTORIES:
+        with pytest.raises(ValueError) as info:
+            factory(1e-3, final_lr="auto", bounds="paper")
+        assert str(info.value) == _torch_refusal(bounds="paper")
+        with pytest.raises(ValueError) as info:
+            factory(1e-3, final_lr="auto", bounds=lambda t: (0.0, 1.0))
+        assert str(info.value) == _torch_refusal(bounds=lambda t: (0.0, 1.0))
+        with pytest.raises(ValueError, match="final_lr must be a number or 'auto', got 'Auto'"):
+            factory(1e-3, final_lr="Auto")
+    with pytest.raises(ValueError, match="final_lr_ratio must be a number or 'auto'"):
+        dbo.scale_by_adabound(final_lr_ratio="sgd")
+    with pytest.raises(ValueError, match=r"bounds='paper'"):
+        dbo.scale_by_adabound(final_lr_ratio="auto", bounds="paper")
+
+
+def test_auto_final_lr_under_multisteps_estimates_from_the_averaged_gradients():
+    """optax.MultiSteps updates the inner state once per k = 2 micro-batches: the
+    estimate sees the averaged gradient, as the PyTorch class fed the averages does."""
+    k = 2
+    micro = _gradients(k * auto.STEPS, SHAPES, seed=7)
+    # MultiSteps' running mean, acc + (g - acc) / n, in its order of roundings: the samples
+    # are ratios of sums that may nearly cancel, so another order of the same average
+    # moves them by far more than its own rounding.
+    mean = {n: g[0::k] + (g[1::k] - g[0::k]) / 2 for n, g in micro.items()}
+    expected = auto.torch_run(dynabound.AdaBound, dict(gamma=auto.GAMMA), PARAMS, mean, "float64")
+    with _enable_x64(True):
+        inner = dbo.adabound(1e-3, final_lr="auto", gamma=auto.GAMMA)
+        # MultiSteps accumulates in float32 unless told otherwise, 64-bit JAX or not.
+        tx = optax.MultiSteps(inner, k, accumulator_dtype=jnp.float64)
+        used, trajectory, fixed, _ = _optax_auto(tx, micro, jnp.float64)
+    # Keep what the inner optimizer saw after each whole step.
+    auto.assert_runs_agree(
+        expected, used[::k], trajectory[k - 1 :: k], fixed[k - 1 :: k], "float64", PARAMS
+    )

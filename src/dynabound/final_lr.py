@@ -67,6 +67,15 @@ AUTO = "auto"
 SETTLE_TOLERANCE = 1e-3
 SETTLE_PATIENCE = 100
 
+# Why final_lr="auto" is refused with some bounds; every backend says it in these words.
+AUTO_WITH_BOUND_FUNCTION = (
+    "final_lr='auto' cannot apply with a bound function: the function ignores final_lr"
+)
+AUTO_WITH_PAPER_BOUNDS = (
+    "final_lr='auto' does not apply to bounds='paper': its Adam-phase rate is divided "
+    "by sqrt(t), so the SGD rate matching it decays and never settles to one final_lr"
+)
+
 
 def _check(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> None:
     real = isinstance(value, Real) and math.isfinite(value)

@@ -135,14 +135,9 @@ def adabound(
 def check_auto_final_lr(spec: StepSpec, params: list[Tensor]) -> None:
     """Refuse ``final_lr="auto"`` where it has no meaning or cannot be computed."""
     if callable(spec.bounds):
-        raise ValueError(
-            "final_lr='auto' cannot apply with a bound function: the function ignores final_lr"
-        )
+        raise ValueError(final_lr_rule.AUTO_WITH_BOUND_FUNCTION)
     if spec.bounds == "paper":
-        raise ValueError(
-            "final_lr='auto' does not apply to bounds='paper': its Adam-phase rate is divided "
-            "by sqrt(t), so the SGD rate matching it decays and never settles to one final_lr"
-        )
+        raise ValueError(final_lr_rule.AUTO_WITH_PAPER_BOUNDS)
     if spec.capturable:
         raise ValueError(
             "final_lr='auto' does not support capturable=True: while estimating, each step "

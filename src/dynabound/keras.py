@@ -33,6 +33,13 @@ temporary the size of the variable, as the step's own temporaries do.
 
 Import this module before ``keras.models.load_model`` of a model saved with one of these
 optimizers: the classes are registered with Keras as ``dynabound>AdaBound`` and so on.
+
+``final_lr="auto"`` estimates the SGD rate from the Adam phase's own steps, by the rule of
+:mod:`dynabound.final_lr`, over all the variables the optimizer updates (one PyTorch param
+group): each step projects the unclipped Adam step onto the gradient, the samples are
+averaged with ``beta_2`` (bias-corrected), and the estimate bounds the following steps
+until it is fixed. The estimate lives in optimizer variables, so it is saved and restored
+with the model; :attr:`AdaBound.final_lr_in_use` reads the rate in use.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+
+from . import final_lr as final_lr_rule
 
 try:
     import keras
@@ -125,7 +134,8 @@ class AdaBound(keras.optimizers.Optimizer):
             arguments. A schedule (or a rate set later through ``optimizer.learning_rate``)
             scales both bounds too, by ``learning_rate / base_learning_rate``.
         final_lr: the SGD rate both bounds converge to, meant at
-            ``learning_rate == base_learning_rate``.
+            ``learning_rate == base_learning_rate``; ``"auto"`` estimates it from the
+            Adam phase (``"reference"`` bounds only; see :attr:`final_lr_in_use`).
         gamma: convergence speed of the bounds (> 0).
         beta_1, beta_2: decay rates of the first and second moments (PyTorch's
             ``betas``), in [0, 1).
@@ -166,7 +176,7 @@ class AdaBound(keras.optimizers.Optimizer):
     def __init__(
         self,
         learning_rate: Any = 1e-3,
-        final_lr: float = 0.1,
+        final_lr: float | str = 0.1,
         gamma: float = 1e-3,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
@@ -186,10 +196,18 @@ class AdaBound(keras.optimizers.Optimizer):
             learning_rate = float(learning_rate)
             if not learning_rate >= 0:
                 raise ValueError(f"{name}: Invalid learning rate: {learning_rate} (must be >= 0)")
+        auto = isinstance(final_lr, str)
+        if auto and final_lr != final_lr_rule.AUTO:
+            raise ValueError(f"{name}: final_lr must be a number or 'auto', got {final_lr!r}")
+        if auto and callable(bounds):
+            raise ValueError(f"{name}: {final_lr_rule.AUTO_WITH_BOUND_FUNCTION}")
+        if auto and bounds == "paper":
+            raise ValueError(f"{name}: {final_lr_rule.AUTO_WITH_PAPER_BOUNDS}")
+        number = 1.0 if auto else final_lr  # the estimate's range is checked where it is made
         checks = [
-            (final_lr >= 0, f"Invalid final learning rate: {final_lr} (must be > 0)"),
+            (number >= 0, f"Invalid final learning rate: {final_lr} (must be > 0)"),
             (
-                final_lr != 0,
+                number != 0,
                 f"Invalid final learning rate: {final_lr} (must be > 0: both bounds are "
                 "proportional to it, so 0 clips every step's rate to 0 and no parameter ever "
                 "moves)",
@@ -222,7 +240,7 @@ class AdaBound(keras.optimizers.Optimizer):
                 "the learning rate at which final_lr applies)"
             )
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-        self.final_lr = float(final_lr)
+        self.final_lr = final_lr if auto else float(final_lr)
         self.gamma = float(gamma)
         self.beta_1 = float(beta_1)
         self.beta_2 = float(beta_2)
@@ -241,6 +259,46 @@ class AdaBound(keras.optimizers.Optimizer):
             aggregation="only_first_replica",
             name="base_learning_rate",
         )
+        # final_lr="auto": the step's two sums, gathered by update_step while
+        # _backend_update_step runs it over the variables.
+        self._projection: list | None = None
+        if auto:
+            self._add_estimation_variables()
+
+    def _add_estimation_variables(self) -> None:
+        """The record of :func:`dynabound.final_lr.new_estimation` as optimizer variables
+        (saved with the model): the estimate (0 before the first sample), the uncorrected
+        average, how many samples it holds, the calm samples in a row, the estimating
+        steps, and whether the estimate is fixed (0 or 1)."""
+        floats = ("estimate", "average")
+        self._estimation = {
+            field: self.add_variable(
+                shape=(),
+                dtype=keras.backend.floatx() if field in floats else "int32",
+                aggregation="only_first_replica",
+                name=f"final_lr_{field}",
+            )
+            for field in (*floats, "samples", "calm", "steps", "fixed")
+        }
+
+    @property
+    def final_lr_in_use(self) -> Any:
+        """The ``final_lr`` the next step uses: the number given, or with
+        ``final_lr="auto"`` the estimate so far (fixed or not) as a scalar tensor, NaN
+        before the first sample (the steps are Adam's then, unclipped). A per-step history
+        is not kept: log this value (for example from a callback) to follow it."""
+        if self.final_lr != final_lr_rule.AUTO:
+            return self.final_lr
+        estimate = ops.convert_to_tensor(self._estimation["estimate"])
+        has_estimate = ops.convert_to_tensor(self._estimation["samples"]) > 0
+        return ops.where(has_estimate, estimate, ops.full_like(estimate, math.nan))
+
+    @property
+    def final_lr_fixed(self) -> bool:
+        """Whether the ``final_lr="auto"`` estimate is fixed (True for a number)."""
+        if self.final_lr != final_lr_rule.AUTO:
+            return True
+        return bool(ops.convert_to_numpy(self._estimation["fixed"]))
 
     @property
     def base_learning_rate(self) -> Any:
@@ -267,6 +325,67 @@ class AdaBound(keras.optimizers.Optimizer):
         # (L2 or decoupled) belongs to update_step, so it is applied exactly once.
         return
 
+    def _backend_update_step(self, grads: Any, trainable_variables: Any, learning_rate: Any):
+        if self.final_lr != final_lr_rule.AUTO:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        # update_step adds each variable's sums to the list; the sample is the whole step's.
+        self._projection = []
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            sums = self._projection
+        finally:
+            self._projection = None
+        if sums:
+            self._add_sample(sum(s[0] for s in sums), sum(s[1] for s in sums))
+
+    def _add_sample(self, squares: Any, along: Any) -> None:
+        """:func:`dynabound.final_lr.record_sample` in tensors, with selects instead of
+        branches (the step may be traced): one step's ``sum(d*d)`` and ``sum(d*g)``
+        added to the estimate, which no longer changes once it is fixed."""
+        record = {k: ops.convert_to_tensor(v) for k, v in self._estimation.items()}
+        estimating = record["fixed"] == 0
+        one = ops.ones_like(along)
+        # Per unit of lr the Adam step takes squares/along; final_lr is meant at the base.
+        base = ops.cast(self._base_learning_rate, along.dtype)
+        sample = base * squares / ops.where(along > 0, along, one)
+        valid = ops.logical_and(
+            ops.logical_and(estimating, along > 0),
+            ops.logical_and(ops.isfinite(sample), sample > 0),
+        )
+        samples = record["samples"] + ops.cast(valid, "int32")
+        # The average's weights and its bias correction from one beta, the rounded one: with
+        # 1 - beta rounded on its own, the weights would no longer add up to the correction
+        # (1e-5 relative apart in float32 with beta = 0.999). 1 - beta**n through expm1,
+        # which keeps its digits at small n.
+        # Through NumPy: TensorFlow would round a Python float through float32.
+        dtype = keras.backend.standardize_dtype(along.dtype)
+        keep = ops.convert_to_tensor(np.asarray(self.beta_2, dtype))
+        average = ops.where(
+            valid, record["average"] * keep + sample * (1 - keep), record["average"]
+        )
+        correction = -ops.expm1(ops.cast(samples, along.dtype) * ops.log(keep))
+        estimate = ops.where(valid, average / ops.where(valid, correction, one), record["estimate"])
+        change = ops.abs(estimate - record["estimate"])
+        calm_step = ops.logical_and(
+            record["samples"] > 0, change < estimate * final_lr_rule.SETTLE_TOLERANCE
+        )
+        calm = ops.where(
+            valid,
+            ops.where(calm_step, record["calm"] + 1, ops.zeros_like(record["calm"])),
+            record["calm"],
+        )
+        steps = record["steps"] + ops.cast(estimating, "int32")
+        cap = final_lr_rule.estimation_cap(self.gamma)
+        settled = ops.logical_or(calm >= final_lr_rule.SETTLE_PATIENCE, steps >= cap)
+        fixing = ops.logical_and(ops.logical_and(estimating, samples > 0), settled)
+        fixed = ops.where(fixing, ops.ones_like(record["fixed"]), record["fixed"])
+        new = dict(
+            estimate=estimate, average=average, samples=samples, calm=calm, steps=steps,
+            fixed=fixed,
+        )  # fmt: skip
+        for field, value in new.items():
+            self.assign(self._estimation[field], value)
+
     def _coefficients(self, dtype: str) -> tuple[Any, Any, Any, Any, bool]:
         """(numerator, lower, upper, scale, eps_used) of this step, in ``dtype``.
 
@@ -277,11 +396,19 @@ class AdaBound(keras.optimizers.Optimizer):
         t = ops.cast(self.iterations + 1, dtype)
         # Native operators, not keras.ops binary ops: those promote float64 to float32 on
         # the torch backend.
-        rho = self.final_lr / ops.cast(self._base_learning_rate, dtype)
+        auto = self.final_lr == final_lr_rule.AUTO
+        final_lr = ops.cast(self._estimation["estimate"], dtype) if auto else self.final_lr
+        rho = final_lr / ops.cast(self._base_learning_rate, dtype)
         paper = self.bounds == "paper"
         x = t * ((1 - self.beta_2) if paper else self.gamma)
         lower = rho * (x / (x + 1))
         upper = rho * (1 + 1 / x)
+        if auto:
+            # Before the first sample there is no final to bound by: the step is Adam's.
+            # The largest finite value, not inf: an inf bound times a zero moment is NaN.
+            has_estimate = ops.convert_to_tensor(self._estimation["samples"]) > 0
+            lower = ops.where(has_estimate, lower, ops.zeros_like(lower))
+            upper = ops.where(has_estimate, upper, ops.full_like(upper, float(np.finfo(dtype).max)))
         if paper:
             return None, lower, upper, 1 / ops.sqrt(t), False
         bc1 = -ops.expm1(t * _log(self.beta_1))
@@ -335,6 +462,13 @@ class AdaBound(keras.optimizers.Optimizer):
         rate = 1 / denom
         if numerator is not None:
             rate = rate * numerator
+        if self._projection is not None:
+            # The unclipped Adam step per unit of lr, projected on the gradient it used.
+            step = rate * m
+            dtype = self._estimation["estimate"].dtype
+            self._projection.append(
+                (ops.cast(ops.sum(step * step), dtype), ops.cast(ops.sum(step * g), dtype))
+            )
         multiplier = lr if scale is None else lr * scale
         rate = ops.clip(rate, lower, upper) * multiplier
         self.assign(variable, ops.cast(p - rate * m, stored))

@@ -19,6 +19,14 @@ Complex parameters are treated as pairs of real numbers (like ``torch.view_as_re
 the second moment and the clamp act on the real and imaginary parts separately.
 State arrays and updates have the dtype of the parameters; half-precision leaves are
 computed in float32 and stored in their own dtype.
+
+``final_lr="auto"`` (``final_lr_ratio="auto"`` for :func:`scale_by_adabound`) estimates the
+SGD rate from the Adam phase's own steps, by the rule of :mod:`dynabound.final_lr`: each
+update projects the unclipped Adam step of the whole tree onto the gradient, the samples
+are averaged with ``b2`` (bias-corrected), and the estimate bounds the following updates
+until it is fixed. The estimate lives in the state (:class:`FinalLrEstimate`, arrays
+only, so the update stays jittable and traces once); :func:`final_lr_in_use` reads the
+rate in use from any optimizer state that holds one.
 """
 
 # No `from __future__ import annotations`: optax reads the public signatures (a
@@ -27,6 +35,8 @@ computed in float32 and stored in their own dtype.
 import math
 import numbers
 from typing import Any, NamedTuple
+
+from . import final_lr as final_lr_rule
 
 try:
     import jax
@@ -40,12 +50,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = [
     "DecoupledWeightDecayState",
+    "FinalLrEstimate",
     "ScaleByAdaBoundState",
     "adabound",
     "adaboundw",
     "add_decoupled_weight_decay",
     "amsbound",
     "amsboundw",
+    "final_lr_in_use",
     "scale_by_adabound",
 ]
 
@@ -60,6 +72,34 @@ _POSITIVE_FINAL_LR = (
 )
 
 
+class FinalLrEstimate(NamedTuple):
+    """The estimate of ``final_lr="auto"``, in the state of :func:`scale_by_adabound`.
+
+    The fields of :func:`dynabound.final_lr.new_estimation`, as arrays. Values are ratios
+    ``final_lr / base_learning_rate`` (``final_lr_ratio``); :func:`final_lr_in_use` turns
+    them into a ``final_lr``.
+
+    * ``estimate``: the bias-corrected average of the samples, the ratio the next update
+      uses (0 before the first sample: until then the updates are Adam's, unclipped);
+    * ``average``, ``samples``: the uncorrected exponential average (``b2``) and how many
+      samples it holds;
+    * ``calm``: how many consecutive samples changed the estimate by less than
+      :data:`~dynabound.final_lr.SETTLE_TOLERANCE` (relative);
+    * ``steps``: updates taken while estimating; ``fixed``: whether the estimate is fixed.
+
+    The PyTorch classes also keep a per-step history; a jitted state cannot grow, so here
+    the state holds the current estimate only: log :func:`final_lr_in_use` each step for
+    the sequence.
+    """
+
+    estimate: jax.Array
+    average: jax.Array
+    samples: jax.Array
+    calm: jax.Array
+    steps: jax.Array
+    fixed: jax.Array
+
+
 class ScaleByAdaBoundState(NamedTuple):
     """State of :func:`scale_by_adabound`.
 
@@ -69,6 +109,8 @@ class ScaleByAdaBoundState(NamedTuple):
     ``nu`` with AMSBound and ``None`` otherwise. ``base_learning_rate`` is the learning
     rate ``final_lr`` refers to, kept by the optimizers (:func:`adabound` and the others)
     from ``init`` on; ``None`` in the state of :func:`scale_by_adabound` used on its own.
+    ``final_lr_estimate`` is the :class:`FinalLrEstimate` of ``final_lr="auto"``, ``None``
+    with a number.
     """
 
     count: jax.Array
@@ -76,6 +118,7 @@ class ScaleByAdaBoundState(NamedTuple):
     nu: optax.Updates
     nu_max: optax.Updates | None
     base_learning_rate: jax.Array | None = None
+    final_lr_estimate: FinalLrEstimate | None = None
 
 
 def _concrete(value: Any) -> float | None:
@@ -143,7 +186,7 @@ def scale_by_adabound(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    final_lr_ratio: float = 100.0,
+    final_lr_ratio: float | str = 100.0,
     gamma: float = 1e-3,
     amsbound: bool = False,
     bounds: str = "reference",
@@ -154,7 +197,8 @@ def scale_by_adabound(
       b1, b2: decay rates of the first and second moments, in [0, 1).
       eps: added to ``sqrt(u)`` (``"reference"`` bounds only).
       final_lr_ratio: ``final_lr / base_lr`` (rho): the rate the bounds converge to,
-        relative to the learning rate.
+        relative to the learning rate; ``"auto"`` estimates it from the updates
+        (:class:`FinalLrEstimate`, ``"reference"`` bounds only).
       gamma: convergence speed of the reference bounds, ``> 0``.
       amsbound: use the running maximum of the second moment (AMSBound).
       bounds: ``"reference"`` (the authors' released code: bias-corrected Adam step, bounds
@@ -165,11 +209,86 @@ def scale_by_adabound(
       A transformation whose output, multiplied by ``-lr`` (``scale_by_learning_rate``),
       is the AdaBound step.
     """
-    _check("final_lr_ratio", final_lr_ratio, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
+    auto = _is_auto("final_lr_ratio", final_lr_ratio)
+    if not auto:
+        _check("final_lr_ratio", final_lr_ratio, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
     return _scale_by_adabound(
-        lambda state: final_lr_ratio, None,
+        None if auto else lambda state: final_lr_ratio, None,
         b1=b1, b2=b2, eps=eps, gamma=gamma, amsbound=amsbound, bounds=bounds,
     )  # fmt: skip
+
+
+def _is_auto(name: str, value: Any) -> bool:
+    """Whether ``value`` asks for the estimated rate; any other string is refused."""
+    if isinstance(value, str):
+        if value != final_lr_rule.AUTO:
+            raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
+        return True
+    return False
+
+
+def _new_estimate(dtype: Any) -> FinalLrEstimate:
+    zero, count = jnp.zeros([], dtype), jnp.zeros([], jnp.int32)
+    return FinalLrEstimate(zero, zero, count, count, count, jnp.zeros([], bool))
+
+
+def _add_sample(
+    record: FinalLrEstimate, squares: jax.Array, along: jax.Array, beta: Any, cap: int
+) -> FinalLrEstimate:
+    """:func:`dynabound.final_lr.record_sample` with arrays and selects instead of branches:
+    one update's sums ``squares = sum(d*d)`` and ``along = sum(d*g)`` added to ``record``
+    (nothing changes once it is fixed)."""
+    dtype = record.average.dtype
+    estimating = ~record.fixed
+    sample = squares / jnp.where(along > 0, along, 1)
+    valid = estimating & (along > 0) & jnp.isfinite(sample) & (sample > 0)
+    samples = record.samples + valid.astype(jnp.int32)
+    # The average's weights and its bias correction from one beta, the rounded one: with
+    # 1 - beta rounded on its own, the weights would no longer add up to the correction
+    # (1e-5 relative apart in float32 with beta = 0.999). 1 - beta**n through expm1,
+    # which keeps its digits at small n.
+    keep = jnp.asarray(beta, dtype)
+    average = jnp.where(valid, keep * record.average + (1 - keep) * sample, record.average)
+    correction = -jnp.expm1(samples.astype(dtype) * _log(keep))
+    estimate = jnp.where(valid, average / jnp.where(valid, correction, 1), record.estimate)
+    change = jnp.abs(estimate - record.estimate)
+    calm_step = (record.samples > 0) & (change < final_lr_rule.SETTLE_TOLERANCE * estimate)
+    calm = jnp.where(valid, jnp.where(calm_step, record.calm + 1, 0), record.calm)
+    steps = record.steps + estimating.astype(jnp.int32)
+    settled = (calm >= final_lr_rule.SETTLE_PATIENCE) | (steps >= cap)
+    fixed = record.fixed | (estimating & (samples > 0) & settled)
+    return FinalLrEstimate(estimate, average, samples, calm, steps, fixed)
+
+
+def final_lr_in_use(state: Any) -> jax.Array:
+    """The ``final_lr`` the next update of ``final_lr="auto"`` uses: the estimate so far
+    (fixed or not) times the base learning rate, or NaN before the first sample (the
+    updates are Adam's then, unclipped).
+
+    ``state`` is any optimizer state that holds one :class:`ScaleByAdaBoundState` with a
+    :class:`FinalLrEstimate` (a chain, ``inject_hyperparams``, ``MultiSteps``...; pass the
+    part that holds it when there are several). For :func:`scale_by_adabound` used on its
+    own, which knows no learning rate, the value is the estimated ``final_lr_ratio``.
+    Works inside ``jit``: log it with the loss to follow the estimate step by step.
+    """
+    found = [
+        x
+        for x in jax.tree_util.tree_leaves(
+            state, is_leaf=lambda x: isinstance(x, ScaleByAdaBoundState)
+        )
+        if isinstance(x, ScaleByAdaBoundState) and x.final_lr_estimate is not None
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"final_lr_in_use needs a state with one final_lr='auto' estimate, found "
+            f"{len(found)}: pass the part of the state that holds the one you want"
+        )
+    core = found[0]
+    record = core.final_lr_estimate
+    value = record.estimate
+    if core.base_learning_rate is not None:
+        value = value * core.base_learning_rate.astype(value.dtype)
+    return jnp.where(record.samples > 0, value, jnp.nan)
 
 
 def _float_dtype() -> Any:
@@ -188,11 +307,24 @@ def _scale_by_adabound(
     amsbound: bool,
     bounds: str,
 ) -> optax.GradientTransformation:
-    """:func:`scale_by_adabound` with rho taken from ``ratio(state)``; ``initial_base()``,
-    unless None, is the base learning rate that ``init`` keeps in the state."""
+    """:func:`scale_by_adabound` with rho taken from ``ratio(state)``, or estimated
+    (``final_lr="auto"``) when ``ratio`` is None; ``initial_base()``, unless None, is the
+    base learning rate that ``init`` keeps in the state."""
+    auto = ratio is None
+    if auto and callable(bounds):
+        raise ValueError(final_lr_rule.AUTO_WITH_BOUND_FUNCTION)
+    if auto and bounds == "paper":
+        raise ValueError(final_lr_rule.AUTO_WITH_PAPER_BOUNDS)
     _validate_core(b1, b2, eps, gamma)
     if bounds not in _BOUNDS:
         raise ValueError(f"bounds must be 'reference' or 'paper', got {bounds!r}")
+    if auto:
+        # In double, as the PyTorch classes count: in float32, 1/0.02 is 50.000001.
+        known = _concrete(gamma)
+        if known is not None:
+            cap = final_lr_rule.estimation_cap(known)
+        else:  # injected by inject_hyperparams
+            cap = jnp.maximum(final_lr_rule.SETTLE_PATIENCE, jnp.ceil(1 / gamma))
 
     def init_fn(params: optax.Params) -> ScaleByAdaBoundState:
         base = None if initial_base is None else jnp.asarray(initial_base(), _float_dtype())
@@ -202,22 +334,30 @@ def _scale_by_adabound(
             nu=jax.tree_util.tree_map(jnp.zeros_like, params),
             nu_max=jax.tree_util.tree_map(jnp.zeros_like, params) if amsbound else None,
             base_learning_rate=base,
+            final_lr_estimate=_new_estimate(_float_dtype()) if auto else None,
         )
 
     def update_fn(updates, state, params=None):
         del params
         count = _safe_increment(state.count)
         dtype = _float_dtype()
+        record = state.final_lr_estimate
         numerator, lower, upper, scale, eps_ = _coefficients(
             count,
             b1=b1,
             b2=b2,
             eps=eps,
-            rho=ratio(state),
+            rho=record.estimate if auto else ratio(state),
             gamma=gamma,
             bounds=bounds,
             dtype=dtype,
         )
+        if auto:
+            # Before the first sample there is no final to bound by: the update is Adam's.
+            # The largest finite value, not inf: an inf bound times a zero moment is NaN.
+            has_estimate = record.samples > 0
+            lower = jnp.where(has_estimate, lower, 0)
+            upper = jnp.where(has_estimate, upper, jnp.finfo(dtype).max)
 
         def leaf(g, m, v, v_max=None):
             ref = m
@@ -233,24 +373,34 @@ def _scale_by_adabound(
                 u = v_max = jnp.maximum(_as_real(v_max).astype(work), v)
             # reciprocal-then-multiply, in the order of the PyTorch kernels.
             rate = (1 / (jnp.sqrt(u) + c(eps_))) * c(numerator)
+            if auto:
+                # The unclipped Adam step per unit of lr, projected on the gradient it used.
+                step = (rate * m).astype(dtype)
+                sums = (jnp.sum(step * step), jnp.sum(step * g.astype(dtype)))
             rate = jnp.clip(rate, c(lower), c(upper))
             if scale is not None:
                 rate = rate * c(scale)
             out = (rate * m, m, v) + ((v_max,) if v_max is not None else ())
-            return tuple(_like(x, ref) for x in out)
+            out = tuple(_like(x, ref) for x in out)
+            return out + sums if auto else out
 
         trees = (updates, state.mu, state.nu) + ((state.nu_max,) if amsbound else ())
         results = jax.tree_util.tree_map(leaf, *trees)
         treedef = jax.tree_util.tree_structure(updates)
+        outputs = len(trees) + (2 if auto else 0)
         parts = jax.tree_util.tree_transpose(
-            treedef, jax.tree_util.tree_structure((0,) * len(trees)), results
+            treedef, jax.tree_util.tree_structure((0,) * outputs), results
         )
+        if auto:
+            squares, along = (sum(jax.tree_util.tree_leaves(x)) for x in parts[-2:])
+            record = _add_sample(record, squares, along, b2, cap)
         return parts[0], ScaleByAdaBoundState(
             count=count,
             mu=parts[1],
             nu=parts[2],
             nu_max=parts[3] if amsbound else None,
             base_learning_rate=state.base_learning_rate,
+            final_lr_estimate=record,
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -297,6 +447,7 @@ def _adabound_core(
             base_learning_rate = _concrete(_initial_value(learning_rate))
         if base_learning_rate is not None:
             _require_positive_base(base_learning_rate, learning_rate)
+    auto = isinstance(final_lr, str)  # "auto", checked by _alias
     if base_learning_rate is None:
 
         def initial_base() -> Any:
@@ -305,7 +456,9 @@ def _adabound_core(
             return value
 
         return _scale_by_adabound(
-            lambda state: final_lr / state.base_learning_rate, initial_base, **core
+            None if auto else lambda state: final_lr / state.base_learning_rate,
+            initial_base,
+            **core,
         )
     _check(
         "base_learning_rate",
@@ -313,6 +466,8 @@ def _adabound_core(
         lambda v: v > 0.0,
         "> 0; it is the learning rate at which final_lr applies, e.g. base_learning_rate=1e-3",
     )
+    if auto:
+        return _scale_by_adabound(None, lambda: base_learning_rate, **core)
     ratio = final_lr / base_learning_rate
     return _scale_by_adabound(lambda state: ratio, lambda: base_learning_rate, **core)
 
@@ -388,7 +543,8 @@ def _alias(
 ) -> optax.GradientTransformation:
     if not callable(learning_rate):
         _check("learning_rate", learning_rate, lambda v: v >= 0.0, ">= 0")
-    _check("final_lr", final_lr, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
+    if not _is_auto("final_lr", final_lr):
+        _check("final_lr", final_lr, lambda v: v > 0.0, _POSITIVE_FINAL_LR)
     _check("weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0")
     adabound_core = _adabound_core(learning_rate, base_learning_rate, final_lr, **core)
     lr = optax.scale_by_learning_rate(learning_rate)
@@ -403,7 +559,7 @@ def _alias(
 
 def adabound(
     learning_rate: optax.ScalarOrSchedule,
-    final_lr: float = 0.1,
+    final_lr: float | str = 0.1,
     gamma: float = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -418,7 +574,10 @@ def adabound(
 
     ``final_lr`` is the SGD rate the bounds converge to at ``learning_rate ==
     base_learning_rate``; the bounds scale with ``learning_rate / base_learning_rate``, so a
-    decaying schedule decays them too. ``weight_decay`` is an L2 term added to the gradient
+    decaying schedule decays them too. ``final_lr="auto"`` estimates it from the Adam
+    phase (:mod:`dynabound.final_lr`, ``"reference"`` bounds only), over all the leaves
+    this optimizer updates, as the PyTorch classes do per param group: read the rate in use
+    with :func:`final_lr_in_use`. ``weight_decay`` is an L2 term added to the gradient
     (see :func:`adaboundw` for decoupled decay).
 
     ``base_learning_rate`` defaults to the learning rate at step 0 (a schedule's value at
@@ -442,7 +601,7 @@ def adabound(
 
 def amsbound(
     learning_rate: optax.ScalarOrSchedule,
-    final_lr: float = 0.1,
+    final_lr: float | str = 0.1,
     gamma: float = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -461,7 +620,7 @@ def amsbound(
 
 def adaboundw(
     learning_rate: optax.ScalarOrSchedule,
-    final_lr: float = 0.1,
+    final_lr: float | str = 0.1,
     gamma: float = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -489,7 +648,7 @@ def adaboundw(
 
 def amsboundw(
     learning_rate: optax.ScalarOrSchedule,
-    final_lr: float = 0.1,
+    final_lr: float | str = 0.1,
     gamma: float = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
