@@ -233,9 +233,9 @@ def test_inject_hyperparams_follows_schedule_like_torch(dtype, base):
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_inject_hyperparams_lr_set_by_hand_like_torch_group_lr(base):
-    """The README's recipe: change state.hyperparams['learning_rate'] between jitted steps,
-    as a PyTorch loop changes group['lr']; the bounds follow it through the base learning
-    rate, given or kept in the state since init."""
+    """The recipe of docs/api/optax.md: change state.hyperparams['learning_rate'] between
+    jitted steps, as a PyTorch loop changes group['lr']; the bounds follow it through the
+    base learning rate, given or kept in the state since init."""
     with _enable_x64(True):
         tx = optax.inject_hyperparams(dbo.amsbound)(
             learning_rate=1e-3, weight_decay=0.01, **BASES[base]

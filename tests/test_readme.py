@@ -1,5 +1,6 @@
-"""The README's code runs: every ```python block executes in a fresh interpreter, and the
-quick start's test command is the one CI runs."""
+"""The documented code runs: every ```python block of the README and of the documentation
+site's pages executes in a fresh interpreter, and the quick start's test command is the one
+CI runs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
+# The README and every page of the site (mkdocs.yml's docs_dir).
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+# Pages whose ```python blocks are excerpts of multi-process scripts, shown and not run;
+# tests/distributed runs what they show.
+EXCERPTS = {ROOT / "docs" / "distributed.md"}
 
 # Extras that a plain install lacks: a block needing one of them skips without it.
 OPTIONAL = {
@@ -34,24 +40,29 @@ NOT_RUN = {"bash", "bibtex"}
 _FENCE = re.compile(r"^```(\S*)\n(.*?)^```\s*$", re.M | re.S)
 
 
-def _blocks() -> list[tuple[str, str, str]]:
-    """(language, section heading, code) for each fenced block, in order."""
-    text = README.read_text(encoding="utf-8")
+def _blocks(page: Path = README) -> list[tuple[str, str, str]]:
+    """(language, section heading, code) for each fenced block of ``page``, in order."""
+    text = page.read_text(encoding="utf-8")
     out = []
     for match in _FENCE.finditer(text):
-        headings = re.findall(r"^#{2,3} (.+)$", text[: match.start()], re.M)
+        headings = re.findall(r"^#{1,3} (.+)$", text[: match.start()], re.M)
         out.append((match.group(1), headings[-1] if headings else "top", match.group(2)))
     return out
 
 
 def _python_blocks() -> list[pytest.param]:
     params, seen = [], {}
-    for lang, heading, code in _blocks():
-        if lang != "python":
+    for page in PAGES:
+        if page in EXCERPTS:
             continue
-        slug = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")[:40]
-        seen[slug] = seen.get(slug, 0) + 1
-        params.append(pytest.param(code, id=f"{slug}-{seen[slug]}"))
+        name = page.relative_to(ROOT).with_suffix("").as_posix()
+        for lang, heading, code in _blocks(page):
+            if lang != "python":
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")[:40]
+            key = f"{name}:{slug}"
+            seen[key] = seen.get(key, 0) + 1
+            params.append(pytest.param(code, id=f"{key}-{seen[key]}"))
     return params
 
 
@@ -84,7 +95,7 @@ def _run_snippet(code: str, cwd: Path) -> None:
     )
     if result.returncode != 0:
         pytest.fail(
-            f"README snippet exited with {result.returncode}:\n{code}\n--- stderr ---\n"
+            f"documented snippet exited with {result.returncode}:\n{code}\n--- stderr ---\n"
             f"{result.stderr[-4000:]}",
             pytrace=False,
         )
@@ -106,14 +117,20 @@ def test_a_broken_snippet_fails(tmp_path):
 def test_the_sections_with_code_have_runnable_blocks():
     """Guards the extraction: a changed fence or heading must not leave nothing to run."""
     headings = {heading for lang, heading, _ in _blocks() if lang == "python"}
-    for section in ("Usage", "JAX / optax", "Diagnostics"):
-        assert any(h.startswith(section) for h in headings), (section, headings)
+    for section in ("PyTorch", "JAX / optax", "Keras 3"):
+        assert section in headings, (section, headings)
+    ids = [p.id for p in _python_blocks()]
+    pages = ["usage", "api/optax", "api/keras", "api/diagnostics", "api/scaling"]
+    pages += ["api/state_formats", "api/kernels", "api/final_lr"]
+    for page in pages:
+        assert any(i.startswith(f"docs/{page}:") for i in ids), (page, ids)
     assert sum("inject_hyperparams" in p.values[0] for p in _python_blocks()) == 1
 
 
-def test_every_block_is_run_or_known_to_be_shell():
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_block_is_run_or_known_to_be_shell(page):
     unknown = [
-        (lang, heading) for lang, heading, _ in _blocks() if lang not in NOT_RUN | {"python"}
+        (lang, heading) for lang, heading, _ in _blocks(page) if lang not in NOT_RUN | {"python"}
     ]
     assert not unknown
 

@@ -109,14 +109,22 @@ def step_coefficients(
 
 
 class ScheduleParameters(Protocol):
-    """What :func:`step_coefficients` reads, as attributes (a :class:`dynabound.spec.StepSpec`)."""
+    """What :func:`step_coefficients` reads, as attributes (a :class:`dynabound.spec.StepSpec`).
 
-    bounds: BoundsSpec
-    final_lr: float
-    base_lr: float
-    gamma: float
-    beta1: float
-    beta2: float
+    Read-only properties, so that a NamedTuple's fields satisfy it."""
+
+    @property
+    def bounds(self) -> BoundsSpec: ...
+    @property
+    def final_lr(self) -> float: ...
+    @property
+    def base_lr(self) -> float: ...
+    @property
+    def gamma(self) -> float: ...
+    @property
+    def beta1(self) -> float: ...
+    @property
+    def beta2(self) -> float: ...
 
 
 def step_coefficients_from(step: Scalar, spec: ScheduleParameters) -> StepCoefficients:
@@ -202,6 +210,7 @@ def _rescaling(upper: Scalar, k: Scalar, dtype: torch.dtype) -> Scalar:
     """2**e with k = m * 2**e, m in [0.5, 1), where ``upper`` or ``upper * k`` comes within a
     factor of two of ``dtype``'s largest value; 1 elsewhere."""
     low, high = 2.0**-_EXPONENT_LIMIT, 2.0**_EXPONENT_LIMIT
+    two: Scalar
     if isinstance(k, Tensor):
         # In dtype: a float scalar times it then keeps dtype's precision, not k's.
         k = k.detach().to(dtype)

@@ -23,8 +23,8 @@ term as 0: each step sees it, but the next one has lost it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -219,6 +219,8 @@ def adabound_step(
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# What torch's foreach ops take (and those that return a new list give back a tuple).
+_TensorList = list[Tensor] | tuple[Tensor, ...]
 _FIELDS = ("numerator", "lower", "upper", "multiplier")
 
 
@@ -242,18 +244,22 @@ class _Scalars(NamedTuple):
     multiplier: Any
     eps_used: bool
 
+    @classmethod
+    def of_fields(cls, fields: Iterable[Any], eps_used: bool) -> _Scalars:
+        """The scalars from the first four fields, in order, and ``eps_used``."""
+        numerator, lower, upper, multiplier = fields
+        return cls(numerator, lower, upper, multiplier, eps_used)
+
     def of(self, i: int) -> tuple:
         return tuple(f[i] if isinstance(f, list) else f for f in self[:4])
 
     def take(self, indices: Sequence[int]) -> _Scalars:
-        fields = zip(_FIELDS, self[:4], strict=True)
-        return self._replace(
-            **{n: [f[i] for i in indices] for n, f in fields if isinstance(f, list)}
-        )
+        fields = ([f[i] for i in indices] if isinstance(f, list) else f for f in self[:4])
+        return _Scalars.of_fields(fields, self.eps_used)
 
     def part(self, part: slice) -> _Scalars:
-        fields = zip(_FIELDS, self[:4], strict=True)
-        return self._replace(**{n: f[part] for n, f in fields if isinstance(f, list)})
+        fields = (f[part] if isinstance(f, list) else f for f in self[:4])
+        return _Scalars.of_fields(fields, self.eps_used)
 
 
 def _step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], spec: StepSpec) -> _Scalars:
@@ -274,9 +280,9 @@ def _step_scalars(steps: list[Tensor], dtypes: list[torch.dtype], spec: StepSpec
             rows[key] = (c.numerator, c.lower, c.upper, lr * c.scale, c.eps_used)
     eps_used = next(iter(rows.values()))[4]
     if len(rows) == 1:
-        return _Scalars(*next(iter(rows.values()))[:4], eps_used)
+        return _Scalars.of_fields(next(iter(rows.values()))[:4], eps_used)
     columns = zip(*(rows[key][:4] for key in keys), strict=True)
-    return _Scalars(*(list(column) for column in columns), eps_used)
+    return _Scalars.of_fields((list(column) for column in columns), eps_used)
 
 
 def _tensor_step_scalars(
@@ -296,7 +302,7 @@ def _tensor_step_scalars(
         for column, field in zip(columns, scalars[:4], strict=True):
             for j, i in enumerate(indices):
                 column[i] = field[j] if isinstance(field, list) else field
-    return _Scalars(*columns, scalars.eps_used)
+    return _Scalars.of_fields(columns, scalars.eps_used)
 
 
 def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, spec: StepSpec) -> _Scalars:
@@ -308,8 +314,8 @@ def _vector_scalars(steps: list[Tensor], dtype: torch.dtype, spec: StepSpec) -> 
     c = _coefficients(step, dtype, spec, spec.lr)
     fields = [c.numerator, c.lower, c.upper, spec.lr * c.scale]
     fields = [f.to(dtype) if isinstance(f, Tensor) else f for f in fields]
-    return _Scalars(
-        *(list(f.unbind()) if isinstance(f, Tensor) and f.dim() == 1 else f for f in fields),
+    return _Scalars.of_fields(
+        (list(f.unbind()) if isinstance(f, Tensor) and f.dim() == 1 else f for f in fields),
         c.eps_used,
     )
 
@@ -332,7 +338,7 @@ def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
             # Real and imaginary parts are independent coordinates, as in torch's Adam.
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-            if amsbound:
+            if max_exp_avg_sq is not None:
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
         stored = None
         if param.dtype in _LOW_PRECISION:
@@ -340,7 +346,7 @@ def _single_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
             param, grad, exp_avg, exp_avg_sq = (
                 t.to(torch.float32) for t in (param, grad, exp_avg, exp_avg_sq)
             )
-            if amsbound:
+            if max_exp_avg_sq is not None:
                 max_exp_avg_sq = max_exp_avg_sq.to(torch.float32)
         _update_tensor(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars.of(i), scalars.eps_used,
@@ -432,21 +438,25 @@ def _single_tensor_encoded(tensors: StepTensors, spec: StepSpec) -> None:
         stored_param = formats.memory_flat(param)
         work_param = stored_param.to(torch.float32, copy=True)
         work_grad = formats.memory_flat(grad).to(torch.float32)
-        work = [_read_moment(t, signed=k == 0) for k, t in enumerate(moments)]
-        _update_tensor(
-            work_param, work_grad, *work, scalars.of(i), scalars.eps_used, spec, tensors.projection
+        work_avg, work_avg_sq, work_max = (
+            _read_moment(t, signed=k == 0) for k, t in enumerate(moments)
         )
+        _update_tensor(
+            work_param, work_grad, work_avg, work_avg_sq, work_max, scalars.of(i),
+            scalars.eps_used, spec, tensors.projection,
+        )  # fmt: skip
         bits = formats.random_bits(
             formats.step_key(seed, step, formats.STREAM_STATE), work_param.numel(), param.device
         )
         noise = (bits & 0xFFFF, bits >> 16, bits >> 16)  # exp_avg, exp_avg_sq, max_exp_avg_sq
+        work = (work_avg, work_avg_sq, work_max)
         for k, (target, value) in enumerate(zip(moments, work, strict=True)):
-            if target is not None:
+            if target is not None and value is not None:
                 _write_moment(target, value, noise[k], k == 0, state_dtype)
         if spec.stochastic_rounding and stored_param.dtype is torch.bfloat16:
             key = formats.step_key(seed, step, formats.STREAM_PARAM)
-            noise = formats.random_bits(key, work_param.numel(), param.device) & 0xFFFF
-            stored_param.copy_(formats.round_bfloat16(work_param, noise))
+            param_noise = formats.random_bits(key, work_param.numel(), param.device) & 0xFFFF
+            stored_param.copy_(formats.round_bfloat16(work_param, param_noise))
         else:
             stored_param.copy_(work_param)
 
@@ -501,10 +511,8 @@ def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     if amsbound:
         lists.append(max_exp_avg_sqs)
-    grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(
-        lists, with_indices=True
-    )
-    for device_lists, _ in grouped.values():
+    grouped = _by_device_and_dtype(lists)
+    for device_lists, _ in grouped:
         d_steps = device_lists[4]
         if not capturable and d_steps[0].is_cpu:
             torch._foreach_add_(d_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
@@ -513,7 +521,7 @@ def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
     dtypes = [_arithmetic_dtype(p.dtype) for p in params]
     scalars = _step_scalars(state_steps, dtypes, spec)
 
-    for device_lists, indices in grouped.values():
+    for device_lists, indices in grouped:
         d_params, d_grads, d_avgs, d_avg_sqs = device_lists[:4]
         d_max = device_lists[5] if amsbound else []
         if spec.has_complex:
@@ -537,6 +545,19 @@ def _multi_tensor_adabound(tensors: StepTensors, spec: StepSpec) -> None:
             )
 
 
+def _by_device_and_dtype(
+    lists: list[list[Tensor]],
+) -> list[tuple[list[list[Tensor]], list[int]]]:
+    """The lists split by the device and dtype of the first list's tensors, each part with
+    the indices of its tensors."""
+    # torch types the lists as holding None (optional state in its own optimizers); these
+    # are whole lists of tensors, and grouping only reorders them.
+    grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(
+        cast(list[list[Tensor | None]], lists), with_indices=True
+    )
+    return cast(list[tuple[list[list[Tensor]], list[int]]], list(grouped.values()))
+
+
 def _multi_tensor_chunk(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars, spec, *, low_precision,
     projection=None,
@@ -557,7 +578,7 @@ def _multi_tensor_chunk(
         projection=projection,
     )  # fmt: skip
     for targets, values in zip(stored, work, strict=True):
-        if targets is not None:
+        if targets is not None and values is not None:
             _copy_(targets, values)
 
 
@@ -643,7 +664,7 @@ def _add_projection(projection: Tensor, steps: list[Tensor], grads: list[Tensor]
         projection.add_(sums.to(projection.device))
 
 
-def _foreach_mul_(tensors: list[Tensor], value) -> None:
+def _foreach_mul_(tensors: _TensorList, value) -> None:
     if isinstance(value, Tensor) and (
         value.device != tensors[0].device or value.dtype != tensors[0].dtype
     ):
@@ -653,6 +674,6 @@ def _foreach_mul_(tensors: list[Tensor], value) -> None:
     torch._foreach_mul_(tensors, value)
 
 
-def _scalar_list(value, tensors: list[Tensor]):
+def _scalar_list(value, tensors: _TensorList):
     # The clamps have no overload for one tensor scalar.
     return [value] * len(tensors) if isinstance(value, Tensor) else value

@@ -113,7 +113,7 @@ class ScaleByAdaBoundState(NamedTuple):
     with a number.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax's name for it; shadows tuple.count
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates | None
@@ -146,7 +146,8 @@ def _validate_core(b1: Any, b2: Any, eps: Any, gamma: Any) -> None:
 def _log(b: Any) -> Any:
     # log(0) = -inf makes 1 - b**t exactly 1, the limit torch computes for b == 0.
     if isinstance(b, numbers.Real):
-        return math.log(b) if b > 0 else -math.inf
+        value = float(b)
+        return math.log(value) if value > 0 else -math.inf
     return jnp.log(b)
 
 
@@ -475,7 +476,7 @@ def _adabound_core(
 class DecoupledWeightDecayState(NamedTuple):
     """State of :func:`add_decoupled_weight_decay`: updates applied so far (int32)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax's name for it; shadows tuple.count
 
 
 def add_decoupled_weight_decay(

@@ -367,9 +367,9 @@ class AdaBound(Optimizer):
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        max_exp_avg_sqs: list[Tensor],
+        exp_avgs: list[formats.Moment],
+        exp_avg_sqs: list[formats.Moment],
+        max_exp_avg_sqs: list[formats.Moment],
         state_steps: list[Tensor],
         rounding_seeds: list[int] | None = None,
         seed_base: int = 0,
@@ -461,9 +461,9 @@ class AdaBound(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
+            exp_avgs: list[formats.Moment] = []
+            exp_avg_sqs: list[formats.Moment] = []
+            max_exp_avg_sqs: list[formats.Moment] = []
             state_steps: list[Tensor] = []
             encoded = group["state_dtype"] is not None or group["stochastic_rounding"]
             # A parameter's random bits are seeded by its place in the optimizer, which

@@ -19,6 +19,7 @@ and its name in the C++ kernel's layout.
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -95,11 +96,22 @@ class StepTensors(NamedTuple):
     def take(self, indices: list[int]) -> StepTensors:
         """The tensors at ``indices``; each keeps its seed (by default its position here).
         The projection output is shared: each part adds its sums into it."""
-        seeds = self.rounding_seeds
-        if seeds is None:
-            seeds = range(len(self.params))
-        lists = [[ts[i] for i in indices] if ts else [] for ts in self[:6]]
-        return StepTensors(*lists, [seeds[i] for i in indices], self.projection)
+        seeds: Sequence[int] = (
+            range(len(self.params)) if self.rounding_seeds is None else self.rounding_seeds
+        )
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
+            [ts[i] for i in indices] if ts else [] for ts in self[:6]
+        )
+        return StepTensors(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            [seeds[i] for i in indices],
+            self.projection,
+        )
 
 
 def _fields_annotated(kind: type) -> tuple[str, ...]:

@@ -36,7 +36,8 @@ A DTensor parameter's blocks are those of each rank's shard (:mod:`dynabound.sha
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -82,6 +83,10 @@ class Quantized(NamedTuple):
 
     codes: Tensor
     scales: Tensor
+
+
+# A stored moment as a step receives it: a tensor (float32, bfloat16, ...) or 8-bit codes.
+Moment = Tensor | Quantized
 
 
 def needs_encoding(state_dtype, stochastic_rounding: bool, params: list[Tensor]) -> bool:
@@ -272,7 +277,7 @@ def new_moment(param: Tensor, moment: str, state_dtype) -> dict[str, Tensor]:
     return {moment: codes, scale_key(moment): scales}
 
 
-def moment_float32(state: dict, moment: str) -> Tensor:
+def moment_float32(state: Mapping[str, Any], moment: str) -> Tensor:
     """One moment as a new float32 tensor in the shape and layout of its parameter's real
     view."""
     stored = state[moment]

@@ -208,7 +208,11 @@ class EffectiveRates(dict[Tensor, Tensor]):
     of elements it left out (NaN in their rate) because their second moment is still exactly
     zero, and ``numel``, the number of elements of all the rates."""
 
-    def __init__(self, rates: Mapping[Tensor, Tensor] = (), excluded: int = 0) -> None:
+    def __init__(
+        self,
+        rates: Mapping[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]] = (),
+        excluded: int = 0,
+    ) -> None:
         super().__init__(rates)
         self.excluded = excluded
 
@@ -252,9 +256,11 @@ def effective_lr(
             else:
                 rate = _torch_rate(optimizer, group, state)
             if exclude_zero_second_moment:
-                never = _second_moment(optimizer, group, state) == 0
-                rate.masked_fill_(never, math.nan)
-                rates.excluded += int(never.sum())
+                moment = _second_moment(optimizer, group, state)
+                if moment is not None:  # None only for SGD, which returned above
+                    never = moment == 0
+                    rate.masked_fill_(never, math.nan)
+                    rates.excluded += int(never.sum())
             rates[p] = rate
     return rates
 

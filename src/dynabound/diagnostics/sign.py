@@ -95,14 +95,13 @@ class SignMonitor:
         self.calls += 1
         if self.calls % self.every:
             return
-        self._before = [
-            (p, p.detach().clone(), float(group["lr"]))
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        # The gradient is read before the step: some optimizers write into p.grad.
-        self._grads = [p.grad.detach().clone() for p, _, _ in self._before]
+        self._before, self._grads = [], []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._before.append((p, p.detach().clone(), float(group["lr"])))
+                    # Read before the step: some optimizers write into p.grad.
+                    self._grads.append(p.grad.detach().clone())
 
     def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._before is None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .console import PROGRESS_EVERY
 from .optimizers import OPTIMIZERS
 from .presets import TASK_PRESETS, preset
 from .savepoints import CHECKPOINT_EVERY
 from .tasks import TASKS
+
+if TYPE_CHECKING:
+    from .tasks.base import Task
 
 __all__ = [
     "HPARAMS",
@@ -103,7 +106,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _presets_text(task: type, optimizers: tuple[str, ...]) -> str:
+def _presets_text(task: type[Task], optimizers: tuple[str, ...]) -> str:
     """The paper's presets of ``task`` for ``optimizers``, one line each, for --help: what a
     run with the task's default options trains with."""
 
@@ -148,7 +151,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training(p: argparse.ArgumentParser, task: type, mode: str) -> None:
+def _add_training(p: argparse.ArgumentParser, task: type[Task], mode: str) -> None:
     if mode == "run":
         p.add_argument(
             "--optim",

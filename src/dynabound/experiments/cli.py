@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import (
     HPARAMS,
@@ -22,6 +22,9 @@ from .arguments import (
 from .devices import shutdown_distributed
 from .tasks import get_task
 
+if TYPE_CHECKING:
+    from .tasks.base import Task
+
 __all__ = ["build_parser", "main"]
 
 
@@ -33,7 +36,7 @@ def _hparam_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
 
 
-def _config_kwargs(ns: argparse.Namespace, task: type) -> dict[str, Any]:
+def _config_kwargs(ns: argparse.Namespace, task: type[Task]) -> dict[str, Any]:
     return {
         "task_args": task.task_args(ns),
         "epochs": ns.epochs,
@@ -50,14 +53,16 @@ def _config_kwargs(ns: argparse.Namespace, task: type) -> dict[str, Any]:
     }
 
 
-def _default_out(task: type, config: dict[str, Any], suffix: str | None = None) -> Path:
+def _default_out(task: type[Task], config: dict[str, Any], suffix: str | None = None) -> Path:
     name = task.run_name(config)
     if suffix:
         name = name.rsplit("-", 1)[0] + f"-{suffix}"
     return Path("runs") / name
 
 
-def _resume_given(ns: argparse.Namespace, task: type, saved: dict[str, Any]) -> dict[str, Any]:
+def _resume_given(
+    ns: argparse.Namespace, task: type[Task], saved: dict[str, Any]
+) -> dict[str, Any]:
     """The options given on the command line, as config entries, for a resume check."""
     given: dict[str, Any] = {"task": task.name, "device": ns.device or saved.get("device", "auto")}
     for key, value in (
@@ -147,7 +152,9 @@ def _accepts(optim: str, key: str) -> bool:
 Job = tuple[str, dict[str, Any], int | None, Path]  # optim, overrides, seed (None: --seed), dir
 
 
-def _run_collection(ns: argparse.Namespace, task: type, jobs: list[Job]) -> tuple[list[Path], bool]:
+def _run_collection(
+    ns: argparse.Namespace, task: type[Task], jobs: list[Job]
+) -> tuple[list[Path], bool]:
     """Train each (optim, overrides, seed, run_dir) in turn, resuming runs already started
     there; a finished run is only read back, so rerunning a collection costs no training."""
     from .runner import CHECKPOINT, build_config
@@ -185,7 +192,7 @@ def _finished(config: dict[str, Any], run_dir: Path) -> bool:
     return ckpt["config"]["epochs"] == epochs and ckpt["epoch"] >= epochs
 
 
-def _results_table(task: type, run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
+def _results_table(task: type[Task], run_dirs: list[Path]) -> tuple[str, list[dict[str, Any]]]:
     from .plots import run_labels
     from .runner import load_run
     from .seeds import final_and_best
@@ -258,7 +265,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _write_aggregate(task: type, run_dirs: list[Path], out: Path) -> None:
+def _write_aggregate(task: type[Task], run_dirs: list[Path], out: Path) -> None:
     """OUT/aggregate.json and OUT/aggregate.md: per optimizer, mean ± std and count of the
     final and best test metric over the seeds."""
     from .plots import run_label
@@ -281,7 +288,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     overrides = _hparam_overrides(ns)
     probe_config = build_config(task.name, ns.optim, **_config_kwargs(ns, task))
     out = Path(ns.out) if ns.out else _default_out(task, probe_config, f"sweep-{ns.optim}")
-    jobs = []
+    jobs: list[Job] = []
     for gamma in ns.gamma:
         for final_lr in ns.final_lr:
             values = {**overrides, "final_lr": final_lr, "gamma": gamma}
@@ -486,9 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_distributed(wait_for_peers=True)
         return code
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in EXTRA:
+        package = (exc.name or "").split(".")[0]
+        if package not in EXTRA:
             raise
-        print(_needs_extra(ns.command, [EXTRA[exc.name.split(".")[0]]]), file=sys.stderr)
+        print(_needs_extra(ns.command, [EXTRA[package]]), file=sys.stderr)
         return 2
     except (DataUnavailableError, DataFormatError, DownloadError, ValueError, OSError) as exc:
         print(f"dynabound {ns.command}: error: {exc}", file=sys.stderr)

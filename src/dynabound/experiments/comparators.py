@@ -47,11 +47,14 @@ class _Checked(torch.optim.Optimizer):
 
     @staticmethod
     def _grad(p: Tensor, name: str) -> Tensor:
-        if p.grad.is_sparse:
+        grad = p.grad
+        if grad is None:  # the steps skip such parameters before asking
+            raise RuntimeError(f"{name}: a parameter without a gradient has nothing to step")
+        if grad.is_sparse:
             raise RuntimeError(f"{name} does not support sparse gradients")
         if torch.is_complex(p):
             raise RuntimeError(f"{name} does not support complex parameters")
-        return p.grad
+        return grad
 
     def _closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:

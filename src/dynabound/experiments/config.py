@@ -89,7 +89,7 @@ def build_config(
         values = scaled_hparams(optim, values, scale_from_batch, batch)
     values = cls.adjust_hparams(optim.lower(), values, args)
     check_hparams(optim, values)
-    config = {
+    config: dict[str, Any] = {
         "task": task,
         "optim": optim.lower(),
         "hparams": values,

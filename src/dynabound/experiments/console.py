@@ -19,7 +19,7 @@ class Console:
     def __init__(self, lines: bool, bars: bool):
         self.enabled = lines
         self.bars = bars
-        self._tqdm = None
+        self._tqdm: Any = None
         if self.bars:
             try:
                 from tqdm.auto import tqdm
@@ -47,6 +47,8 @@ class _NoBar:
         self.iterable = iterable
 
     def __iter__(self):
+        if self.iterable is None:  # as tqdm(None): a bar without one only counts update()s
+            raise TypeError("this progress bar has no iterable")
         return iter(self.iterable)
 
     def update(self, n: int = 1) -> None:

@@ -63,9 +63,12 @@ def _python_raw(state: dict[str, Any]) -> tuple[Any, ...]:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """torch's, numpy's and Python's global generators (and ``device``'s on CUDA)."""
+    legacy = np.random.get_state(legacy=True)
+    if not isinstance(legacy, tuple):  # numpy's global generator is always MT19937
+        raise TypeError(f"numpy's global generator is not MT19937: {legacy!r}")
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": numpy_state(np.random.get_state()),
+        "numpy": numpy_state(legacy),
         "python": python_state(random.getstate()),
     }
     if device.type == "cuda":

@@ -96,7 +96,7 @@ _PTB = _with(
 )
 # final_lr is the problem's (set by the convex task): 0.5 or 1e-3.
 _BOUNDED_THEORY = {"lr": 0.5, "bounds": "paper", "box": (-1.0, 1.0)}
-_CONVEX = {
+_CONVEX: dict[str, dict[str, Any]] = {
     "adam": {"lr": 0.5},
     "amsgrad": {"lr": 0.5},
     "adabound": dict(_BOUNDED_THEORY),

@@ -115,7 +115,7 @@ def append_environment(run_dir: Path, record: dict[str, Any]) -> None:
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The epochs recorded in a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
-    records = []
+    records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.is_file():
         return records

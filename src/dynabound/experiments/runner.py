@@ -163,7 +163,8 @@ class _Run:
         config, device = self.config, self.device
         self.model = self.task.build_model(self.spec).to(device)
         if device.type == "cuda" and any(m.__class__ is nn.Conv2d for m in self.model.modules()):
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads leave it out.
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = build_optimizer(
             config["optim"], self.model.parameters(), config["hparams"]
         )

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ TORCH_WITH_MIN_TRITON = "2.7"
 # torch 2.4 cannot compile a graph holding an operator that mutates lists of tensors
 # (AOTAutograd functionalizes only single mutated tensors), so there a compiled step runs
 # the fused step eagerly between graphs instead of as one node of the graph.
-COMPILES_FUSED_OP = torch.__version__ >= (2, 5)
+COMPILES_FUSED_OP = torch.__version__ >= "2.5"
 
 
 def _increment_version_takes_lists() -> bool:
@@ -63,7 +64,7 @@ def bump_versions(tensors: list[Tensor]) -> None:
         torch.autograd.graph.increment_version(tensor)
 
 
-def dtensor_type() -> type | None:
+def dtensor_type() -> type[Any] | None:
     """DTensor's class, where torch.distributed's tensor module is loaded (no DTensor can
     exist otherwise); torch 2.4 has it under ``torch.distributed._tensor`` only."""
     for module in ("torch.distributed.tensor", "torch.distributed._tensor"):

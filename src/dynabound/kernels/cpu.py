@@ -92,7 +92,7 @@ _EPS = HYPER.index("eps")
 # The C signatures of cpu_kernel.cpp's entry points: i int, q int64, p pointer, s string.
 _CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p, "s": ctypes.c_char_p}
 _SIGNATURES = {
-    name: (_CTYPES.get(result), [_CTYPES[code] for code in args])
+    name: (_CTYPES[result] if result else None, [_CTYPES[code] for code in args])
     for name, result, args in (
         ("dynabound_adabound_cpu", "i", "iqppppiiiiq"),
         ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiq"),
@@ -253,14 +253,14 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
     """
     lib = load()
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors[:7]
+    params, grads, exp_avgs, exp_avg_sqs, all_maxima, state_steps, rounding_seeds = tensors[:7]
     if not params:
         return
     grad_scale, found_inf = spec.grad_scale, spec.found_inf
     if found_inf is not None and found_inf.item() != 0:
         return
     lr_value = spec.lr.item() if isinstance(spec.lr, Tensor) else float(spec.lr)
-    max_exp_avg_sqs = max_exp_avg_sqs if spec.amsbound else None
+    max_exp_avg_sqs = all_maxima if spec.amsbound else None
     if encoded:
         moments = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
         plan = _encoded_plan(lib, params, grads, moments, state_steps, spec.state_dtype)
@@ -276,7 +276,7 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     for launch in plan.launches:
         n = len(launch.members)
         if encoded:
-            coef = []
+            coef: list[float] = []
             for i in launch.members:
                 # The kernel derives the random keys (state_formats.step_key) from these two.
                 seed = rounding_seeds[i] if rounding_seeds is not None else i
@@ -502,7 +502,7 @@ def _cached_plan(key: tuple | None, grad_strides: list, build) -> _Plan:
     ``build() -> (launches, step pointers)``. Plans that copy a gradient into its
     parameter's layout are never cached, nor any under the key None."""
     plan = _plans.get(key) if key is not None else None
-    if plan is not None and plan.grad_strides == grad_strides:
+    if key is not None and plan is not None and plan.grad_strides == grad_strides:
         _plans.move_to_end(key)
         return plan
     launches, step_pointers = build()

@@ -16,11 +16,10 @@ Two density checks, which accept different layouts:
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import torch
 from torch import Tensor
 
+from ..spec import StepTensors
 from . import compat
 
 __all__ = [
@@ -32,8 +31,6 @@ __all__ = [
 ]
 
 DEVICE_TYPES = ("cpu", "cuda")  # the device types a fused kernel exists for
-
-T = TypeVar("T", bound=tuple)
 
 
 def dense_in_standard_order(t: Tensor) -> bool:
@@ -67,7 +64,7 @@ def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def local_shards(tensors: T) -> T:
+def local_shards(tensors: StepTensors) -> StepTensors:
     """The step's tensors (a :class:`dynabound.spec.StepTensors`) with DTensors (FSDP2,
     tensor parallel), which own no storage, replaced by their local shards: the update is
     element-wise, so it runs on each rank's shard, as torch's fused Adam does."""
@@ -82,5 +79,13 @@ def local_shards(tensors: T) -> T:
             return t._make(map(local, t))
         return t
 
-    shards = [[local(t) for t in ts] for ts in tensors[:5]]
-    return tensors._make([*shards, *tensors[5:]])
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        [local(t) for t in ts] for ts in tensors[:5]
+    )
+    return tensors._replace(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+    )

@@ -121,9 +121,9 @@ def extract_cifar10(archive: str | os.PathLike[str], dest_root: str | os.PathLik
                     name = member.name.removeprefix("./")
                     if name not in wanted:
                         continue
-                    if not member.isfile():
+                    src = tar.extractfile(member) if member.isfile() else None
+                    if src is None:
                         raise DataFormatError(f"{archive}: {name} is not a regular file")
-                    src = tar.extractfile(member)
                     with src, open(tmp / name.rsplit("/", 1)[1], "wb") as out:
                         shutil.copyfileobj(src, out)
                     wanted.discard(name)

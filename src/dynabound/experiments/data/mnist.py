@@ -119,8 +119,14 @@ def load_mnist(root: str | os.PathLike[str], download: bool = False) -> MNIST:
     and ``download`` is false, and DataFormatError for corrupt files.
     """
     directory = _pick_dir(Path(root))
-    found = {f.filename: _existing(directory, f) for f in MNIST_FILES}
-    missing = [f for f in MNIST_FILES if found[f.filename] is None]
+    found: dict[str, Path] = {}
+    missing = []
+    for f in MNIST_FILES:
+        path = _existing(directory, f)
+        if path is None:
+            missing.append(f)
+        else:
+            found[f.filename] = path
     if missing:
         found.update(require_files("MNIST", directory, missing, download_missing=download))
     p = [found[f.filename] for f in MNIST_FILES]

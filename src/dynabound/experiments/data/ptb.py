@@ -55,10 +55,22 @@ def _split_file(directory: Path, split: str) -> Path | None:
     return None
 
 
-def _find_dir(root: Path) -> Path | None:
+def _split_files(directory: Path) -> dict[str, Path] | None:
+    """The file of each split in ``directory``; None if one is missing."""
+    paths = {}
+    for split in SPLITS:
+        path = _split_file(directory, split)
+        if path is None:
+            return None
+        paths[split] = path
+    return paths
+
+
+def _find_files(root: Path) -> dict[str, Path] | None:
     for candidate in (root, root / "ptb"):
-        if all(_split_file(candidate, s) for s in SPLITS):
-            return candidate
+        paths = _split_files(candidate)
+        if paths is not None:
+            return paths
     return None
 
 
@@ -101,8 +113,9 @@ def _extract_ptb(archive: Path, directory: Path) -> None:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
-                if name in wanted and member.isfile():
-                    src = tar.extractfile(member)
+                wanted_file = name in wanted and member.isfile()
+                src = tar.extractfile(member) if wanted_file else None
+                if src is not None:
                     with src, open(tmp / wanted.pop(name), "wb") as out:
                         shutil.copyfileobj(src, out)
         if wanted:
@@ -143,8 +156,8 @@ def load_corpus(root: str | os.PathLike[str], download: bool = False) -> Corpus:
     With ``download=True`` missing Penn Treebank files are fetched into ``root/ptb``.
     """
     root = Path(root)
-    directory = _find_dir(root)
-    if directory is None:
+    paths = _find_files(root)
+    if paths is None:
         if not download:
             raise DataUnavailableError(
                 "Penn Treebank",
@@ -157,8 +170,9 @@ def load_corpus(root: str | os.PathLike[str], download: bool = False) -> Corpus:
                 ),
             )
         _download_ptb(root / "ptb")
-        directory = root / "ptb"
-    paths = {s: _split_file(directory, s) for s in SPLITS}
+        paths = _split_files(root / "ptb")
+        if paths is None:  # the download writes all three or raises
+            raise DataFormatError(f"{root / 'ptb'}: the downloaded files are incomplete")
     ids = _build_vocab(paths["train"])
     return Corpus(
         train=_encode(paths["train"], ids),

@@ -116,7 +116,7 @@ class Task:
 
     # --- command line -------------------------------------------------------------------
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
         """Task-specific options; their values land in ``config["task_args"]``."""
 
     @classmethod
@@ -302,12 +302,12 @@ class ClassificationTask(Task):
         finally:
             if sign is not None:
                 sign.remove()
-        loss_sum, correct, count = _all_reduce_sums(
+        loss_total, correct_total, count_total = _all_reduce_sums(
             [float(loss_sum), float(correct), float(count)], ctx.dist, ctx.device
         )
         metrics: dict[str, Any] = {
-            "train_loss": loss_sum / count,
-            "train_acc": 100.0 * correct / count,
+            "train_loss": loss_total / count_total,
+            "train_acc": 100.0 * correct_total / count_total,
         }
         if sign is not None:
             metrics["sign"] = sign.summary()

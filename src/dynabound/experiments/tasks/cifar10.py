@@ -30,7 +30,7 @@ class CIFAR10Task(ClassificationTask):
     eval_batch_size = 500
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
         parser.add_argument(
             "--model", choices=sorted(MODELS), default=None, help="network (default resnet34)"
         )

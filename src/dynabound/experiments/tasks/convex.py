@@ -94,7 +94,7 @@ import argparse
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -224,7 +224,7 @@ class ConvexTask(Task):
     supports_distributed = False
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
         parser.add_argument(
             "--problem",
             choices=sorted(PROBLEMS),
@@ -384,8 +384,8 @@ class ConvexTask(Task):
 
     def train_epoch(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: EpochContext
-    ) -> dict[str, float]:
-        x = ctx.raw_model.x
+    ) -> dict[str, Any]:
+        x = cast(_Point, ctx.raw_model).x
         n = self.steps_per_epoch
         done = ctx.start_batch
         first = ctx.global_step - done + 1  # t of the epoch's first step

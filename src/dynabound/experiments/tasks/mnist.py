@@ -25,7 +25,7 @@ class MNISTTask(ClassificationTask):
     optimizers = COMPARED
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
         parser.add_argument(
             "--hidden", type=int, default=None, help="hidden units of the perceptron (default 256)"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class PTBTask(Task):
     optimizers = COMPARED
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
         parser.add_argument(
             "--layers", type=int, choices=(1, 2, 3), default=None, help="LSTM layers (default 1)"
         )
@@ -123,7 +123,7 @@ class PTBTask(Task):
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: EpochContext
     ) -> dict[str, float]:
         model.train()
-        hidden = ctx.raw_model.init_hidden(self.train.shape[1])
+        hidden = cast(LSTMLanguageModel, ctx.raw_model).init_hidden(self.train.shape[1])
         total = math.ceil((self.train.shape[0] - 1) / self.bptt)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         tokens = 0
@@ -161,21 +161,21 @@ class PTBTask(Task):
             loss_sum += loss.detach() * y.numel()
             tokens += y.numel()
             ctx.on_batch(i, state)
-        loss_value, tokens = float(loss_sum), float(tokens)
+        loss_value, token_count = float(loss_sum), float(tokens)
         if ctx.dist.enabled:
             import torch.distributed as tdist
 
-            t = torch.tensor([loss_value, tokens], dtype=torch.float64, device=ctx.device)
+            t = torch.tensor([loss_value, token_count], dtype=torch.float64, device=ctx.device)
             tdist.all_reduce(t)
-            loss_value, tokens = t.tolist()
-        train_loss = loss_value / tokens
+            loss_value, token_count = t.tolist()
+        train_loss = loss_value / token_count
         return {"train_loss": train_loss, "train_ppl": _ppl(train_loss)}
 
     def running_loss(self, state: EpochState) -> float | None:
         return float(state["loss_sum"]) / state["tokens"] if state["tokens"] else None
 
     @torch.no_grad()
-    def _nll(self, model: nn.Module, data: torch.Tensor, ctx: EpochContext) -> float:
+    def _nll(self, model: LSTMLanguageModel, data: torch.Tensor, ctx: EpochContext) -> float:
         hidden = model.init_hidden(data.shape[1])
         total, tokens = 0.0, 0
         for x, y in bptt_batches(data, self.bptt):
@@ -190,7 +190,7 @@ class PTBTask(Task):
     def evaluate(self, model: nn.Module, ctx: EpochContext) -> dict[str, float]:
         # Every rank evaluates the (small) validation and test streams in full with
         # identical weights, so no communication is needed and all ranks agree.
-        raw = ctx.raw_model
+        raw = cast(LSTMLanguageModel, ctx.raw_model)
         raw.eval()
         valid, test = self._nll(raw, self.valid, ctx), self._nll(raw, self.test, ctx)
         return {
