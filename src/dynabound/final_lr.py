@@ -49,7 +49,9 @@ first sample exists (a group's first step) the step is Adam's, unclipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
+from typing import Any
 
 __all__ = [
     "AUTO",
@@ -219,7 +221,7 @@ def record_sample(record: dict, step: int, sample: float, beta: float, cap: int)
     return False
 
 
-def final_lr_at(group: dict, step: int) -> float | None:
+def final_lr_at(group: Mapping[str, Any], step: int) -> float | None:
     """The ``final_lr`` a param group's step ``step`` used (or, for a step not taken yet,
     will use): the group's number, or during estimation the estimate of the step before
     (None: the step was Adam's, unbounded, before the first sample)."""

@@ -98,7 +98,8 @@ def adabound(
     auto = isinstance(final_lr, str)
     if auto and final_lr != final_lr_rule.AUTO:
         raise ValueError(f"final_lr must be a number or 'auto', got {final_lr!r}")
-    if auto and final_lr_estimation is None:
+    record = final_lr_estimation
+    if auto and record is None:
         raise ValueError("final_lr='auto' needs final_lr_estimation (final_lr.new_estimation())")
     spec = StepSpec(
         lr=lr,
@@ -126,8 +127,8 @@ def adabound(
     tensors = StepTensors(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
     )
-    if auto:
-        return estimating_step(tensors, spec, final_lr_estimation, foreach=foreach, fused=fused)
+    if record is not None and auto:
+        return estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
     adabound_step(tensors, spec, foreach=foreach, fused=fused)
     return None
 
@@ -649,16 +650,17 @@ def _multi_tensor_update(
         torch._foreach_clamp_max_(params, spec.box[1])
 
 
-def _add_projection(projection: Tensor, steps: list[Tensor], grads: list[Tensor]) -> None:
+def _add_projection(projection: Tensor, steps: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     """Add ``sum(d*d)`` and ``sum(d*g)`` over the Adam steps ``d`` (unclipped, per unit of
     ``lr * scale``) and the gradients ``g`` to ``projection``, in float64."""
     with torch.no_grad():
-        steps = [d.detach().reshape(-1).to(torch.float64) for d in steps]
-        grads = [g.detach().reshape(-1).to(torch.float64) for g in grads]
+        flat_steps = [d.detach().reshape(-1).to(torch.float64) for d in steps]
+        flat_grads = [g.detach().reshape(-1).to(torch.float64) for g in grads]
+        pairs = zip(flat_steps, flat_grads, strict=True)
         sums = torch.stack(
             [
-                sum(torch.dot(d, d) for d in steps),
-                sum(torch.dot(d, g) for d, g in zip(steps, grads, strict=True)),
+                torch.stack([torch.dot(d, d) for d in flat_steps]).sum(),
+                torch.stack([torch.dot(d, g) for d, g in pairs]).sum(),
             ]
         )
         projection.add_(sums.to(projection.device))

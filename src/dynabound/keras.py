@@ -203,7 +203,8 @@ class AdaBound(keras.optimizers.Optimizer):
             raise ValueError(f"{name}: {final_lr_rule.AUTO_WITH_BOUND_FUNCTION}")
         if auto and bounds == "paper":
             raise ValueError(f"{name}: {final_lr_rule.AUTO_WITH_PAPER_BOUNDS}")
-        number = 1.0 if auto else final_lr  # the estimate's range is checked where it is made
+        # The estimate's range is checked where it is made.
+        number = 1.0 if auto else float(final_lr)
         checks = [
             (number >= 0, f"Invalid final learning rate: {final_lr} (must be > 0)"),
             (

@@ -34,7 +34,7 @@ rate in use from any optimizer state that holds one.
 # objects, not strings.
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from . import final_lr as final_lr_rule
 
@@ -234,7 +234,7 @@ def _new_estimate(dtype: Any) -> FinalLrEstimate:
 
 
 def _add_sample(
-    record: FinalLrEstimate, squares: jax.Array, along: jax.Array, beta: Any, cap: int
+    record: FinalLrEstimate, squares: Any, along: Any, beta: Any, cap: Any
 ) -> FinalLrEstimate:
     """:func:`dynabound.final_lr.record_sample` with arrays and selects instead of branches:
     one update's sums ``squares = sum(d*d)`` and ``along = sum(d*g)`` added to ``record``
@@ -285,7 +285,7 @@ def final_lr_in_use(state: Any) -> jax.Array:
             f"{len(found)}: pass the part of the state that holds the one you want"
         )
     core = found[0]
-    record = core.final_lr_estimate
+    record = cast(FinalLrEstimate, core.final_lr_estimate)  # found holds only these
     value = record.estimate
     if core.base_learning_rate is not None:
         value = value * core.base_learning_rate.astype(value.dtype)
@@ -322,6 +322,7 @@ def _scale_by_adabound(
     if auto:
         # In double, as the PyTorch classes count: in float32, 1/0.02 is 50.000001.
         known = _concrete(gamma)
+        cap: Any
         if known is not None:
             cap = final_lr_rule.estimation_cap(known)
         else:  # injected by inject_hyperparams

@@ -22,7 +22,7 @@ encoding stores every block's largest magnitude as exactly its scale).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -50,9 +50,14 @@ def _global_offset(p: Tensor) -> int:
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     except ImportError:  # torch 2.4
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed._tensor._utils import (  # type: ignore[no-redef,import-not-found]
+            compute_local_shape_and_global_offset,
+        )
 
-    _, offsets = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    dtensor: Any = p
+    _, offsets = compute_local_shape_and_global_offset(
+        p.shape, dtensor.device_mesh, dtensor.placements
+    )
     flat, stride = 0, 1
     for size, offset in zip(reversed(p.shape), reversed(offsets), strict=True):
         flat += offset * stride
@@ -80,9 +85,11 @@ def _wrap(local: Tensor, p: Tensor) -> Tensor:
     of a complex parameter holds real and imaginary parts apart)."""
     if p.is_complex() and not local.is_complex():
         p = torch.view_as_real(p)
-    return type(p).from_local(
-        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-    )
+    dtensor: Any = p
+    return type(dtensor).from_local(
+        local, dtensor.device_mesh, dtensor.placements, run_check=False, shape=p.shape,
+        stride=p.stride(),
+    )  # fmt: skip
 
 
 def _rewrap(local_state: dict, p: Tensor) -> dict:
@@ -95,14 +102,14 @@ def _rewrap(local_state: dict, p: Tensor) -> dict:
 
 
 def _local_state(state: dict) -> dict:
-    return {key: v.to_local() if is_sharded(v) else v for key, v in state.items()}
+    return {key: cast(Any, v).to_local() if is_sharded(v) else v for key, v in state.items()}
 
 
 def new_moment(p: Tensor, moment: str, state_dtype) -> dict[str, Tensor]:
     """``state_formats.new_moment`` for a plain or a DTensor parameter."""
     if not is_sharded(p) or state_dtype is None:
         return formats.new_moment(p, moment, state_dtype)  # zeros_like keeps the placements
-    return _rewrap(formats.new_moment(p.to_local(), moment, state_dtype), p)
+    return _rewrap(formats.new_moment(cast(Any, p).to_local(), moment, state_dtype), p)
 
 
 def convert(state: dict, p: Tensor, state_dtype) -> None:
@@ -112,7 +119,7 @@ def convert(state: dict, p: Tensor, state_dtype) -> None:
         formats.convert(state, p, state_dtype)
         return
     local = _local_state(state)
-    formats.convert(local, p.to_local(), state_dtype)
+    formats.convert(local, cast(Any, p).to_local(), state_dtype)
     state.clear()
     state.update(_rewrap(local, p))
 

@@ -110,7 +110,7 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     beta1, beta2 = group["betas"]
     step = _step(state)
     final_lr = final_lr_at(group, int(step))
-    bounds = group["bounds"] if final_lr is not None else _no_bounds
+    bounds: Any = group["bounds"] if final_lr is not None else _no_bounds
     c = step_coefficients(
         step,
         bounds=bounds,

@@ -31,7 +31,7 @@ class SensitivityPoint:
 
     optim: str
     key: str
-    value: float
+    value: float | str  # "auto": final_lr="auto", x is the runs' mean estimate
     x: float
     formula: str | None  # None: x is the value itself
     final: dict[str, Any]

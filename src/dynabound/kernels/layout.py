@@ -16,6 +16,8 @@ Two density checks, which accept different layouts:
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor
 
@@ -76,7 +78,7 @@ def local_shards(tensors: StepTensors) -> StepTensors:
         if isinstance(t, dtensor):
             return t.to_local()
         if isinstance(t, tuple):  # an 8-bit moment: DTensor codes, this rank's block scales
-            return t._make(map(local, t))
+            return cast(Any, t)._make(map(local, t))
         return t
 
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
