@@ -94,8 +94,8 @@ _CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p, "s": ct
 _SIGNATURES = {
     name: (_CTYPES.get(result), [_CTYPES[code] for code in args])
     for name, result, args in (
-        ("dynabound_adabound_cpu", "i", "iqppppiiiiq"),
-        ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiq"),
+        ("dynabound_adabound_cpu", "i", "iqppppiiiiqp"),
+        ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiqp"),
         ("dynabound_increment_steps", None, "qpp"),
         ("dynabound_supported_dtypes", "i", ""),
         ("dynabound_layout", "s", "i"),
@@ -251,11 +251,15 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     With ``found_inf`` nonzero nothing changes (not even the steps); with ``grad_scale`` the
     gradients are divided by it and left unscaled, as torch's fused Adam does. On CPU these
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
+
+    With ``tensors.projection`` the kernel adds the step's projection sums to it
+    (:class:`~dynabound.spec.StepTensors`), accumulated during the update.
     """
     lib = load()
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds = tensors[:7]
     if not params:
         return
+    projection = _projection_pointer(tensors.projection)
     grad_scale, found_inf = spec.grad_scale, spec.found_inf
     if found_inf is not None and found_inf.item() != 0:
         return
@@ -267,7 +271,9 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     else:
         plan = _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     values = _increment_steps(lib, state_steps, plan.step_pointers)
-    rows, hyper_array = _scalars(values, lr_value, spec)
+    rows, hyper_array = _scalars(
+        values, lr_value, spec, _math_dtypes(plan, len(params)) if projection else None
+    )
     flags = (
         _weight_decay_mode(spec.weight_decay, spec.decoupled_weight_decay),
         int(spec.amsbound),
@@ -286,14 +292,14 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
             status = lib.dynabound_adabound_cpu_encoded(
                 launch.code, _state_format(spec.state_dtype), n, launch.pointers,
                 launch.numels, (ctypes.c_double * (len(ENCODED_COEF) * n))(*coef), hyper_array,
-                *flags, int(round_param), torch.get_num_threads(), _CHUNK,
+                *flags, int(round_param), torch.get_num_threads(), _CHUNK, projection,
             )  # fmt: skip
         else:
             coef = [x for i in launch.members for x in rows[i]]
             status = lib.dynabound_adabound_cpu(
                 launch.code, n, launch.pointers, launch.numels,
                 (ctypes.c_double * (len(COEF) * n))(*coef), hyper_array, *flags,
-                torch.get_num_threads(), _CHUNK,
+                torch.get_num_threads(), _CHUNK, projection,
             )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
@@ -304,6 +310,36 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     compat.bump_versions(params)
     if grad_scale is not None:
         compat.bump_versions(grads)
+    if projection:
+        compat.bump_versions([tensors.projection])
+
+
+def _projection_pointer(projection: Tensor | None) -> int | None:
+    """The address the kernel adds the projection sums to, or None for an ordinary step."""
+    if projection is None:
+        return None
+    if not (
+        projection.dtype is torch.float64
+        and projection.is_cpu
+        and projection.shape == (2,)
+        and projection.is_contiguous()
+    ):
+        raise RuntimeError(
+            "the projection output of a fused CPU step must be a contiguous float64 CPU "
+            f"tensor of shape (2,), got {projection.dtype} of shape {tuple(projection.shape)} "
+            f"on {projection.device}"
+        )
+    return projection.data_ptr()
+
+
+def _math_dtypes(plan: _Plan, n: int) -> list[torch.dtype]:
+    """The dtype each tensor's update is computed in: float64 for float64 parameters."""
+    dtypes = [torch.float32] * n
+    for launch in plan.launches:
+        if launch.code == _DTYPE_CODES[torch.float64]:
+            for i in launch.members:
+                dtypes[i] = torch.float64
+    return dtypes
 
 
 def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
@@ -311,20 +347,33 @@ def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
 
 
 def _scalars(
-    values: list[float], lr_value: float, spec: StepSpec
+    values: list[float],
+    lr_value: float,
+    spec: StepSpec,
+    projected: list[torch.dtype] | None = None,
 ) -> tuple[list[tuple[float, float, float, float]], ctypes.Array]:
-    """Per-tensor rows of :data:`COEF` and the shared :data:`HYPER` array."""
+    """Per-tensor rows of :data:`COEF` and the shared :data:`HYPER` array.
+
+    ``projected``: the dtype each tensor is computed in, when the step adds projection sums.
+    Its rows are then :func:`~dynabound.bounds.within_range`'s with ``lr``, as the eager
+    paths compute them: the sums are per unit of ``lr * scale``, which the estimate of
+    ``final_lr="auto"`` reads from the same call. Where that rescales, it multiplies the
+    numerator and bounds by a power of two and divides the scale by it, so the rates, and
+    so the update, are the same.
+    """
     # Steps are usually equal across tensors: evaluate the scalars once per distinct step.
-    cache: dict[float, tuple[float, float, float, float]] = {}
+    cache: dict[tuple[float, torch.dtype], tuple[float, float, float, float]] = {}
     rows = []
     eps_used = True
-    for value in values:
-        row = cache.get(value)
+    for i, value in enumerate(values):
+        dtype = projected[i] if projected is not None else torch.float32  # float math
+        row = cache.get((value, dtype))
         if row is None:
-            c = within_range(step_coefficients_from(value, spec), torch.float32)  # float math
+            rescale_for = lr_value if projected is not None else None
+            c = within_range(step_coefficients_from(value, spec), dtype, rescale_for)
             eps_used = c.eps_used
             row = (float(c.numerator), float(c.lower), float(c.upper), lr_value * float(c.scale))
-            cache[value] = row
+            cache[value, dtype] = row
         rows.append(row)
     box = spec.box
     hyper = [lr_value, *(getattr(spec, name) for name in FLOATS[1:])]
