@@ -153,8 +153,12 @@ def run_checked(monkeypatch, storage: dict, options: dict, shapes=SHAPES) -> Che
 
 def tolerance(storage: dict) -> dict:
     # float64 parameters are updated in float64; every other dtype in float32, whose
-    # per-element Adam steps may differ from torch's by an ulp.
-    return dict(rtol=1e-12 if storage["dtype"] is torch.float64 else 1e-6, atol=0.0)
+    # per-element Adam steps may differ from torch's by an ulp. The encoded loops sum each
+    # block's products in float32 before float64 (cpu_kernel.cpp, LaneSums).
+    if storage["dtype"] is torch.float64:
+        return dict(rtol=1e-12, atol=0.0)
+    encoded = "state_dtype" in storage or storage.get("stochastic_rounding", False)
+    return dict(rtol=1e-5 if encoded else 1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize(("variant", "storage", "options"), CASES)
@@ -186,7 +190,7 @@ def test_sums_of_many_work_units_add_in_a_fixed_order(monkeypatch):
         one, two = runs[1, state_dtype], runs[2, state_dtype]
         for (a, want), (b, _) in zip(one, two, strict=True):
             assert a.tolist() == b.tolist()
-            torch.testing.assert_close(a, want, rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(a, want, rtol=1e-5, atol=0.0)
 
 
 def test_a_skipped_step_adds_nothing_and_grad_scale_is_undone(monkeypatch):

@@ -9,8 +9,9 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   (1.04x); GPT-2 124M: 105 ms against 117 ms (0.90x). The eager foreach path takes
   4.5x-8x longer (about ten passes over memory instead of one).
 * The kernel (``cpu_kernel.cpp``, which includes ``cpu_kernel_avx512.h``) includes no torch
-  headers, so the first build takes about 15-25 s (wall, on those 2 busy cores), and later
-  processes load the cached shared object in 0.2 s. Python hands it data pointers, sizes
+  headers, so the first build takes about a minute (62 s of compiler CPU time on that EPYC,
+  26 s before the loops of ``final_lr="auto"`` below), and later processes load the
+  cached shared object in 0.2 s. Python hands it data pointers, sizes
   and the per-tensor scalars from :func:`dynabound.bounds.step_coefficients`; the scalar
   math exists only there.
 * Built with :func:`torch.utils.cpp_extension.load_inline` into the standard extension
@@ -33,6 +34,12 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
 * Threads: OpenMP (the libgomp torch already loaded), ``torch.get_num_threads()`` threads,
   dynamic scheduling over 32K-element units of all tensors laid end to end, in one parallel
   region per step (torch's per-op regions each wait at a barrier).
+* ``final_lr="auto"``: while a group estimates its rate, its steps ask for the projection
+  sums (:class:`~dynabound.spec.StepTensors`). Separate instances of every loop add them
+  during the same pass, per work unit; the units' sums are added in unit order, so the
+  result is the same for any thread count, and ordinary steps run the loops they ran
+  before. An estimating step costs 1.0x-1.1x an ordinary one
+  (``python benchmarks/estimating_step.py``, benchmarks/README.md).
 
 Nothing is built at import. If the compiler or ninja is missing, :func:`is_available`
 returns False and a fused step raises ``RuntimeError`` with the reason.
@@ -152,7 +159,7 @@ def _build() -> ctypes.CDLL:
     if not is_built(name):
         # A first step that silently takes this long looks like a hang inside a trainer.
         print(
-            "dynabound: compiling the fused CPU kernel (once per torch version; about 15-25 s, "
+            "dynabound: compiling the fused CPU kernel (once per torch version; about a minute, "
             "cached afterwards; `python -m dynabound.kernels build` does it ahead of time)",
             file=sys.stderr,
             flush=True,

@@ -81,8 +81,8 @@ DB_TARGET_AVX512 DB_INLINE __m512i magnitude_bits(__m512 x) {
   return _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
 }
 
-// EncodedSums in registers: lanes 0-7 in `low`, 8-15 in `high`, each element's float64
-// products added as LaneSums::add adds them.
+// EncodedSums in registers: lanes 0-7 in `low`, 8-15 in `high`, a block's float32 lane
+// sums added as LaneSums::add_block adds them.
 struct SumsX16 {
   __m512d squares_low, squares_high, along_low, along_high;
 
@@ -92,15 +92,17 @@ struct SumsX16 {
     along_low = _mm512_load_pd(sums.along);
     along_high = _mm512_load_pd(sums.along + 8);
   }
-  DB_TARGET_AVX512 DB_INLINE void add(__m512 step, __m512 grad) {
-    const __m512d step_low = _mm512_cvtps_pd(_mm512_castps512_ps256(step));
-    const __m512d step_high = _mm512_cvtps_pd(_mm512_extractf32x8_ps(step, 1));
-    const __m512d grad_low = _mm512_cvtps_pd(_mm512_castps512_ps256(grad));
-    const __m512d grad_high = _mm512_cvtps_pd(_mm512_extractf32x8_ps(grad, 1));
-    squares_low = _mm512_add_pd(squares_low, _mm512_mul_pd(step_low, step_low));
-    squares_high = _mm512_add_pd(squares_high, _mm512_mul_pd(step_high, step_high));
-    along_low = _mm512_add_pd(along_low, _mm512_mul_pd(step_low, grad_low));
-    along_high = _mm512_add_pd(along_high, _mm512_mul_pd(step_high, grad_high));
+  DB_TARGET_AVX512 DB_INLINE void add_block(__m512 block_squares, __m512 block_along) {
+    squares_low = _mm512_add_pd(squares_low, _mm512_cvtps_pd(low_half(block_squares)));
+    squares_high = _mm512_add_pd(squares_high, _mm512_cvtps_pd(high_half(block_squares)));
+    along_low = _mm512_add_pd(along_low, _mm512_cvtps_pd(low_half(block_along)));
+    along_high = _mm512_add_pd(along_high, _mm512_cvtps_pd(high_half(block_along)));
+  }
+  static DB_TARGET_AVX512 DB_INLINE __m256 low_half(__m512 x) {
+    return _mm512_castps512_ps256(x);
+  }
+  static DB_TARGET_AVX512 DB_INLINE __m256 high_half(__m512 x) {
+    return _mm512_extractf32x8_ps(x, 1);
   }
   DB_TARGET_AVX512 DB_INLINE void store(EncodedSums& sums) const {
     _mm512_store_pd(sums.squares, squares_low);
@@ -131,6 +133,7 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
   float* __restrict new_v = b.v;
   float* __restrict new_vmax = b.vmax;
   __m512i m_top = _mm512_setzero_si512(), v_top = m_top, vmax_top = m_top;
+  __m512 block_squares = _mm512_setzero_ps(), block_along = block_squares;  // kProject
 
   // The pending block: its moments, the inverses of its scales, its bytes and element keys.
   const float* __restrict old_m = kEncode ? pending.block->m : nullptr;
@@ -173,7 +176,11 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
     }
     __m512 rate = _mm512_div_ps(c.one, _mm512_add_ps(_mm512_sqrt_ps(second), c.eps));
     rate = _mm512_mul_ps(rate, c.numerator);
-    if (kProject) sums.add(_mm512_mul_ps(rate, avg), grad);
+    if (kProject) {
+      const __m512 step = _mm512_mul_ps(rate, avg);
+      block_squares = _mm512_add_ps(block_squares, _mm512_mul_ps(step, step));
+      block_along = _mm512_add_ps(block_along, _mm512_mul_ps(step, grad));
+    }
     // max(a, b) is a > b ? a : b, so NaN rates and parameters pass, as in update_element.
     rate = _mm512_max_ps(c.lower, rate);
     rate = _mm512_min_ps(c.upper, rate);
@@ -209,6 +216,7 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
   }
   s.set(_mm512_reduce_max_epu32(m_top), _mm512_reduce_max_epu32(v_top),
         AMS ? _mm512_reduce_max_epu32(vmax_top) : 0u);
+  if (kProject) sums.add_block(block_squares, block_along);
 }
 
 // Whole blocks from `start` on, through the pipeline of update_8bit_body; returns where
