@@ -15,6 +15,9 @@ ratios to the first. The target: at most 1.15 while estimating, 1.00 after.
 Every repeat builds the optimizers afresh, so the estimating one is still estimating
 (``gamma = 1e-2`` fixes an estimate after 100 steps; a sample takes at most 50), and the
 fixed one is first stepped until its estimate is fixed; the script checks both.
+
+``--clock cpu`` times the process's CPU time instead of wall time (CPU only): on a machine
+shared with other jobs, time spent descheduled then counts for no method.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 import dynabound  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import gpt_shapes, machine, resnet34_cifar_shapes, time_steps  # noqa: E402
+from step_time import gpt_shapes, machine, resnet34_cifar_shapes, synchronize  # noqa: E402
 
 SETS = {
     # GPT-style, 4 layers of width 256, an 8192-token vocabulary: 52 tensors, 5.4M.
@@ -69,6 +73,15 @@ def build(mode: str, state_dtype, params) -> dynabound.AdaBound:
     return opt
 
 
+def time_steps(opt: dynabound.AdaBound, steps: int, device: str, clock) -> float:
+    synchronize(device)
+    start = clock()
+    for _ in range(steps):
+        opt.step()
+    synchronize(device)
+    return (clock() - start) / steps
+
+
 def estimating(opt: dynabound.AdaBound) -> bool:
     return opt.param_groups[0]["final_lr"] == "auto"
 
@@ -82,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), metavar="FORMAT"
     )
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu times CPU steps only")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     params = make_params(SETS[args.set](), args.device)
     n = sum(p.numel() for p in params)
@@ -99,18 +116,21 @@ def main(argv: list[str] | None = None) -> None:
         order = list(methods)[r % len(methods) :] + list(methods)[: r % len(methods)]
         for name in order:
             opt = methods[name]()
-            time_steps(opt, 1, args.device)  # allocates state (and builds the kernel)
+            time_steps(opt, 1, args.device, clock)  # allocates state (and builds the kernel)
             if name not in steps:
-                probe = time_steps(opt, 1, args.device)
+                probe = time_steps(opt, 1, args.device, clock)
                 steps[name] = max(1, min(50, round(0.3 / probe)))
-            samples[name].append(time_steps(opt, steps[name], args.device))
+            samples[name].append(time_steps(opt, steps[name], args.device, clock))
             if estimating(opt) != name.endswith("estimating"):
                 raise RuntimeError(f"{name}: the estimate was fixed too early or never")
             del opt
             gc.collect()
 
     results = {}
-    print(f"{args.set}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}")
+    print(
+        f"{args.set}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, "
+        f"{args.threads} threads, {args.clock} time"
+    )
     print(f"{'method':28s} {'ms/step':>8s} {'vs ordinary':>11s}")
     for name, times in samples.items():
         ordinary = statistics.median(samples[name.rsplit(", ", 1)[0] + ", ordinary"])
@@ -126,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["estimating_step.py", *(argv or sys.argv[1:])]),
         "machine": machine(args.device, args.threads),
         "set": args.set,
+        "clock": args.clock,
         "tensors": len(params),
         "parameters": n,
         "repeat": args.repeat,
