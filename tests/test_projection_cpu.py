@@ -337,8 +337,17 @@ def assert_same_history(got: list, want: list) -> None:
     [{}, dict(amsbound=True, weight_decay=1e-2, decoupled_weight_decay=True)],
     ids=["adabound", "amsbound_decoupled"],
 )
-def test_auto_final_lr_estimates_as_the_reference_does(options):
+def test_auto_final_lr_estimates_as_the_reference_does(monkeypatch, options):
+    projected = []
+    float_step = cpu.float_step
+
+    def counting_step(tensors, spec):
+        projected.append(tensors.projection is not None)
+        float_step(tensors, spec)
+
+    monkeypatch.setattr(cpu, "float_step", counting_step)
     fused, fused_params = train_auto(50, fused=True, **options)
+    assert projected == [True] * 50, "the estimating steps did not run the fused kernel"
     ref, ref_params = train_auto(50, foreach=False, **options)
     got = fused.param_groups[0]["final_lr_auto"]
     want = ref.param_groups[0]["final_lr_auto"]
