@@ -174,9 +174,6 @@ def estimating_step(
         spec = spec._replace(final_lr=1.0, bounds=_no_bounds)
     else:
         spec = spec._replace(final_lr=estimate)
-    if fused:
-        # The fused kernels do not compute the projection yet: estimating steps run foreach.
-        fused, foreach = False, True
     projection = torch.zeros(2, dtype=torch.float64, device=tensors.params[0].device)
     adabound_step(tensors._replace(projection=projection), spec, foreach=foreach, fused=fused)
     step = int(tensors.state_steps[0].item())

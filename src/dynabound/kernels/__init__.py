@@ -109,7 +109,8 @@ def fused_adabound(tensors: StepTensors, spec: StepSpec) -> None:
 
     Under torch.compile the step is one opaque custom op (``torch.ops.dynabound.fused_step_``),
     so a compiled step costs what an eager one does; a bound function, which an op cannot
-    take, and low-precision state run the step eagerly between compiled graphs instead.
+    take, low-precision state and a projection output (``final_lr="auto"``) run the step
+    eagerly between compiled graphs instead.
     """
     if not tensors.params:
         return
@@ -120,8 +121,10 @@ def fused_adabound(tensors: StepTensors, spec: StepSpec) -> None:
     from . import ops  # registers the op; imported on the first traced step
 
     encoded = spec.state_dtype is not None or spec.stochastic_rounding
-    if callable(spec.bounds) or encoded or not compat.COMPILES_FUSED_OP:
-        # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
+    outside = encoded or tensors.projection is not None or not compat.COMPILES_FUSED_OP
+    if callable(spec.bounds) or outside:
+        # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema, nor
+        # final_lr="auto"'s projection sums, which the estimate reads on the host anyway.
         ops.fused_step_outside_graph(tensors, spec)
     else:
         ops.call_fused_op(tensors, spec)

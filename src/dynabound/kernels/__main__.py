@@ -1,6 +1,6 @@
 """Build the fused kernels ahead of time: ``python -m dynabound.kernels build``.
 
-The CPU kernel is otherwise compiled by the first ``step()`` (about 15-25 s once per torch
+The CPU kernel is otherwise compiled by the first ``step()`` (about a minute once per torch
 version); building it in a Docker image or a job's setup step moves that cost out of
 training. ``status`` only reports what is available, building nothing.
 """

@@ -9,8 +9,9 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   (1.04x); GPT-2 124M: 105 ms against 117 ms (0.90x). The eager foreach path takes
   4.5x-8x longer (about ten passes over memory instead of one).
 * The kernel (``cpu_kernel.cpp``, which includes ``cpu_kernel_avx512.h``) includes no torch
-  headers, so the first build takes about 15-25 s (wall, on those 2 busy cores), and later
-  processes load the cached shared object in 0.2 s. Python hands it data pointers, sizes
+  headers, so the first build takes about a minute (62 s of compiler CPU time on that EPYC,
+  26 s before the loops of ``final_lr="auto"`` below), and later processes load the
+  cached shared object in 0.2 s. Python hands it data pointers, sizes
   and the per-tensor scalars from :func:`dynabound.bounds.step_coefficients`; the scalar
   math exists only there.
 * Built with :func:`torch.utils.cpp_extension.load_inline` into the standard extension
@@ -33,6 +34,12 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
 * Threads: OpenMP (the libgomp torch already loaded), ``torch.get_num_threads()`` threads,
   dynamic scheduling over 32K-element units of all tensors laid end to end, in one parallel
   region per step (torch's per-op regions each wait at a barrier).
+* ``final_lr="auto"``: while a group estimates its rate, its steps ask for the projection
+  sums (:class:`~dynabound.spec.StepTensors`). Separate instances of every loop add them
+  during the same pass, per work unit; the units' sums are added in unit order, so the
+  result is the same for any thread count, and ordinary steps run the loops they ran
+  before. An estimating step costs 1.0x-1.1x an ordinary one
+  (``python benchmarks/estimating_step.py``, benchmarks/README.md).
 
 Nothing is built at import. If the compiler or ninja is missing, :func:`is_available`
 returns False and a fused step raises ``RuntimeError`` with the reason.
@@ -94,8 +101,8 @@ _CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "p": ctypes.c_void_p, "s": ct
 _SIGNATURES = {
     name: (_CTYPES[result] if result else None, [_CTYPES[code] for code in args])
     for name, result, args in (
-        ("dynabound_adabound_cpu", "i", "iqppppiiiiq"),
-        ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiq"),
+        ("dynabound_adabound_cpu", "i", "iqppppiiiiqp"),
+        ("dynabound_adabound_cpu_encoded", "i", "iiqppppiiiiiqp"),
         ("dynabound_increment_steps", None, "qpp"),
         ("dynabound_supported_dtypes", "i", ""),
         ("dynabound_layout", "s", "i"),
@@ -152,7 +159,7 @@ def _build() -> ctypes.CDLL:
     if not is_built(name):
         # A first step that silently takes this long looks like a hang inside a trainer.
         print(
-            "dynabound: compiling the fused CPU kernel (once per torch version; about 15-25 s, "
+            "dynabound: compiling the fused CPU kernel (once per torch version; about a minute, "
             "cached afterwards; `python -m dynabound.kernels build` does it ahead of time)",
             file=sys.stderr,
             flush=True,
@@ -251,11 +258,15 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     With ``found_inf`` nonzero nothing changes (not even the steps); with ``grad_scale`` the
     gradients are divided by it and left unscaled, as torch's fused Adam does. On CPU these
     reads cost no device synchronisation, so ``capturable`` changes nothing here.
+
+    With ``tensors.projection`` the kernel adds the step's projection sums to it
+    (:class:`~dynabound.spec.StepTensors`), accumulated during the update.
     """
     lib = load()
     params, grads, exp_avgs, exp_avg_sqs, all_maxima, state_steps, rounding_seeds = tensors[:7]
     if not params:
         return
+    projection = _projection_pointer(tensors.projection)
     grad_scale, found_inf = spec.grad_scale, spec.found_inf
     if found_inf is not None and found_inf.item() != 0:
         return
@@ -267,7 +278,9 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     else:
         plan = _plan(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     values = _increment_steps(lib, state_steps, plan.step_pointers)
-    rows, hyper_array = _scalars(values, lr_value, spec)
+    rows, hyper_array = _scalars(
+        values, lr_value, spec, _math_dtypes(plan, len(params)) if projection else None
+    )
     flags = (
         _weight_decay_mode(spec.weight_decay, spec.decoupled_weight_decay),
         int(spec.amsbound),
@@ -286,14 +299,14 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
             status = lib.dynabound_adabound_cpu_encoded(
                 launch.code, _state_format(spec.state_dtype), n, launch.pointers,
                 launch.numels, (ctypes.c_double * (len(ENCODED_COEF) * n))(*coef), hyper_array,
-                *flags, int(round_param), torch.get_num_threads(), _CHUNK,
+                *flags, int(round_param), torch.get_num_threads(), _CHUNK, projection,
             )  # fmt: skip
         else:
             coef = [x for i in launch.members for x in rows[i]]
             status = lib.dynabound_adabound_cpu(
                 launch.code, n, launch.pointers, launch.numels,
                 (ctypes.c_double * (len(COEF) * n))(*coef), hyper_array, *flags,
-                torch.get_num_threads(), _CHUNK,
+                torch.get_num_threads(), _CHUNK, projection,
             )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"dynabound's fused CPU kernel failed with status {status}")
@@ -304,6 +317,36 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     compat.bump_versions(params)
     if grad_scale is not None:
         compat.bump_versions(grads)
+    if projection:
+        compat.bump_versions([tensors.projection])
+
+
+def _projection_pointer(projection: Tensor | None) -> int | None:
+    """The address the kernel adds the projection sums to, or None for an ordinary step."""
+    if projection is None:
+        return None
+    if not (
+        projection.dtype is torch.float64
+        and projection.is_cpu
+        and projection.shape == (2,)
+        and projection.is_contiguous()
+    ):
+        raise RuntimeError(
+            "the projection output of a fused CPU step must be a contiguous float64 CPU "
+            f"tensor of shape (2,), got {projection.dtype} of shape {tuple(projection.shape)} "
+            f"on {projection.device}"
+        )
+    return projection.data_ptr()
+
+
+def _math_dtypes(plan: _Plan, n: int) -> list[torch.dtype]:
+    """The dtype each tensor's update is computed in: float64 for float64 parameters."""
+    dtypes = [torch.float32] * n
+    for launch in plan.launches:
+        if launch.code == _DTYPE_CODES[torch.float64]:
+            for i in launch.members:
+                dtypes[i] = torch.float64
+    return dtypes
 
 
 def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
@@ -311,20 +354,33 @@ def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
 
 
 def _scalars(
-    values: list[float], lr_value: float, spec: StepSpec
+    values: list[float],
+    lr_value: float,
+    spec: StepSpec,
+    projected: list[torch.dtype] | None = None,
 ) -> tuple[list[tuple[float, float, float, float]], ctypes.Array]:
-    """Per-tensor rows of :data:`COEF` and the shared :data:`HYPER` array."""
+    """Per-tensor rows of :data:`COEF` and the shared :data:`HYPER` array.
+
+    ``projected``: the dtype each tensor is computed in, when the step adds projection sums.
+    Its rows are then :func:`~dynabound.bounds.within_range`'s with ``lr``, as the eager
+    paths compute them: the sums are per unit of ``lr * scale``, which the estimate of
+    ``final_lr="auto"`` reads from the same call. Where that rescales, it multiplies the
+    numerator and bounds by a power of two and divides the scale by it, so the rates, and
+    so the update, are the same.
+    """
     # Steps are usually equal across tensors: evaluate the scalars once per distinct step.
-    cache: dict[float, tuple[float, float, float, float]] = {}
+    cache: dict[tuple[float, torch.dtype], tuple[float, float, float, float]] = {}
     rows = []
     eps_used = True
-    for value in values:
-        row = cache.get(value)
+    for i, value in enumerate(values):
+        dtype = projected[i] if projected is not None else torch.float32  # float math
+        row = cache.get((value, dtype))
         if row is None:
-            c = within_range(step_coefficients_from(value, spec), torch.float32)  # float math
+            rescale_for = lr_value if projected is not None else None
+            c = within_range(step_coefficients_from(value, spec), dtype, rescale_for)
             eps_used = c.eps_used
             row = (float(c.numerator), float(c.lower), float(c.upper), lr_value * float(c.scale))
-            cache[value] = row
+            cache[value, dtype] = row
         rows.append(row)
     box = spec.box
     hyper = [lr_value, *(getattr(spec, name) for name in FLOATS[1:])]

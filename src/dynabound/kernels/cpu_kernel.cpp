@@ -104,6 +104,7 @@ struct Scalars {
   T beta1, one_minus_beta1, beta2, one_minus_beta2;
   T eps, weight_decay, decay, sign, grad_scale, box_lo, box_hi;
   T numerator, lower, upper, rate_scale;
+  bool coupled = false;  // L2 decay on, for loops that take the mode at run time (kEitherDecay)
 };
 
 // How weight decay enters the update: not at all, as an L2 term of the gradient, as a
@@ -111,6 +112,80 @@ struct Scalars {
 // the factor always applied (1 when decay is off), so that one instance of a loop serves
 // every mode without a branch in it (the loops of low-precision state).
 enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2, kEitherDecay = 3 };
+
+// What final_lr="auto" reads of one element's update (dynabound.spec.StepTensors.projection):
+// its Adam step before the bounds, per unit of lr * scale (the unclipped rate times the new
+// m), and the gradient the update used (signed, unscaled, with the L2 term).
+template <typename T>
+struct ProjectionTerms {
+  T step, grad;
+};
+
+// One work unit's share of the projection sums, sum(step^2) and sum(step*grad), kept as
+// kLanes partial sums each: element i of every kLanes-element stretch adds to lane i, so the
+// vector copies of a loop and its scalar form add the same numbers in the same order (the
+// compiler reassociates nothing), and total() adds the lanes in order.
+//
+// The lanes are float64. The float loops, bound by memory traffic, add each element's
+// float64 products (of float32 values: exact) at no measurable cost. The encoded loops are
+// bound by arithmetic, which the float64 products and sums of every element would lengthen
+// by a fifth or more: they sum each 256-element block's products in float32 lanes first, 16
+// terms per lane (add_block), which keeps the totals within about 1e-7 of the exact ones.
+template <int kLanes>
+struct LaneSums {
+  alignas(64) double squares[kLanes];
+  alignas(64) double along[kLanes];
+
+  DB_INLINE void clear() {
+    for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = 0.0;
+  }
+  template <typename T>
+  DB_INLINE void add(int64_t lane, T step, T grad) {
+    const double d = static_cast<double>(step);
+    squares[lane] += d * d;
+    along[lane] += d * static_cast<double>(grad);
+  }
+  // The terms of a block's elements [0, n), its lanes restarting every kLanes elements,
+  // summed per lane in float32 and then added to the float64 lanes. `omp simd` makes the
+  // lanes the vector's lanes: left to itself, GCC unrolls the lane loop and then packs its
+  // statements into vectors piecemeal, through scalar loads and shuffles.
+  DB_INLINE void add_block(const float* __restrict step, const float* __restrict grad,
+                           int32_t n) {
+    alignas(64) float block_squares[kLanes], block_along[kLanes];
+    for (int l = 0; l < kLanes; ++l) block_squares[l] = block_along[l] = 0.0f;
+    int32_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        block_squares[l] += step[j + l] * step[j + l];
+        block_along[l] += step[j + l] * grad[j + l];
+      }
+    }
+    for (int l = 0; j + l < n; ++l) {
+      block_squares[l] += step[j + l] * step[j + l];
+      block_along[l] += step[j + l] * grad[j + l];
+    }
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      squares[l] += static_cast<double>(block_squares[l]);
+      along[l] += static_cast<double>(block_along[l]);
+    }
+  }
+  DB_INLINE void total(double* out) const {
+    double a = 0.0, b = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      a += squares[l];
+      b += along[l];
+    }
+    out[0] = a;
+    out[1] = b;
+  }
+};
+
+// The float loops' lanes: one cache line of stored elements, the stretch update_elements
+// takes at a time.
+template <typename S>
+using UnitSums = LaneSums<int(64 / sizeof(S))>;
 
 // The update of one element in the arithmetic type T, from the loaded values to the ones
 // to store: returns the new parameter, and leaves the new moments in m, v and (AMSBound)
@@ -125,9 +200,11 @@ enum WeightDecay { kNoDecay = 0, kCoupled = 1, kDecoupled = 2, kEitherDecay = 3 
 // The comparisons are written so that NaN propagates, as torch.clamp/maximum do. kPlain:
 // the caller knows the step minimises with no decay and no box, whose identities (a sign
 // of 1, a factor of 1, clamps at -inf and inf) are then skipped; they change no bit.
+// terms: where to leave what the projection sums read, or null (a constant null in every
+// caller that does not project, so the compiler drops it).
 template <typename T, int WD, bool AMS, bool kPlain>
 DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>& k,
-                         bool coupled) {
+                         bool coupled, ProjectionTerms<T>* terms = nullptr) {
   if (!kPlain) {
     grad = grad * k.sign;
     if (WD == kCoupled) grad = grad + k.weight_decay * param;
@@ -146,6 +223,10 @@ DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>&
     second = vmax;
   }
   T rate = (T(1) / (std::sqrt(second) + k.eps)) * k.numerator;
+  if (terms != nullptr) {
+    terms->step = rate * m;
+    terms->grad = grad;
+  }
   rate = rate < k.lower ? k.lower : rate;
   rate = rate > k.upper ? k.upper : rate;
   rate = rate * k.rate_scale;
@@ -158,10 +239,12 @@ DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>&
 }
 
 // Moments stored in the parameter's dtype: n elements, each loaded, updated and stored.
-template <typename S, int WD, bool AMS, bool UNSCALE>
+// PROJ: element i's projection terms go to lane i of sums (n is at most a cache line).
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m, S* __restrict v,
                                S* __restrict vmax, int64_t n,
-                               const Scalars<typename Io<S>::Math>& k) {
+                               const Scalars<typename Io<S>::Math>& k,
+                               UnitSums<S>* __restrict sums) {
   using T = typename Io<S>::Math;
   for (int64_t i = 0; i < n; ++i) {
     T grad = Io<S>::load(g[i]);
@@ -173,8 +256,11 @@ DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m
     T avg_sq = Io<S>::load(v[i]);
     T running = T(0);
     if constexpr (AMS) running = Io<S>::load(vmax[i]);
-    const T param =
-        update_value<T, WD, AMS, false>(grad, Io<S>::load(p[i]), avg, avg_sq, running, k, false);
+    ProjectionTerms<T> terms;
+    const T param = update_value<T, WD, AMS, false>(grad, Io<S>::load(p[i]), avg, avg_sq,
+                                                    running, k, k.coupled,
+                                                    PROJ ? &terms : nullptr);
+    if constexpr (PROJ) sums->add(i, terms.step, terms.grad);
     if constexpr (AMS) vmax[i] = Io<S>::store(running);
     p[i] = Io<S>::store(param);
     m[i] = Io<S>::store(avg);
@@ -188,11 +274,14 @@ DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m
 constexpr int64_t kPrefetchLines = 32;
 
 // The update, one cache line of elements at a time, prefetching each stream ahead.
-template <typename S, int WD, bool AMS, bool UNSCALE>
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S* __restrict v,
-                           S* __restrict vmax, int64_t n, const Scalars<typename Io<S>::Math>& k) {
+                           S* __restrict vmax, int64_t n, const Scalars<typename Io<S>::Math>& k,
+                           UnitSums<S>* sums) {
   constexpr int64_t line = 64 / sizeof(S);
   constexpr int64_t ahead = kPrefetchLines * line;
+  UnitSums<S> local;  // in registers while the loop runs (see LaneSums::add_stretch)
+  if constexpr (PROJ) local = *sums;
   int64_t i = 0;
   for (; i + line <= n; i += line) {
 #if defined(__GNUC__)
@@ -202,17 +291,18 @@ DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S*
     __builtin_prefetch(v + i + ahead, 1);
     if (AMS) __builtin_prefetch(vmax + i + ahead, 1);
 #endif
-    update_elements<S, WD, AMS, UNSCALE>(p + i, g + i, m + i, v + i, AMS ? vmax + i : vmax, line,
-                                         k);
+    update_elements<S, WD, AMS, UNSCALE, PROJ>(p + i, g + i, m + i, v + i,
+                                               AMS ? vmax + i : vmax, line, k, &local);
   }
-  update_elements<S, WD, AMS, UNSCALE>(p + i, g + i, m + i, v + i, AMS ? vmax + i : vmax, n - i,
-                                       k);
+  update_elements<S, WD, AMS, UNSCALE, PROJ>(p + i, g + i, m + i, v + i, AMS ? vmax + i : vmax,
+                                             n - i, k, &local);
+  if constexpr (PROJ) *sums = local;
 }
 
-template <typename S, int WD, bool AMS, bool UNSCALE>
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 void update_generic(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
-                    const Scalars<typename Io<S>::Math>& k) {
-  update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
+                    const Scalars<typename Io<S>::Math>& k, UnitSums<S>* sums) {
+  update_body<S, WD, AMS, UNSCALE, PROJ>(p, g, m, v, vmax, n, k, sums);
 }
 
 // The instruction sets a copy of the loops is compiled for.
@@ -241,38 +331,50 @@ int vector_isa() {
 }
 
 #if DB_X86_DISPATCH
-template <typename S, int WD, bool AMS, bool UNSCALE>
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 DB_TARGET_AVX2 void update_avx2(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
-                                const Scalars<typename Io<S>::Math>& k) {
-  update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
+                                const Scalars<typename Io<S>::Math>& k, UnitSums<S>* sums) {
+  update_body<S, WD, AMS, UNSCALE, PROJ>(p, g, m, v, vmax, n, k, sums);
 }
 
-template <typename S, int WD, bool AMS, bool UNSCALE>
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 DB_TARGET_AVX512 void update_avx512(S* p, S* g, S* m, S* v, S* vmax, int64_t n,
-                                    const Scalars<typename Io<S>::Math>& k) {
-  update_body<S, WD, AMS, UNSCALE>(p, g, m, v, vmax, n, k);
+                                    const Scalars<typename Io<S>::Math>& k, UnitSums<S>* sums) {
+  update_body<S, WD, AMS, UNSCALE, PROJ>(p, g, m, v, vmax, n, k, sums);
 }
 #endif
 
 template <typename S>
-using UpdateFn = void (*)(S*, S*, S*, S*, S*, int64_t, const Scalars<typename Io<S>::Math>&);
+using UpdateFn = void (*)(S*, S*, S*, S*, S*, int64_t, const Scalars<typename Io<S>::Math>&,
+                          UnitSums<S>*);
 
-template <typename S, int WD, bool AMS, bool UNSCALE>
+template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 UpdateFn<S> pick_isa(int isa) {
 #if DB_X86_DISPATCH
-  if (isa == kAvx512) return &update_avx512<S, WD, AMS, UNSCALE>;
-  if (isa == kAvx2) return &update_avx2<S, WD, AMS, UNSCALE>;
+  if (isa == kAvx512) return &update_avx512<S, WD, AMS, UNSCALE, PROJ>;
+  if (isa == kAvx2) return &update_avx2<S, WD, AMS, UNSCALE, PROJ>;
 #endif
   (void)isa;
-  return &update_generic<S, WD, AMS, UNSCALE>;
+  return &update_generic<S, WD, AMS, UNSCALE, PROJ>;
+}
+
+// The loops that accumulate the projection sums are separate instances (PROJ), so an
+// ordinary step runs exactly the loops it ran without them. They take the weight decay
+// mode at run time (kEitherDecay, the same bits): a third of the instances to compile.
+template <typename S, int WD, bool AMS, bool UNSCALE>
+UpdateFn<S> pick_projection(bool project, int isa) {
+  return project ? pick_isa<S, kEitherDecay, AMS, UNSCALE, true>(isa)
+                 : pick_isa<S, WD, AMS, UNSCALE, false>(isa);
 }
 
 template <typename S, int WD>
-UpdateFn<S> pick_flags(bool ams, bool unscale, int isa) {
+UpdateFn<S> pick_flags(bool ams, bool unscale, bool project, int isa) {
   if (ams) {
-    return unscale ? pick_isa<S, WD, true, true>(isa) : pick_isa<S, WD, true, false>(isa);
+    return unscale ? pick_projection<S, WD, true, true>(project, isa)
+                   : pick_projection<S, WD, true, false>(project, isa);
   }
-  return unscale ? pick_isa<S, WD, false, true>(isa) : pick_isa<S, WD, false, false>(isa);
+  return unscale ? pick_projection<S, WD, false, true>(project, isa)
+                 : pick_projection<S, WD, false, false>(project, isa);
 }
 
 // process(0), ..., process(n - 1): units of similar cost, handed out one at a time to
@@ -289,6 +391,18 @@ void for_each_unit(int64_t n, int num_threads, const Process& process) {
 #endif
   (void)num_threads;
   for (int64_t w = 0; w < n; ++w) process(w);
+}
+
+// Adds the units' partial projection sums (a pair per unit) to projection in unit order:
+// the total depends on neither the thread count nor the order the threads ran the units in.
+void add_partial_sums(const std::vector<double>& partial, double* projection) {
+  double squares = 0.0, along = 0.0;
+  for (size_t w = 0; w + 1 < partial.size(); w += 2) {
+    squares += partial[w];
+    along += partial[w + 1];
+  }
+  projection[0] += squares;
+  projection[1] += along;
 }
 
 // The arrays Python passes, by position (HYPER, COEF and ENCODED_COEF in cpu.py), each
@@ -335,21 +449,27 @@ Scalars<T> shared_scalars(const double* hyper) {
   return k;
 }
 
+// projection: null, or two doubles to which the step adds its projection sums.
 template <typename S>
 int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const double* coef,
         const double* hyper, int weight_decay_mode, int amsbound, int unscale, int num_threads,
-        int64_t chunk) {
+        int64_t chunk, double* projection) {
   using T = typename Io<S>::Math;
   const int isa = vector_isa();
+  const bool project = projection != nullptr;
   UpdateFn<S> fn;
   switch (weight_decay_mode) {
-    case kNoDecay: fn = pick_flags<S, kNoDecay>(amsbound, unscale, isa); break;
-    case kCoupled: fn = pick_flags<S, kCoupled>(amsbound, unscale, isa); break;
-    case kDecoupled: fn = pick_flags<S, kDecoupled>(amsbound, unscale, isa); break;
+    case kNoDecay: fn = pick_flags<S, kNoDecay>(amsbound, unscale, project, isa); break;
+    case kCoupled: fn = pick_flags<S, kCoupled>(amsbound, unscale, project, isa); break;
+    case kDecoupled: fn = pick_flags<S, kDecoupled>(amsbound, unscale, project, isa); break;
     default: return 2;
   }
 
   Scalars<T> base = shared_scalars<T>(hyper);
+  if (project) {  // kEitherDecay: the L2 term by a flag, the decay factor always
+    base.coupled = weight_decay_mode == kCoupled;
+    if (weight_decay_mode != kDecoupled) base.decay = T(1);
+  }
 
   // Work unit w covers elements [w*chunk, (w+1)*chunk) of all tensors laid end to end, so
   // many small tensors share a unit and the units have equal cost.
@@ -365,10 +485,13 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
   }
   const int64_t total = offsets[n_tensors];
   const int64_t n_work = (total + chunk - 1) / chunk;
+  std::vector<double> partial(project ? 2 * n_work : 0);
 
   auto process = [&](int64_t w) {
     const int64_t lo = w * chunk;
     const int64_t hi = lo + chunk < total ? lo + chunk : total;
+    UnitSums<S> sums;
+    if (project) sums.clear();
     // First tensor whose range ends after `lo`.
     int64_t t = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
     for (; t < n_tensors && offsets[t] < hi; ++t) {
@@ -377,10 +500,12 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
       if (end <= begin) continue;
       S* const* tp = reinterpret_cast<S* const*>(ptrs + t * 5);
       fn(tp[0] + begin, tp[1] + begin, tp[2] + begin, tp[3] + begin,
-         amsbound ? tp[4] + begin : nullptr, end - begin, scalars[t]);
+         amsbound ? tp[4] + begin : nullptr, end - begin, scalars[t], project ? &sums : nullptr);
     }
+    if (project) sums.total(&partial[2 * w]);
   };
   for_each_unit(n_work, num_threads, process);
+  if (project) add_partial_sums(partial, projection);
   return 0;
 }
 
@@ -487,6 +612,10 @@ struct EncodedTensor {
   float* vmax_scale;
 };
 
+// The encoded loops' projection sums: 16 lanes, the AVX-512 loop's float32 lanes, which
+// every block (256 elements) starts at lane 0 of.
+using EncodedSums = LaneSums<16>;
+
 struct EncodedScalars {
   Scalars<float> k;
   uint32_t key_state, key_param;
@@ -504,9 +633,10 @@ struct EncodedScalars {
 template <typename S, bool AMS, bool kPlain = false>
 DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
                               uint32_t param_key, float& m, float& v, float& vmax,
-                              const EncodedScalars& es, bool round_param) {
+                              const EncodedScalars& es, bool round_param,
+                              ProjectionTerms<float>* terms = nullptr) {
   const float param = update_value<float, kEitherDecay, AMS, kPlain>(
-      Io<S>::load(g[j]), Io<S>::load(p[j]), m, v, vmax, es.k, es.coupled);
+      Io<S>::load(g[j]), Io<S>::load(p[j]), m, v, vmax, es.k, es.coupled, terms);
   if constexpr (std::is_same_v<S, BFloat16>) {
     const uint32_t u = float_bits(param);
     const uint32_t random = mix32(param_key + uint32_t(j)) & 0xFFFFu;
@@ -519,11 +649,30 @@ DB_INLINE void update_element(S* __restrict p, const S* __restrict g, int32_t j,
   }
 }
 
+// A block's projection terms, kept for one pass over them after its update (in L1 cache)
+// in the loops whose elements do not map to lanes one to one; none in the other instances.
+template <bool kProject>
+struct BlockTerms {
+  alignas(64) float step[kProject ? kBlock : 1];
+  alignas(64) float grad[kProject ? kBlock : 1];
+
+  DB_INLINE void keep(int32_t j, const ProjectionTerms<float>& terms) {
+    if constexpr (kProject) {
+      step[j] = terms.step;
+      grad[j] = terms.grad;
+    }
+  }
+  DB_INLINE void add_to(EncodedSums* sums, int32_t n) const {
+    if constexpr (kProject) sums->add_block(step, grad, n);
+  }
+};
+
 // Moments stored as bfloat16 (F = kStateBFloat16) or in the parameter's dtype
 // (kStateParam): one block's update into float32 buffers, then its rounding and store.
-template <typename S, int F, bool AMS, bool kPlain>
+// kProject: the block's projection terms are added to sums.
+template <typename S, int F, bool AMS, bool kPlain, bool kProject>
 DB_INLINE void update_wide_block(const EncodedTensor& t, int64_t start, int32_t n,
-                                 const EncodedScalars& es, bool round_param) {
+                                 const EncodedScalars& es, bool round_param, EncodedSums* sums) {
   using M = std::conditional_t<F == kStateParam, S, BFloat16>;
   M* __restrict m_store = static_cast<M*>(t.m) + start;
   M* __restrict v_store = static_cast<M*>(t.v) + start;
@@ -532,12 +681,17 @@ DB_INLINE void update_wide_block(const EncodedTensor& t, int64_t start, int32_t 
   const S* g = static_cast<const S*>(t.g) + start;
   const uint32_t param_key = es.key_param + uint32_t(start);
   alignas(64) float m[kBlock], v[kBlock], vmax[kBlock];
+  BlockTerms<kProject> kept;
   for (int32_t j = 0; j < n; ++j) {
     m[j] = Io<M>::load(m_store[j]);
     v[j] = Io<M>::load(v_store[j]);
     vmax[j] = AMS ? Io<M>::load(vmax_store[j]) : 0.0f;
-    update_element<S, AMS, kPlain>(p, g, j, param_key, m[j], v[j], vmax[j], es, round_param);
+    ProjectionTerms<float> terms;
+    update_element<S, AMS, kPlain>(p, g, j, param_key, m[j], v[j], vmax[j], es, round_param,
+                                   kProject ? &terms : nullptr);
+    kept.keep(j, terms);
   }
+  kept.add_to(sums, n);
   if constexpr (F == kStateParam) {
     for (int32_t j = 0; j < n; ++j) {
       m_store[j] = Io<M>::store(m[j]);
@@ -555,15 +709,15 @@ DB_INLINE void update_wide_block(const EncodedTensor& t, int64_t start, int32_t 
   }
 }
 
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kProject>
 DB_INLINE void update_wide_body(const EncodedTensor& t, int64_t begin, int64_t end,
-                                const EncodedScalars& es, bool round_param) {
+                                const EncodedScalars& es, bool round_param, EncodedSums* sums) {
   for (int64_t start = begin; start < end; start += kBlock) {
     const int32_t n = int32_t(end - start < kBlock ? end - start : kBlock);
     if (es.plain) {
-      update_wide_block<S, F, AMS, true>(t, start, n, es, round_param);
+      update_wide_block<S, F, AMS, true, kProject>(t, start, n, es, round_param, sums);
     } else {
-      update_wide_block<S, F, AMS, false>(t, start, n, es, round_param);
+      update_wide_block<S, F, AMS, false, kProject>(t, start, n, es, round_param, sums);
     }
   }
 }
@@ -676,15 +830,19 @@ struct Pending8 {
 };
 
 // Update of a block's elements [0, n), whose decoded moments are in b; its new scales go to
-// s. kEncode: the previous block, which is whole, is encoded in the same loop.
-template <typename S, bool AMS, bool kPlain, bool kEncode>
+// s. kEncode: the previous block, which is whole, is encoded in the same loop. kProject: the
+// block's projection terms are added to sums.
+template <typename S, bool AMS, bool kPlain, bool kEncode, bool kProject>
 DB_INLINE void update_block(S* __restrict p, const S* __restrict g, int32_t n,
                             uint32_t param_key, Block8& b, Scales8& s, const Pending8& pending,
-                            const EncodedScalars& es, bool round_param) {
+                            const EncodedScalars& es, bool round_param, EncodedSums* sums) {
   uint32_t m_top = 0, v_top = 0, vmax_top = 0;
+  BlockTerms<kProject> kept;
   for (int32_t j = 0; j < n; ++j) {
+    ProjectionTerms<float> terms;
     update_element<S, AMS, kPlain>(p, g, j, param_key, b.m[j], b.v[j], b.vmax[j], es,
-                                   round_param);
+                                   round_param, kProject ? &terms : nullptr);
+    kept.keep(j, terms);
     keep_largest(m_top, b.m[j]);
     keep_largest(v_top, b.v[j]);
     if (AMS) keep_largest(vmax_top, b.vmax[j]);
@@ -693,19 +851,22 @@ DB_INLINE void update_block(S* __restrict p, const S* __restrict g, int32_t n,
     }
   }
   s.set(m_top, v_top, vmax_top);
+  kept.add_to(sums, n);
 }
 
-template <typename S, bool AMS, bool kPlain>
+template <typename S, bool AMS, bool kPlain, bool kProject>
 DB_INLINE void update_block(S* p, const S* g, int32_t n, uint32_t param_key, Block8& b,
                             Scales8& s, const Pending8* pending, const EncodedScalars& es,
-                            bool round_param) {
+                            bool round_param, EncodedSums* sums) {
   if (pending != nullptr && pending->scales->finite) {
-    update_block<S, AMS, kPlain, true>(p, g, n, param_key, b, s, *pending, es, round_param);
+    update_block<S, AMS, kPlain, true, kProject>(p, g, n, param_key, b, s, *pending, es,
+                                                 round_param, sums);
     encode_rest<AMS, true>(*pending->block, n, kBlock, pending->key, *pending->scales,
                            *pending->codes);
     return;
   }
-  update_block<S, AMS, kPlain, false>(p, g, n, param_key, b, s, Pending8{}, es, round_param);
+  update_block<S, AMS, kPlain, false, kProject>(p, g, n, param_key, b, s, Pending8{}, es,
+                                                round_param, sums);
   if (pending != nullptr) {
     encode_rest<AMS, false>(*pending->block, 0, kBlock, pending->key, *pending->scales,
                             *pending->codes);
@@ -740,14 +901,14 @@ struct Pipeline8 {
 // computed in the loop that updates the next block: that update alone is bound by the
 // throughput of sqrt and division, and leaves the units that encoding needs idle
 // (measured here: 3-4% faster than encoding each block after its own update).
-template <typename S, bool AMS, bool kAvx512Loop>
+template <typename S, bool AMS, bool kProject, bool kAvx512Loop>
 DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t end,
-                                const EncodedScalars& es, bool round_param) {
+                                const EncodedScalars& es, bool round_param, EncodedSums* sums) {
   Pipeline8 pipe;
   int64_t start = begin;
 #if DB_X86_DISPATCH
   if constexpr (kAvx512Loop && std::is_same_v<S, float>) {
-    start = update_whole_blocks_avx512<AMS>(t, begin, end, pipe, es);
+    start = update_whole_blocks_avx512<AMS, kProject>(t, begin, end, pipe, es, sums);
   }
 #endif
   for (; start < end; start += kBlock) {
@@ -761,9 +922,11 @@ DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t e
     const uint32_t param_key = es.key_param + uint32_t(start);
     Scales8& s = pipe.scales[pipe.current];
     if (es.plain) {
-      update_block<S, AMS, true>(p, g, n, param_key, b, s, before, es, round_param);
+      update_block<S, AMS, true, kProject>(p, g, n, param_key, b, s, before, es, round_param,
+                                           sums);
     } else {
-      update_block<S, AMS, false>(p, g, n, param_key, b, s, before, es, round_param);
+      update_block<S, AMS, false, kProject>(p, g, n, param_key, b, s, before, es, round_param,
+                                            sums);
     }
     if (before != nullptr) {
       store_block<AMS>(t, pipe.previous_start, kBlock, pipe.codes, *pending.scales);
@@ -781,67 +944,75 @@ DB_INLINE void update_8bit_body(const EncodedTensor& t, int64_t begin, int64_t e
   store_block<AMS>(t, pipe.previous_start, n, pipe.codes, *last.scales);
 }
 
-// Elements [begin, end) of one tensor; begin is a multiple of kBlock.
-template <typename S, int F, bool AMS, bool kAvx512Loop = false>
+// Elements [begin, end) of one tensor; begin is a multiple of kBlock. kProject: their
+// projection terms are added to sums (the accumulating loops are separate instances).
+template <typename S, int F, bool AMS, bool kProject, bool kAvx512Loop = false>
 DB_INLINE void update_encoded_body(const EncodedTensor& t, int64_t begin, int64_t end,
-                                   const EncodedScalars& es, bool unscale, bool round_param) {
+                                   const EncodedScalars& es, bool unscale, bool round_param,
+                                   EncodedSums* sums) {
   if (unscale) {
     S* __restrict g = static_cast<S*>(t.g);
     const float grad_scale = es.k.grad_scale;
     for (int64_t i = begin; i < end; ++i) g[i] = Io<S>::store(Io<S>::load(g[i]) / grad_scale);
   }
   if constexpr (F == kState8Bit) {
-    update_8bit_body<S, AMS, kAvx512Loop>(t, begin, end, es, round_param);
+    update_8bit_body<S, AMS, kProject, kAvx512Loop>(t, begin, end, es, round_param, sums);
   } else {
-    update_wide_body<S, F, AMS>(t, begin, end, es, round_param);
+    update_wide_body<S, F, AMS, kProject>(t, begin, end, es, round_param, sums);
   }
 }
 
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kProject>
 void update_encoded_generic(const EncodedTensor& t, int64_t begin, int64_t end,
-                            const EncodedScalars& es, bool unscale, bool round) {
-  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
+                            const EncodedScalars& es, bool unscale, bool round,
+                            EncodedSums* sums) {
+  update_encoded_body<S, F, AMS, kProject>(t, begin, end, es, unscale, round, sums);
 }
 
 #if DB_X86_DISPATCH
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kProject>
 DB_TARGET_AVX2 void update_encoded_avx2(const EncodedTensor& t, int64_t begin, int64_t end,
-                                        const EncodedScalars& es, bool unscale, bool round) {
-  update_encoded_body<S, F, AMS>(t, begin, end, es, unscale, round);
+                                        const EncodedScalars& es, bool unscale, bool round,
+                                        EncodedSums* sums) {
+  update_encoded_body<S, F, AMS, kProject>(t, begin, end, es, unscale, round, sums);
 }
 
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kProject>
 DB_TARGET_AVX512 void update_encoded_avx512(const EncodedTensor& t, int64_t begin, int64_t end,
-                                            const EncodedScalars& es, bool unscale, bool round) {
-  update_encoded_body<S, F, AMS, true>(t, begin, end, es, unscale, round);
+                                            const EncodedScalars& es, bool unscale, bool round,
+                                            EncodedSums* sums) {
+  update_encoded_body<S, F, AMS, kProject, true>(t, begin, end, es, unscale, round, sums);
 }
 #endif
 
 using EncodedFn = void (*)(const EncodedTensor&, int64_t, int64_t, const EncodedScalars&, bool,
-                           bool);
+                           bool, EncodedSums*);
 
-template <typename S, int F, bool AMS>
+template <typename S, int F, bool AMS, bool kProject>
 EncodedFn pick_encoded_isa(int isa) {
 #if DB_X86_DISPATCH
-  if (isa == kAvx512) return &update_encoded_avx512<S, F, AMS>;
-  if (isa == kAvx2) return &update_encoded_avx2<S, F, AMS>;
+  if (isa == kAvx512) return &update_encoded_avx512<S, F, AMS, kProject>;
+  if (isa == kAvx2) return &update_encoded_avx2<S, F, AMS, kProject>;
 #endif
   (void)isa;
-  return &update_encoded_generic<S, F, AMS>;
+  return &update_encoded_generic<S, F, AMS, kProject>;
+}
+
+template <typename S, int F>
+EncodedFn pick_encoded_flags(bool ams, bool project, int isa) {
+  if (ams) {
+    return project ? pick_encoded_isa<S, F, true, true>(isa)
+                   : pick_encoded_isa<S, F, true, false>(isa);
+  }
+  return project ? pick_encoded_isa<S, F, false, true>(isa)
+                 : pick_encoded_isa<S, F, false, false>(isa);
 }
 
 template <typename S>
-EncodedFn pick_encoded(int state_format, bool ams, int isa) {
-  if (state_format == kStateParam) {
-    return ams ? pick_encoded_isa<S, kStateParam, true>(isa)
-               : pick_encoded_isa<S, kStateParam, false>(isa);
-  }
-  if (state_format == kState8Bit) {
-    return ams ? pick_encoded_isa<S, kState8Bit, true>(isa)
-               : pick_encoded_isa<S, kState8Bit, false>(isa);
-  }
-  return ams ? pick_encoded_isa<S, kStateBFloat16, true>(isa)
-             : pick_encoded_isa<S, kStateBFloat16, false>(isa);
+EncodedFn pick_encoded(int state_format, bool ams, bool project, int isa) {
+  if (state_format == kStateParam) return pick_encoded_flags<S, kStateParam>(ams, project, isa);
+  if (state_format == kState8Bit) return pick_encoded_flags<S, kState8Bit>(ams, project, isa);
+  return pick_encoded_flags<S, kStateBFloat16>(ams, project, isa);
 }
 
 // state_formats.step_key in 32-bit unsigned arithmetic, whose wraparound is its masking.
@@ -853,8 +1024,10 @@ uint32_t step_key(uint32_t seed, uint32_t step, Stream stream) {
 template <typename S>
 int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const int64_t* numels,
                 const double* coef, const double* hyper, int weight_decay_mode, int amsbound,
-                int unscale, int round_param, int num_threads, int64_t chunk) {
-  const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, vector_isa());
+                int unscale, int round_param, int num_threads, int64_t chunk,
+                double* projection) {
+  const bool project = projection != nullptr;
+  const EncodedFn fn = pick_encoded<S>(state_format, amsbound != 0, project, vector_isa());
   Scalars<float> base = shared_scalars<float>(hyper);
   // Decoupled decay as arithmetic (a factor of 1 when off), so the loops need no branch.
   if (weight_decay_mode != kDecoupled) base.decay = 1.0f;
@@ -893,12 +1066,17 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
     }
   }
   const int64_t n_units = int64_t(units.size());
+  std::vector<double> partial(project ? 2 * n_units : 0);
   auto process = [&](int64_t u) {
     const Unit& unit = units[u];
+    EncodedSums sums;
+    if (project) sums.clear();
     fn(tensors[unit.tensor], unit.begin, unit.end, scalars[unit.tensor], unscale != 0,
-       round_param != 0);
+       round_param != 0, project ? &sums : nullptr);
+    if (project) sums.total(&partial[2 * u]);
   };
   for_each_unit(n_units, num_threads, process);
+  if (project) add_partial_sums(partial, projection);
   return 0;
 }
 
@@ -907,25 +1085,29 @@ int run_encoded(int state_format, int64_t n_tensors, void* const* ptrs, const in
 extern "C" {
 
 // dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16. ptrs: n_tensors rows of
-// (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq). Returns 0 on success.
+// (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq). projection: null, or two doubles to
+// which the step adds sum(d*d) and sum(d*g) over the elements it updates (d the Adam step
+// before the bounds, per unit of the rate scale; dynabound.spec.StepTensors.projection).
+// Returns 0 on success.
 int dynabound_adabound_cpu(int dtype, int64_t n_tensors, void* const* ptrs, const int64_t* numels,
                            const double* coef, const double* hyper, int weight_decay_mode,
-                           int amsbound, int unscale, int num_threads, int64_t chunk) {
+                           int amsbound, int unscale, int num_threads, int64_t chunk,
+                           double* projection) {
   if (chunk <= 0) return 2;
   switch (dtype) {
     case 0:
       return run<float>(n_tensors, ptrs, numels, coef, hyper, weight_decay_mode, amsbound,
-                        unscale, num_threads, chunk);
+                        unscale, num_threads, chunk, projection);
     case 1:
       return run<double>(n_tensors, ptrs, numels, coef, hyper, weight_decay_mode, amsbound,
-                         unscale, num_threads, chunk);
+                         unscale, num_threads, chunk, projection);
     case 2:
       return run<BFloat16>(n_tensors, ptrs, numels, coef, hyper, weight_decay_mode, amsbound,
-                           unscale, num_threads, chunk);
+                           unscale, num_threads, chunk, projection);
 #if DB_HAS_FLOAT16
     case 3:
       return run<_Float16>(n_tensors, ptrs, numels, coef, hyper, weight_decay_mode, amsbound,
-                           unscale, num_threads, chunk);
+                           unscale, num_threads, chunk, projection);
 #endif
     default:
       return 1;
@@ -936,26 +1118,28 @@ int dynabound_adabound_cpu(int dtype, int64_t n_tensors, void* const* ptrs, cons
 // stochastically rounded bfloat16 parameters); dtype as above (float64 excluded).
 // ptrs: n_tensors rows of (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, and the three
 // float32 block-scale arrays, unused for bfloat16); coef rows: numerator, lower, upper,
-// rate scale, the parameter's random seed (mod 2^32) and its step. Returns 0 on success.
+// rate scale, the parameter's random seed (mod 2^32) and its step. projection as above.
+// Returns 0 on success.
 int dynabound_adabound_cpu_encoded(int dtype, int state_format, int64_t n_tensors,
                                    void* const* ptrs, const int64_t* numels, const double* coef,
                                    const double* hyper, int weight_decay_mode, int amsbound,
-                                   int unscale, int round_param, int num_threads, int64_t chunk) {
+                                   int unscale, int round_param, int num_threads, int64_t chunk,
+                                   double* projection) {
   if (chunk <= 0 || state_format < kStateBFloat16 || state_format > kStateParam) return 2;
   switch (dtype) {
     case 0:
       return run_encoded<float>(state_format, n_tensors, ptrs, numels, coef, hyper,
                                 weight_decay_mode, amsbound, unscale, round_param, num_threads,
-                                chunk);
+                                chunk, projection);
     case 2:
       return run_encoded<BFloat16>(state_format, n_tensors, ptrs, numels, coef, hyper,
                                    weight_decay_mode, amsbound, unscale, round_param,
-                                   num_threads, chunk);
+                                   num_threads, chunk, projection);
 #if DB_HAS_FLOAT16
     case 3:
       return run_encoded<_Float16>(state_format, n_tensors, ptrs, numels, coef, hyper,
                                    weight_decay_mode, amsbound, unscale, round_param,
-                                   num_threads, chunk);
+                                   num_threads, chunk, projection);
 #endif
     default:
       return 1;

@@ -1,10 +1,11 @@
 // The 8-bit step of whole blocks of float32 parameters, written with AVX-512 intrinsics.
 // Part of cpu_kernel.cpp, included inside its anonymous namespace after the portable 8-bit
 // loops, whose operations this repeats in the same order: decode8, update_value (as
-// update_element calls it), keep_largest and encode8<true>, so the two compute the same
-// bits (the tests compare this copy with the portable ones, which DYNABOUND_CPU_ISA=avx2
-// selects, and the reference). It is the one deliberate second copy of the update rule in
-// this kernel: a change to update_value needs the same change here.
+// update_element calls it, with final_lr="auto"'s projection terms where they are asked
+// for), keep_largest and encode8<true>, so the two compute the same bits (the tests compare
+// this copy with the portable ones, which DYNABOUND_CPU_ISA=avx2 selects, and the
+// reference). It is the one deliberate second copy of the update rule in this kernel: a
+// change to update_value needs the same change here.
 //
 // Why by hand: compilers vectorise the portable loops as wide as their narrowest type, 64
 // one-byte codes at a time, which spills, and so they pass the decoded moments and 32-bit
@@ -80,13 +81,45 @@ DB_TARGET_AVX512 DB_INLINE __m512i magnitude_bits(__m512 x) {
   return _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
 }
 
+// EncodedSums in registers: lanes 0-7 in `low`, 8-15 in `high`, a block's float32 lane
+// sums added as LaneSums::add_block adds them.
+struct SumsX16 {
+  __m512d squares_low, squares_high, along_low, along_high;
+
+  DB_TARGET_AVX512 DB_INLINE void load(const EncodedSums& sums) {
+    squares_low = _mm512_load_pd(sums.squares);
+    squares_high = _mm512_load_pd(sums.squares + 8);
+    along_low = _mm512_load_pd(sums.along);
+    along_high = _mm512_load_pd(sums.along + 8);
+  }
+  DB_TARGET_AVX512 DB_INLINE void add_block(__m512 block_squares, __m512 block_along) {
+    squares_low = _mm512_add_pd(squares_low, _mm512_cvtps_pd(low_half(block_squares)));
+    squares_high = _mm512_add_pd(squares_high, _mm512_cvtps_pd(high_half(block_squares)));
+    along_low = _mm512_add_pd(along_low, _mm512_cvtps_pd(low_half(block_along)));
+    along_high = _mm512_add_pd(along_high, _mm512_cvtps_pd(high_half(block_along)));
+  }
+  static DB_TARGET_AVX512 DB_INLINE __m256 low_half(__m512 x) {
+    return _mm512_castps512_ps256(x);
+  }
+  static DB_TARGET_AVX512 DB_INLINE __m256 high_half(__m512 x) {
+    return _mm512_extractf32x8_ps(x, 1);
+  }
+  DB_TARGET_AVX512 DB_INLINE void store(EncodedSums& sums) const {
+    _mm512_store_pd(sums.squares, squares_low);
+    _mm512_store_pd(sums.squares + 8, squares_high);
+    _mm512_store_pd(sums.along, along_low);
+    _mm512_store_pd(sums.along + 8, along_high);
+  }
+};
+
 // The block at `start`: decoded, updated (new moments into b, new scales into s) and, with
 // kEncode, the pending block at pending_start encoded into its bytes in the same loop.
-template <bool AMS, bool kPlain, bool kEncode>
+// kProject: its projection terms are added to sums.
+template <bool AMS, bool kPlain, bool kEncode, bool kProject>
 DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t start,
                                                  const Wide8Constants& c, Block8& b, Scales8& s,
-                                                 const Pending8& pending,
-                                                 int64_t pending_start) {
+                                                 const Pending8& pending, int64_t pending_start,
+                                                 SumsX16& sums) {
   const int64_t block = start / kBlock;
   const int8_t* m_codes = static_cast<const int8_t*>(t.m) + start;
   const uint8_t* v_codes = static_cast<const uint8_t*>(t.v) + start;
@@ -100,6 +133,7 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
   float* __restrict new_v = b.v;
   float* __restrict new_vmax = b.vmax;
   __m512i m_top = _mm512_setzero_si512(), v_top = m_top, vmax_top = m_top;
+  __m512 block_squares = _mm512_setzero_ps(), block_along = block_squares;  // kProject
 
   // The pending block: its moments, the inverses of its scales, its bytes and element keys.
   const float* __restrict old_m = kEncode ? pending.block->m : nullptr;
@@ -142,6 +176,11 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
     }
     __m512 rate = _mm512_div_ps(c.one, _mm512_add_ps(_mm512_sqrt_ps(second), c.eps));
     rate = _mm512_mul_ps(rate, c.numerator);
+    if (kProject) {
+      const __m512 step = _mm512_mul_ps(rate, avg);
+      block_squares = _mm512_add_ps(block_squares, _mm512_mul_ps(step, step));
+      block_along = _mm512_add_ps(block_along, _mm512_mul_ps(step, grad));
+    }
     // max(a, b) is a > b ? a : b, so NaN rates and parameters pass, as in update_element.
     rate = _mm512_max_ps(c.lower, rate);
     rate = _mm512_min_ps(c.upper, rate);
@@ -177,16 +216,19 @@ DB_TARGET_AVX512 DB_INLINE void update_block_x16(const EncodedTensor& t, int64_t
   }
   s.set(_mm512_reduce_max_epu32(m_top), _mm512_reduce_max_epu32(v_top),
         AMS ? _mm512_reduce_max_epu32(vmax_top) : 0u);
+  if (kProject) sums.add_block(block_squares, block_along);
 }
 
 // Whole blocks from `start` on, through the pipeline of update_8bit_body; returns where
 // they end. A pending block whose scales are not finite is encoded by the exact portable
 // loop instead.
-template <bool AMS>
+template <bool AMS, bool kProject>
 DB_TARGET_AVX512 __attribute__((noinline)) int64_t update_whole_blocks_avx512(
     const EncodedTensor& t, int64_t start, int64_t end, Pipeline8& pipe,
-    const EncodedScalars& es) {
+    const EncodedScalars& es, EncodedSums* sums) {
   const Wide8Constants c(es);
+  SumsX16 in_registers;
+  if (kProject) in_registers.load(*sums);
   for (; end - start >= kBlock; start += kBlock) {
     Block8& b = pipe.blocks[pipe.current];
     Scales8& s = pipe.scales[pipe.current];
@@ -194,13 +236,17 @@ DB_TARGET_AVX512 __attribute__((noinline)) int64_t update_whole_blocks_avx512(
     const int64_t pending_start = pipe.previous_start;
     const bool encode = pending_start >= 0 && pending.scales->finite;
     if (es.plain && encode) {
-      update_block_x16<AMS, true, true>(t, start, c, b, s, pending, pending_start);
+      update_block_x16<AMS, true, true, kProject>(t, start, c, b, s, pending, pending_start,
+                                                  in_registers);
     } else if (es.plain) {
-      update_block_x16<AMS, true, false>(t, start, c, b, s, pending, pending_start);
+      update_block_x16<AMS, true, false, kProject>(t, start, c, b, s, pending, pending_start,
+                                                   in_registers);
     } else if (encode) {
-      update_block_x16<AMS, false, true>(t, start, c, b, s, pending, pending_start);
+      update_block_x16<AMS, false, true, kProject>(t, start, c, b, s, pending, pending_start,
+                                                   in_registers);
     } else {
-      update_block_x16<AMS, false, false>(t, start, c, b, s, pending, pending_start);
+      update_block_x16<AMS, false, false, kProject>(t, start, c, b, s, pending, pending_start,
+                                                    in_registers);
     }
     if (encode) {
       store_scales<AMS>(t, pending_start, *pending.scales);
@@ -211,5 +257,6 @@ DB_TARGET_AVX512 __attribute__((noinline)) int64_t update_whole_blocks_avx512(
     }
     pipe.advance(start);
   }
+  if (kProject) in_registers.store(*sums);
   return start;
 }

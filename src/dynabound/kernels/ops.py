@@ -79,6 +79,12 @@ torch.library.register_fake("dynabound::fused_step_", _fake, lib=_library)
 
 def call_fused_op(tensors: StepTensors, spec: StepSpec) -> None:
     """Run the step as the op (its tensors without low-precision state)."""
+    if tensors.projection is not None:
+        # The schema has no projection argument: the sums would silently stay zero.
+        raise RuntimeError(
+            "the fused step's custom op cannot add projection sums (final_lr='auto'); run "
+            "that step outside the compiled graph (ops.fused_step_outside_graph)"
+        )
     lr_tensor = spec.lr if isinstance(spec.lr, Tensor) else None
     floats = [float(getattr(spec, name)) for name in FLOATS if name != "lr"]
     floats.insert(FLOATS.index("lr"), 0.0 if lr_tensor is not None else float(spec.lr))
