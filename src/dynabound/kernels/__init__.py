@@ -120,8 +120,10 @@ def fused_adabound(tensors: StepTensors, spec: StepSpec) -> None:
     from . import ops  # registers the op; imported on the first traced step
 
     encoded = spec.state_dtype is not None or spec.stochastic_rounding
-    if callable(spec.bounds) or encoded or not compat.COMPILES_FUSED_OP:
-        # Neither a function nor 8-bit moments (pairs of tensors) fit the op's schema.
+    projecting = tensors.projection is not None
+    if callable(spec.bounds) or encoded or projecting or not compat.COMPILES_FUSED_OP:
+        # Neither a function, 8-bit moments (pairs of tensors) nor final_lr="auto"'s
+        # projection (an output read on the host right after the step) fit the op's schema.
         ops.fused_step_outside_graph(tensors, spec)
     else:
         ops.call_fused_op(tensors, spec)

@@ -79,6 +79,12 @@ torch.library.register_fake("dynabound::fused_step_", _fake, lib=_library)
 
 def call_fused_op(tensors: StepTensors, spec: StepSpec) -> None:
     """Run the step as the op (its tensors without low-precision state)."""
+    if tensors.projection is not None:
+        # The schema has no output for the projection: the sums would silently stay 0.
+        raise RuntimeError(
+            "the fused op cannot compute final_lr='auto''s projection; run the estimating "
+            "step outside the graph (fused_step_outside_graph)"
+        )
     lr_tensor = spec.lr if isinstance(spec.lr, Tensor) else None
     floats = [float(getattr(spec, name)) for name in FLOATS if name != "lr"]
     floats.insert(FLOATS.index("lr"), 0.0 if lr_tensor is not None else float(spec.lr))
