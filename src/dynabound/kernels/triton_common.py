@@ -10,8 +10,9 @@ built-in ``"reference"`` and ``"paper"`` schedules of
 ``tensor_scalars`` gathers one tensor's scalars from the ``hyper`` table, the lr and the
 GradScaler tensors; ``decayed``, ``moments``, ``adam_rate`` and ``bounded_step`` are the
 update between loading and storing; ``projection_terms`` and ``store_partials`` the sums of
-``final_lr="auto"``'s projection, which :class:`Partials` adds up on the host side. ``advance_steps`` is the second launch of a step, which advances the
-counters after every program has read its own.
+``final_lr="auto"``'s projection, which :class:`Partials` adds up on the host side.
+``advance_steps`` is the second launch of a step, which advances the counters after every
+program has read its own.
 
 Host side: caches keyed by addresses (gradient-offset tables, ``hyper`` tables), the block
 lists of a plan, the step's lr and GradScaler inputs, the kernels' compile-time flags.
@@ -534,21 +535,21 @@ class Partials(NamedTuple):
 
     def of(self, launch: int) -> Tensor:
         """The slice that update launch ``launch`` writes."""
-        return self.values[2 * sum(self.counts[:launch]) :]
+        return self.values[2 * sum(self.counts[:launch]) :] if launch else self.values
 
     def add_to(self, projection: Tensor) -> None:
         """Add the step's two sums to ``projection``. Every partial was written by its
         program (no atomics) and torch sums them in an order fixed by their number, so
         the result repeats exactly from run to run."""
-        start, sums = 0, None
-        for count in self.counts:
-            if not count:
-                continue
-            part = self.values[2 * start : 2 * (start + count)].view(2, count).sum(1)
-            sums = part if sums is None else sums + part
-            start += count
-        if sums is not None:
-            projection.add_(sums.to(projection.device, non_blocking=True))
+        if len(self.counts) == 1:  # one dtype: no slicing
+            sums = self.values.view(2, self.counts[0]).sum(1)
+        else:
+            start, sums = 0, None
+            for count in self.counts:
+                part = self.values[2 * start : 2 * (start + count)].view(2, count).sum(1)
+                sums = part if sums is None else sums + part
+                start += count
+        projection.add_(sums.to(projection.device, non_blocking=True))
 
 
 def projection_partials(projection: Tensor | None, counts: list[int], device) -> Partials | None:
