@@ -474,9 +474,11 @@ def test_triton_kernel_in_interpreter():
     assert "triton-interpreter-ok" in done.stdout
 
 
-def test_triton_kernel_compiles_to_vectorised_ptx():
+@pytest.mark.parametrize("projection", [False, True], ids=["ordinary", "projecting"])
+def test_triton_kernel_compiles_to_vectorised_ptx(projection):
     """Compile (no GPU needed) for sm_90: catches what the interpreter accepts but the
-    compiler does not, and checks that full blocks use 16-byte accesses."""
+    compiler does not, and checks that full blocks use 16-byte accesses, also in the
+    variant that sums final_lr="auto"'s projection."""
     triton = require_tested_triton()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -490,13 +492,13 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
         "block_tensor": "*i32", "block_start": "*i64", "steps": "*fp32",
         "step_offsets": "*i64", "coef": "*fp64", "hyper": "*fp64", "lr_hi": "fp32",
         "lr_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32", "grad_scale": "*fp32",
-        "n_tensors": "i32",
+        "n_tensors": "i32", "partials": "*fp64",
     }  # fmt: skip
     constants = dict(
         DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=triton_common.REFERENCE,
         LR_TENSOR=False, AMSBOUND=True, WEIGHT_DECAY=1, UNSCALED_DECAY=False, MAXIMIZE=True,
-        EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True, VEC=4,
-        BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,
+        EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True, HAS_GRAD_SCALE=True,
+        PROJECTION=projection, VEC=4, BLOCK=tk.BLOCK, CHUNK=tk.CHUNK,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(
@@ -513,6 +515,7 @@ def test_triton_kernel_compiles_to_vectorised_ptx():
         pytest.skip(f"cannot compile for CUDA here: {exc}")
     ptx = kernel.asm["ptx"]
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    assert ("st.global.b64" in ptx) == projection  # the partial sums, only when asked
 
 
 @pytest.mark.parametrize("path", ["fused", "foreach", "single"])

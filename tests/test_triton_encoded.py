@@ -78,11 +78,13 @@ VARIANTS = {  # parameter dtype, state format, state dtypes, a vector load of fu
 }
 
 
+@pytest.mark.parametrize("projection", [False, True], ids=["ordinary", "projecting"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant):
+def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant, projection):
     """Compile (no GPU needed): catches what the interpreter accepts but the compiler does
     not; full blocks use vector accesses, float32 has no FMA contraction and no
-    approximate division or square root (the CPU kernel's rounding)."""
+    approximate division or square root (the CPU kernel's rounding), also in the variant
+    that sums final_lr="auto"'s projection."""
     triton = require_tested_triton()
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces the compiler")
@@ -99,14 +101,15 @@ def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant):
         "block_tensor": "*i32", "block_start": "*i64", "steps": "*fp32",
         "step_offsets": "*i64", "seeds": "*i64", "coef": "*fp64", "hyper": "*fp64",
         "lr_hi": "fp32", "lr_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32",
-        "grad_scale": "*fp32", "n_tensors": "i32",
+        "grad_scale": "*fp32", "n_tensors": "i32", "partials": "*fp64",
     }  # fmt: skip
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1}
     constants = dict(
         DTYPE={"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype],
         FORMAT=state_format, SCHEDULE=0, LR_TENSOR=False, AMSBOUND=True, WEIGHT_DECAY=1,
         UNSCALED_DECAY=False, MAXIMIZE=True, EPS_USED=True, HAS_BOX=True, HAS_FOUND_INF=True,
-        HAS_GRAD_SCALE=True, ROUND_PARAM=dtype == "bf16", P_VEC=16 // itemsize[dtype],
+        HAS_GRAD_SCALE=True, ROUND_PARAM=dtype == "bf16", PROJECTION=projection,
+        P_VEC=16 // itemsize[dtype],
         M_VEC=16 // itemsize[m_type], BLOCK=te.BLOCK,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
@@ -125,6 +128,7 @@ def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant):
     assert vector_load in ptx
     for approximate in ("fma.rn.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
         assert approximate not in ptx, approximate
+    assert ("st.global.b64" in ptx) == projection  # the partial sums, only when asked
 
 
 # --- the script: runs in the subprocess -------------------------------------------------

@@ -17,7 +17,12 @@ import torch
 
 from ..spec import StepSpec, StepTensors
 
-__all__ = ["fused_step", "run_kernels"]
+__all__ = ["PROJECTING", "fused_step", "run_kernels"]
+
+# Device types whose kernels (float and encoded) add the projection sums of
+# final_lr="auto" (StepTensors.projection); another refuses a step that asks for them
+# rather than leave them at zero.
+PROJECTING = {"cuda"}
 
 
 def fused_step(tensors: StepTensors, spec: StepSpec) -> None:
@@ -52,4 +57,9 @@ def run_kernels(device: torch.device | str, tensors: StepTensors, spec: StepSpec
             from .triton_kernel import float_step as run
     else:
         raise RuntimeError(f"fused AdaBound supports CPU and CUDA tensors, got one on {device}")
+    if tensors.projection is not None and device_type not in PROJECTING:
+        raise RuntimeError(
+            f"the fused {device_type.upper()} kernel cannot compute the projection that "
+            "final_lr='auto' estimates from; use foreach=True (or fused=False) for this group"
+        )
     run(tensors, spec)

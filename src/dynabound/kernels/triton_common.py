@@ -8,9 +8,11 @@ Device side: ``step_scalars`` derives a step's scalars from its counter in float
 built-in ``"reference"`` and ``"paper"`` schedules of
 :func:`dynabound.bounds.step_coefficients`, which tests pin this copy to);
 ``tensor_scalars`` gathers one tensor's scalars from the ``hyper`` table, the lr and the
-GradScaler tensors; ``decayed``, ``moments`` and ``bounded_step`` are the update between
-loading and storing. ``advance_steps`` is the second launch of a step, which advances the
-counters after every program has read its own.
+GradScaler tensors; ``decayed``, ``moments``, ``adam_rate`` and ``bounded_step`` are the
+update between loading and storing; ``projection_terms`` and ``store_partials`` the sums of
+``final_lr="auto"``'s projection, which :class:`Partials` adds up on the host side.
+``advance_steps`` is the second launch of a step, which advances the counters after every
+program has read its own.
 
 Host side: caches keyed by addresses (gradient-offset tables, ``hyper`` tables), the block
 lists of a plan, the step's lr and GradScaler inputs, the kernels' compile-time flags.
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..bounds import step_coefficients_from, within_range
+from ..bounds import _EXPONENT_LIMIT, step_coefficients_from, within_range
 from ..spec import FLOATS, StepSpec, StepTensors
 from . import compat
 from .layout import as_real
@@ -92,6 +94,7 @@ if triton is not None:
     _H_LO = tl.constexpr(HYPER.index("box_lo"))
     _H_HI = tl.constexpr(HYPER.index("box_hi"))
     _H_LARGEST = tl.constexpr(HYPER.index("largest"))
+    _TWO_LIMIT = tl.constexpr(_EXPONENT_LIMIT)  # within_range's largest rescaling exponent
 
     @triton.jit
     def power(base, exponent):
@@ -121,10 +124,12 @@ if triton is not None:
         t, step, n, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors,
         COMPUTE: tl.constexpr, SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr,
         UNSCALED_DECAY: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+        PROJECTION: tl.constexpr,
     ):  # fmt: skip
-        """Tensor ``t``'s element count (0 when ``found_inf`` is set), the gradient scale, and
-        the scalars of its update in COMPUTE, as ``decayed``, ``moments`` and
-        ``bounded_step`` take them. ``step`` is this step's number in float64; a table
+        """Tensor ``t``'s element count (0 when ``found_inf`` is set), the gradient scale, the
+        scalars of its update in COMPUTE, as ``decayed``, ``moments`` and ``bounded_step``
+        take them, and with PROJECTION the unit of its projection terms
+        (``projection_unit``). ``step`` is this step's number in float64; a table
         (SCHEDULE 2) needs none."""
         beta1 = tl.load(hyper + _H_BETA1)
         beta2 = tl.load(hyper + _H_BETA2)
@@ -167,7 +172,27 @@ if triton is not None:
             tl.load(hyper + _H_EPS).to(COMPUTE), weight_decay.to(COMPUTE),
             tl.load(hyper + _H_LO).to(COMPUTE), tl.load(hyper + _H_HI).to(COMPUTE),
         )  # fmt: skip
-        return n, scale, scalars
+        unit = 1.0
+        if PROJECTION:
+            unit = projection_unit(upper, rate_scale, largest)
+        return n, scale, scalars, unit
+
+    @triton.jit
+    def projection_unit(upper, lr_scale, largest):
+        """The power of two by which dynabound.bounds.within_range, given lr, rescales the
+        numerator (and ``1/scale``) where the upper bound or its rate comes within a factor
+        two of the arithmetic type's largest value (``bounds._rescaling``, in float64): this
+        kernel never rescales, and the projection is per unit of ``lr * scale`` as rescaled
+        there, so its terms are multiplied by it (exactly). ``upper`` capped at ``largest``
+        decides as the uncapped one: a capped one is above half of it either way."""
+        near = largest * 0.5
+        # frexp's exponent from the float64 bits: lr_scale = m * 2**e, m in [0.5, 1).
+        biased = (lr_scale.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        exponent = tl.minimum(tl.maximum(biased - 1022, -_TWO_LIMIT), _TWO_LIMIT)
+        two = ((exponent + 1023) << 52).to(tl.float64, bitcast=True)
+        two = tl.where((lr_scale > 0) & (biased != 0x7FF), two, 1.0)  # positive and finite
+        needed = (upper > near) | (upper * lr_scale > near)
+        return tl.where(needed, two, 1.0)
 
     @triton.jit
     def decayed(grad, param, scalars, WEIGHT_DECAY: tl.constexpr):
@@ -188,12 +213,9 @@ if triton is not None:
         return avg, avg_sq
 
     @triton.jit
-    def bounded_step(
-        param, avg, second, scalars, IS_FP64: tl.constexpr, EPS_USED: tl.constexpr,
-        HAS_BOX: tl.constexpr,
-    ):  # fmt: skip
-        """The parameter after the step with the clipped learning rate."""
-        numerator, lower, upper, rate_scale, _, _, _, _, _, eps, _, box_lo, box_hi = scalars
+    def adam_rate(second, scalars, IS_FP64: tl.constexpr, EPS_USED: tl.constexpr):
+        """The unclipped rate per unit of ``lr * scale``: numerator / (sqrt(second) + eps)."""
+        numerator, _, _, _, _, _, _, _, _, eps, _, _, _ = scalars
         # IEEE-rounded sqrt and division (tl.sqrt and / are approximate in fp32), so the
         # result matches the eager path to rounding.
         if IS_FP64:
@@ -206,6 +228,12 @@ if triton is not None:
             rate = (1.0 / denom) * numerator
         else:
             rate = tl.div_rn(1.0, denom) * numerator
+        return rate
+
+    @triton.jit
+    def bounded_step(param, avg, rate, scalars, HAS_BOX: tl.constexpr):
+        """The parameter after the step with ``rate`` (``adam_rate``) clipped."""
+        _, lower, upper, rate_scale, _, _, _, _, _, _, _, box_lo, box_hi = scalars
         # Selects rather than minimum/maximum so that NaN propagates, like torch.clamp.
         rate = tl.where(rate < lower, lower, rate)
         rate = tl.where(rate > upper, upper, rate)
@@ -214,6 +242,29 @@ if triton is not None:
             param = tl.where(param < box_lo, box_lo, param)
             param = tl.where(param > box_hi, box_hi, param)
         return param
+
+    @triton.jit
+    def projection_terms(rate, avg, grad, unit, mask, MASKED: tl.constexpr):
+        """The terms of ``sum(d*d)`` and ``sum(d*g)`` (StepTensors.projection) in float64,
+        zero in masked lanes; ``d = rate * avg`` is rounded in the update's arithmetic, as
+        the reference rounds it, then multiplied by ``unit`` (a power of two:
+        ``projection_unit``). The product of two float32 values is exact in float64, so a
+        float32 step's terms carry no rounding and only their float64 sums do: a sum of
+        ``d*g`` that cancels loses nothing to float32."""
+        step = (rate * avg).to(tl.float64) * unit
+        squares = step * step
+        along = step * grad.to(tl.float64)
+        if MASKED:  # masked lanes hold whatever the loads left there
+            squares = tl.where(mask, squares, 0.0)
+            along = tl.where(mask, along, 0.0)
+        return squares, along
+
+    @triton.jit
+    def store_partials(partials, program, squares, along):
+        """One program's two sums: ``sum(d*d)`` at ``program``, ``sum(d*g)`` one launch's
+        programs further (the launch's slice of the step's partials, ``add_partials``)."""
+        tl.store(partials + program, tl.sum(squares, axis=0))
+        tl.store(partials + tl.num_programs(0) + program, tl.sum(along, axis=0))
 
     @triton.jit
     def advance_steps(
@@ -472,6 +523,47 @@ def advance_counters(
             HAS_FOUND_INF=found_inf is not None,
             BLOCK=COUNTER_BLOCK,
         )
+
+
+class Partials(NamedTuple):
+    """Scratch for one step's projection sums (StepTensors.projection): two float64 sums
+    per program of every update launch, the launches one after the other, each as its
+    row of sums of ``d*d`` followed by its row of sums of ``d*g``."""
+
+    values: Tensor
+    counts: list[int]  # programs per launch, in launch order
+
+    def of(self, launch: int) -> Tensor:
+        """The slice that update launch ``launch`` writes."""
+        return self.values[2 * sum(self.counts[:launch]) :] if launch else self.values
+
+    def add_to(self, projection: Tensor) -> None:
+        """Add the step's two sums to ``projection``. Every partial was written by its
+        program (no atomics) and torch sums them in an order fixed by their number, so
+        the result repeats exactly from run to run."""
+        if len(self.counts) == 1:  # one dtype: no slicing
+            sums = self.values.view(2, self.counts[0]).sum(1)
+        else:
+            start, sums = 0, None
+            for count in self.counts:
+                part = self.values[2 * start : 2 * (start + count)].view(2, count).sum(1)
+                sums = part if sums is None else sums + part
+                start += count
+        projection.add_(sums.to(projection.device, non_blocking=True))
+
+
+def projection_partials(projection: Tensor | None, counts: list[int], device) -> Partials | None:
+    """The scratch for a step's projection sums, None when the step computes none; refuses
+    a projection the step could not add to."""
+    if projection is None:
+        return None
+    if projection.dtype != torch.float64 or projection.shape != (2,):
+        raise RuntimeError(
+            "the projection of a step (StepTensors.projection) must be a float64 tensor of "
+            f"shape (2,), got a {projection.dtype} tensor of shape {tuple(projection.shape)}"
+        )
+    values = torch.empty(2 * sum(counts), dtype=torch.float64, device=device)
+    return Partials(values, counts)
 
 
 def split_by_dtype(tensors: StepTensors) -> list[StepTensors]:

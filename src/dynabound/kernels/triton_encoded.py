@@ -25,6 +25,10 @@ tensors of a dtype share one launch however small they are. Each program derives
 tensor's scalars itself (a few float64 operations), which 256 elements amortise less than
 the 8192 of :mod:`.triton_kernel`'s programs.
 
+With ``PROJECTION`` (a step of ``final_lr="auto"``) each program also writes its block's
+float64 sums of ``d*d`` and ``d*g`` from the decoded and updated float32 values, before
+they are encoded, as :mod:`.triton_kernel` does.
+
 bfloat16 values are converted through their bits, rounding to nearest even as the CPU
 kernel does: the GPU's conversion gives the same bits, and Triton's interpreter, which the
 tests run this kernel in, truncates instead.
@@ -65,6 +69,7 @@ from .triton_common import (
     grad_table_for,
     hyper_table_for,
     kernel_flags,
+    projection_partials,
     schedule_of,
     split_by_dtype,
     step_inputs,
@@ -83,7 +88,16 @@ _ENCODED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_scale", "v_scale", "vmax_scale")
 
 if triton is not None:
-    from .triton_common import TL_DTYPES, bounded_step, decayed, moments, tensor_scalars
+    from .triton_common import (
+        TL_DTYPES,
+        adam_rate,
+        bounded_step,
+        decayed,
+        moments,
+        projection_terms,
+        store_partials,
+        tensor_scalars,
+    )
 
     # The encoding's constants, from the specification module.
     _CUT = tl.constexpr(formats.CUT)
@@ -175,14 +189,16 @@ if triton is not None:
     @triton.jit
     def _encoded_block(
         p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off, vs_off,
-        vmaxs_off, start, local, mask, key_state, key_param, scale, scalars,
-        DTYPE: tl.constexpr, FORMAT: tl.constexpr, MASKED: tl.constexpr,
+        vmaxs_off, start, local, mask, key_state, key_param, scale, scalars, unit,
+        partials, program, DTYPE: tl.constexpr, FORMAT: tl.constexpr, MASKED: tl.constexpr,
         AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-        ROUND_PARAM: tl.constexpr, P_VEC: tl.constexpr, M_VEC: tl.constexpr,
-        BLOCK: tl.constexpr,
+        ROUND_PARAM: tl.constexpr, PROJECTION: tl.constexpr, P_VEC: tl.constexpr,
+        M_VEC: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """One block of one tensor; ``mask`` is None (and MASKED False) for a full block."""
+        """One block of one tensor; ``mask`` is None (and MASKED False) for a full block.
+        With PROJECTION the block's projection sums go to ``partials``, from the decoded
+        and updated float32 moments, before they are encoded."""
         # Hints true when the host found every address 16-byte aligned (VEC > 1): Triton
         # may then use 16-byte accesses.
         p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, P_VEC), BLOCK)
@@ -223,7 +239,11 @@ if triton is not None:
                 running = _to_float32(tl.load(v_base + vmax_idx, mask=mask))
             # A select rather than maximum, so that NaN propagates like torch.maximum.
             second = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
-        param = bounded_step(param, avg, second, scalars, False, EPS_USED, HAS_BOX)
+        rate = adam_rate(second, scalars, False, EPS_USED)
+        if PROJECTION:
+            squares, along = projection_terms(rate, avg, grad, unit, mask, MASKED)
+            store_partials(partials, program, squares, along)
+        param = bounded_step(param, avg, rate, scalars, HAS_BOX)
 
         if ROUND_PARAM:
             # Element numbers count from the tensor's first element, in uint32 as the
@@ -268,13 +288,13 @@ if triton is not None:
     def _encoded_kernel(
         p_base, m_base, v_base, s_base, offsets, grad_offsets, numels, block_tensor,
         block_start, steps, step_offsets, seeds, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
-        grad_scale, n_tensors,
+        grad_scale, n_tensors, partials,
         DTYPE: tl.constexpr, FORMAT: tl.constexpr, SCHEDULE: tl.constexpr,
         LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
         UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, EPS_USED: tl.constexpr,
         HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-        ROUND_PARAM: tl.constexpr, P_VEC: tl.constexpr, M_VEC: tl.constexpr,
-        BLOCK: tl.constexpr,
+        ROUND_PARAM: tl.constexpr, PROJECTION: tl.constexpr, P_VEC: tl.constexpr,
+        M_VEC: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         program = tl.program_id(0)
         t = tl.load(block_tensor + program).to(tl.int64)
@@ -286,10 +306,10 @@ if triton is not None:
         else:
             # The counter before the separate advance launch: this step is one more.
             step = counter + 1
-        n, scale, scalars = tensor_scalars(
+        n, scale, scalars, unit = tensor_scalars(
             t, step.to(tl.float64), tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr,
             found_inf, grad_scale, n_tensors, tl.float32, SCHEDULE, LR_TENSOR, UNSCALED_DECAY,
-            HAS_FOUND_INF, HAS_GRAD_SCALE,
+            HAS_FOUND_INF, HAS_GRAD_SCALE, PROJECTION,
         )  # fmt: skip
         seed = tl.load(seeds + t).to(tl.uint32)
         key_state = 0
@@ -313,16 +333,21 @@ if triton is not None:
             _encoded_block(
                 p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
                 vs_off, vmaxs_off, start, local, None, key_state, key_param, scale, scalars,
-                DTYPE, FORMAT, False, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED, HAS_BOX,
-                HAS_GRAD_SCALE, ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+                unit, partials, program, DTYPE, FORMAT, False, AMSBOUND, WEIGHT_DECAY, MAXIMIZE,
+                EPS_USED, HAS_BOX, HAS_GRAD_SCALE, ROUND_PARAM, PROJECTION, P_VEC, M_VEC,
+                BLOCK,
             )  # fmt: skip
         elif start < n:
             _encoded_block(
                 p_base, m_base, v_base, s_base, p_off, g_off, m_off, v_off, vmax_off, ms_off,
                 vs_off, vmaxs_off, start, local, local < n, key_state, key_param, scale,
-                scalars, DTYPE, FORMAT, True, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED,
-                HAS_BOX, HAS_GRAD_SCALE, ROUND_PARAM, P_VEC, M_VEC, BLOCK,
+                scalars, unit, partials, program, DTYPE, FORMAT, True, AMSBOUND, WEIGHT_DECAY,
+                MAXIMIZE, EPS_USED, HAS_BOX, HAS_GRAD_SCALE, ROUND_PARAM, PROJECTION, P_VEC,
+                M_VEC, BLOCK,
             )  # fmt: skip
+        elif PROJECTION:  # an empty tensor, or a step skipped for found_inf: sums of nothing
+            store_partials(partials, program, tl.zeros([BLOCK], tl.float64),
+                           tl.zeros([BLOCK], tl.float64))  # fmt: skip
 
     @triton.jit
     def _keys_kernel(seeds, steps, out, STREAM: tl.constexpr, BLOCK: tl.constexpr):
@@ -533,7 +558,7 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     # Validate everything before touching any state, so a refused step changes nothing.
     launches = []
     for group in split_by_dtype(tensors):
-        g_params, g_grads, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds = group
+        g_params, g_grads, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds = group[:7]
         g_max = g_max if spec.amsbound else []
         plan = _plan(g_params, g_avgs, g_avg_sqs, g_max, g_steps, g_seeds, state_format)
         grad_table = grad_table_for(plan.strides, g_params, g_grads)
@@ -543,8 +568,11 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     if schedule == TABLE:
         torch._foreach_add_(state_steps, 1)
     flags = kernel_flags(spec, schedule, inputs)
-    for plan, grad_table, group in launches:
-        g_params, _, g_avgs, g_avg_sqs, _, g_steps, _ = group
+    partials = projection_partials(
+        tensors.projection, [plan.n_blocks for plan, _, _ in launches], device
+    )
+    for i, (plan, grad_table, group) in enumerate(launches):
+        g_params, _, g_avgs, g_avg_sqs, _, g_steps = group[:6]
         real = as_real(g_params[0]).dtype
         hyper_table = hyper_table_for(spec, torch.float32, device)
         coef = coefficient_table(g_steps, spec, torch.float32) if schedule == TABLE else None
@@ -570,10 +598,12 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
             hyper_table,
             *inputs.kernel_args(g_steps[0]),
             len(g_steps),
+            partials.of(i) if partials is not None else g_steps[0],
             DTYPE=TL_DTYPES[real],
             FORMAT=state_format,
             **flags,
             ROUND_PARAM=bool(spec.stochastic_rounding) and real is torch.bfloat16,
+            PROJECTION=partials is not None,
             P_VEC=16 // real.itemsize if plan.param_aligned and grad_table.aligned else 1,
             M_VEC=16 // state_size if plan.state_aligned else 1,
             BLOCK=BLOCK,
@@ -582,6 +612,8 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
             # No FMA contraction: the CPU kernel's operation order and rounding.
             enable_fp_fusion=False,
         )
+    if partials is not None:
+        partials.add_to(tensors.projection)
     counters = [(group[5], plan.step_offsets) for plan, _, group in launches]
     advance_counters(schedule, state_steps, inputs.found_inf, counters)
     compat.bump_versions(params)

@@ -20,6 +20,13 @@ mode) and handed to the kernel as a table; that path costs a few more launches.
 (and left unscaled), and when ``found_inf`` is nonzero nothing changes, the step counters
 included, all without reading ``found_inf`` on the host.
 
+A step of ``final_lr="auto"`` asks for the projection sums (``StepTensors.projection``): a
+separately compiled variant of the same kernel (``PROJECTION``) also accumulates each
+element's ``d*d`` and ``d*g`` per lane in float64 and writes one pair of sums per program to
+a scratch buffer, which torch then sums into the projection in a fixed order (no atomics, so
+the result repeats exactly). Same launches, no second pass over memory; ordinary steps run
+the variant without it, unchanged.
+
 Moments stored in a low-precision format take :mod:`.triton_encoded` instead; both import
 their shared code from :mod:`.triton_common`.
 """
@@ -47,6 +54,7 @@ from .triton_common import (
     grad_table_for,
     hyper_table_for,
     kernel_flags,
+    projection_partials,
     schedule_of,
     split_by_dtype,
     step_inputs,
@@ -61,17 +69,29 @@ BLOCK = 1024
 CHUNK = 8 * BLOCK
 
 if triton is not None:
-    from .triton_common import TL_DTYPES, bounded_step, decayed, moments, tensor_scalars
+    from .triton_common import (
+        TL_DTYPES,
+        adam_rate,
+        bounded_step,
+        decayed,
+        moments,
+        projection_terms,
+        store_partials,
+        tensor_scalars,
+    )
 
     @triton.jit
     def _update(
-        base, p_off, g_off, m_off, v_off, vmax_off, local, mask, scale, scalars,
+        base, p_off, g_off, m_off, v_off, vmax_off, local, mask, scale, scalars, unit,
         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
         AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-        VEC: tl.constexpr, BLOCK: tl.constexpr,
+        PROJECTION: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The element-wise update of one block; ``mask`` is None for a full block."""
+        """The element-wise update of one block; ``mask`` is None (MASKED False) for a full
+        block. Returns the block's projection terms (``projection_terms``) with PROJECTION,
+        else zeros that the caller ignores."""
         # Offsets are in elements from `base`; the hints (true when VEC > 1: all addresses
         # 16-byte aligned, checked on the host) let Triton emit 16-byte vector accesses.
         p_idx = tl.max_contiguous(tl.multiple_of(p_off + local, VEC), BLOCK)
@@ -97,22 +117,31 @@ if triton is not None:
             running = tl.where((running < avg_sq) | (avg_sq != avg_sq), avg_sq, running)
             tl.store(base + vmax_idx, running.to(DTYPE), mask=mask)
             second = running
-        param = bounded_step(param, avg, second, scalars, IS_FP64, EPS_USED, HAS_BOX)
+        rate = adam_rate(second, scalars, IS_FP64, EPS_USED)
+        squares = 0.0
+        along = 0.0
+        if PROJECTION:
+            squares, along = projection_terms(rate, avg, grad, unit, mask, MASKED)
+        param = bounded_step(param, avg, rate, scalars, HAS_BOX)
         tl.store(base + p_idx, param.to(DTYPE), mask=mask)
         tl.store(base + m_idx, avg.to(DTYPE), mask=mask)
         tl.store(base + v_idx, avg_sq.to(DTYPE), mask=mask)
+        return squares, along
 
     @triton.jit
     def _adabound_kernel(
         base, offsets, grad_offsets, numels, block_tensor, block_start, steps, step_offsets,
-        coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors,
+        coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors, partials,
         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
         SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr,
         WEIGHT_DECAY: tl.constexpr, UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-        HAS_GRAD_SCALE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
-        CHUNK: tl.constexpr,
+        HAS_GRAD_SCALE: tl.constexpr, PROJECTION: tl.constexpr, VEC: tl.constexpr,
+        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
+        """One program: CHUNK elements of one tensor, in blocks of BLOCK. With PROJECTION
+        it also writes its sums of the projection's terms to ``partials``
+        (``store_partials``), accumulated per lane over its blocks in float64."""
         block = tl.program_id(0)
         t = tl.load(block_tensor + block).to(tl.int64)
         start = tl.load(block_start + block)
@@ -127,28 +156,39 @@ if triton is not None:
         else:
             # This step's counter before the separate advance launch: the update uses it + 1.
             step = tl.load(steps + tl.load(step_offsets + t)).to(tl.float64) + 1
-        n, scale, scalars = tensor_scalars(
+        n, scale, scalars, unit = tensor_scalars(
             t, step, tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
             grad_scale, n_tensors, COMPUTE, SCHEDULE, LR_TENSOR, UNSCALED_DECAY, HAS_FOUND_INF,
-            HAS_GRAD_SCALE,
+            HAS_GRAD_SCALE, PROJECTION,
         )  # fmt: skip
+        if PROJECTION:
+            squares = tl.zeros([BLOCK], dtype=tl.float64)
+            along = tl.zeros([BLOCK], dtype=tl.float64)
         for offset in tl.static_range(0, CHUNK, BLOCK):
             first = start + offset
             local = first + tl.arange(0, BLOCK)
             # Full blocks go unmasked: a mask against a size read from memory would keep
             # Triton from vectorising the accesses.
             if first + BLOCK <= n:
-                _update(
+                block_squares, block_along = _update(
                     base, p_off, g_off, m_off, v_off, vmax_off, local, None, scale, scalars,
-                    DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED,
-                    HAS_BOX, HAS_GRAD_SCALE, VEC, BLOCK,
+                    unit, DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE, EPS_USED,
+                    HAS_BOX, HAS_GRAD_SCALE, PROJECTION, False, VEC, BLOCK,
                 )  # fmt: skip
+                if PROJECTION:
+                    squares += block_squares
+                    along += block_along
             elif first < n:
-                _update(
+                block_squares, block_along = _update(
                     base, p_off, g_off, m_off, v_off, vmax_off, local, local < n, scale,
-                    scalars, DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE,
-                    EPS_USED, HAS_BOX, HAS_GRAD_SCALE, VEC, BLOCK,
+                    scalars, unit, DTYPE, COMPUTE, IS_FP64, AMSBOUND, WEIGHT_DECAY, MAXIMIZE,
+                    EPS_USED, HAS_BOX, HAS_GRAD_SCALE, PROJECTION, True, VEC, BLOCK,
                 )  # fmt: skip
+                if PROJECTION:
+                    squares += block_squares
+                    along += block_along
+        if PROJECTION:
+            store_partials(partials, block, squares, along)
 
 
 class _Plan(NamedTuple):
@@ -240,7 +280,7 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
     # Validate everything before touching any state, so a refused step changes nothing.
     launches = []
     for group in split_by_dtype(tensors):
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ = group
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = group[:6]
         real = params[0].dtype.to_real()
         if real not in TL_DTYPES:
             raise RuntimeError(f"dynabound's fused CUDA kernel does not support {real}")
@@ -253,7 +293,10 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
     if schedule == TABLE:
         torch._foreach_add_(tensors.state_steps, 1)
     flags = kernel_flags(spec, schedule, inputs)
-    for real, plan, grad_table, base, steps in launches:
+    partials = projection_partials(
+        tensors.projection, [plan.n_blocks for _, plan, _, _, _ in launches], device
+    )
+    for i, (real, plan, grad_table, base, steps) in enumerate(launches):
         compute = torch.float64 if real == torch.float64 else torch.float32
         coef = coefficient_table(steps, spec, compute) if schedule == TABLE else plan.offsets
         if plan.n_blocks == 0:
@@ -272,16 +315,20 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
             hyper_table_for(spec, compute, device),
             *inputs.kernel_args(steps[0]),
             len(steps),
+            partials.of(i) if partials is not None else steps[0],
             DTYPE=TL_DTYPES[real],
             COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
             IS_FP64=compute == torch.float64,
             **flags,
+            PROJECTION=partials is not None,
             VEC=16 // itemsize if plan.aligned and grad_table.aligned else 1,
             BLOCK=BLOCK,
             CHUNK=CHUNK,
             # No FMA contraction: same operation order and rounding as the CPU kernel.
             enable_fp_fusion=False,
         )
+    if partials is not None:
+        partials.add_to(tensors.projection)
     counters = [(steps, plan.step_offsets) for _, plan, _, _, steps in launches]
     advance_counters(schedule, tensors.state_steps, inputs.found_inf, counters)
     params, state_steps = tensors.params, tensors.state_steps
