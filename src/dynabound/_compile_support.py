@@ -7,6 +7,7 @@ traced step, keeps ``import dynabound`` free of that cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,13 @@ def lr_as_tensor(group: dict[str, Any]) -> Tensor:
     """The group's float lr read outside the graph and handed in as a tensor: a graph
     specialised on the float would recompile whenever a scheduler changes it."""
     return torch.tensor(group["lr"], dtype=torch.float64)
+
+
+@torch.compiler.disable
+def call_eagerly(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run eagerly, between compiled graphs: final_lr="auto"'s
+    estimating steps read their projection on the host and grow their record."""
+    return function(*args)
 
 
 @torch.compiler.assume_constant_result

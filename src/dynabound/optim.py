@@ -451,7 +451,9 @@ class AdaBound(Optimizer):
         # eagerly, between graphs, until every estimate is fixed. The flag is an attribute:
         # dynamo would guard on every entry of a group it reads, the growing record too.
         if torch.compiler.is_compiling() and self._estimating_final_lr:
-            _step_groups_eagerly(self)
+            from ._compile_support import call_eagerly
+
+            call_eagerly(AdaBound._step_groups, self)
         else:
             self._step_groups()
         return loss
@@ -511,8 +513,6 @@ _GROUP_FIELDS = tuple(
     for name in StepSpec._fields
     if name in inspect.signature(AdaBound.__init__).parameters and name not in ("lr", "capturable")
 )
-
-_step_groups_eagerly = torch.compiler.disable(AdaBound._step_groups)
 
 
 def _spec_of(group: dict[str, Any], **derived: Any) -> StepSpec:
