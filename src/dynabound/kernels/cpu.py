@@ -317,7 +317,7 @@ def _step(tensors: StepTensors, spec: StepSpec, encoded: bool) -> None:
     compat.bump_versions(params)
     if grad_scale is not None:
         compat.bump_versions(grads)
-    if projection:
+    if tensors.projection is not None:
         compat.bump_versions([tensors.projection])
 
 

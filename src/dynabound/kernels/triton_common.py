@@ -549,7 +549,8 @@ class Partials(NamedTuple):
                 part = self.values[2 * start : 2 * (start + count)].view(2, count).sum(1)
                 sums = part if sums is None else sums + part
                 start += count
-        projection.add_(sums.to(projection.device, non_blocking=True))
+        if sums is not None:
+            projection.add_(sums.to(projection.device, non_blocking=True))
 
 
 def projection_partials(projection: Tensor | None, counts: list[int], device) -> Partials | None:

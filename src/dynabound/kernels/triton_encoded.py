@@ -612,7 +612,7 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
             # No FMA contraction: the CPU kernel's operation order and rounding.
             enable_fp_fusion=False,
         )
-    if partials is not None:
+    if partials is not None and tensors.projection is not None:
         partials.add_to(tensors.projection)
     counters = [(group[5], plan.step_offsets) for plan, _, group in launches]
     advance_counters(schedule, state_steps, inputs.found_inf, counters)

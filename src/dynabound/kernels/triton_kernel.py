@@ -327,7 +327,7 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
             # No FMA contraction: same operation order and rounding as the CPU kernel.
             enable_fp_fusion=False,
         )
-    if partials is not None:
+    if partials is not None and tensors.projection is not None:
         partials.add_to(tensors.projection)
     counters = [(steps, plan.step_offsets) for _, plan, _, _, steps in launches]
     advance_counters(schedule, tensors.state_steps, inputs.found_inf, counters)
