@@ -128,6 +128,7 @@ def adabound(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds
     )
     if record is not None and auto:
+        check_auto_final_lr(spec, params)
         return estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
     adabound_step(tensors, spec, foreach=foreach, fused=fused)
     return None
@@ -167,8 +168,8 @@ def estimating_step(
     """One step of a group whose ``final_lr`` is being estimated: the step bounded by the
     current estimate (``record``, :func:`dynabound.final_lr.new_estimation`), then its own
     projection added to the estimate. Returns the estimate once it is fixed, else None.
-    ``spec.final_lr`` is ignored."""
-    check_auto_final_lr(spec, tensors.params)
+    ``spec.final_lr`` is ignored; the caller has refused what cannot be estimated
+    (:func:`check_auto_final_lr`)."""
     estimate = record["estimate"]
     if estimate is None:
         spec = spec._replace(final_lr=1.0, bounds=_no_bounds)

@@ -22,7 +22,7 @@ __all__ = ["PROJECTING", "fused_step", "run_kernels"]
 # Device types whose kernels (float and encoded) add the projection sums of
 # final_lr="auto" (StepTensors.projection); another refuses a step that asks for them
 # rather than leave them at zero.
-PROJECTING = {"cuda"}
+PROJECTING = {"cpu", "cuda"}
 
 
 def fused_step(tensors: StepTensors, spec: StepSpec) -> None:
