@@ -167,8 +167,12 @@ def figure(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
+    columns = min(3, len(results))
+    rows = -(-len(results) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, results, strict=False):
         key, lower = _metric(r["task"])
         values = sorted(r["grid"])
         means = [r["grid"][v]["mean"] for v in values]
@@ -181,6 +185,9 @@ def figure(results: list[dict], path: Path) -> None:
             ys = [r_["metric"] for r_ in _auto_rows(r)]
             ax.plot(xs, ys[: len(xs)], "r*", markersize=11, linestyle="", label="auto, per seed")
         ax.set_xscale("log")
+        if key == "test_acc":  # diverged grid values would flatten the rest: off the axis
+            top = r["grid"][r["best"]]["mean"]
+            ax.set_ylim(top - 2.5, top + 0.7)
         if lower and key != "avg_regret":
             ax.set_yscale("log")
         ax.set_xlabel("final_lr")

@@ -169,7 +169,7 @@ def estimating_step(
     current estimate (``record``, :func:`dynabound.final_lr.new_estimation`), then its own
     projection added to the estimate. Returns the estimate once it is fixed, else None.
     ``spec.final_lr`` is ignored; the caller has refused what cannot be estimated
-    (:func:`check_auto_final_lr`)."""
+    (``check_auto_final_lr``)."""
     estimate = record["estimate"]
     if estimate is None:
         spec = spec._replace(final_lr=1.0, bounds=_no_bounds)
