@@ -34,7 +34,10 @@ def test_the_functional_keywords_are_the_spec_and_the_implementation_choice():
         for name, p in inspect.signature(functional.adabound).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert keywords == {*StepSpec._fields, "foreach", "fused", "rounding_seeds"}
+    # rounding_seeds is a StepTensors field; final_lr_estimation is final_lr="auto"'s
+    # record, which the caller keeps between steps.
+    extra = {"foreach", "fused", "rounding_seeds", "final_lr_estimation"}
+    assert keywords == {*StepSpec._fields, *extra}
 
 
 def test_the_optimizer_describes_each_group_by_its_own_values(monkeypatch):
