@@ -59,6 +59,12 @@ def paper_bounds(step: Scalar, final_lr: float, beta2: float) -> tuple[Scalar, S
     )
 
 
+def no_bounds(step: Scalar) -> tuple[float, float]:
+    """A bound function that bounds nothing: the step is Adam's. final_lr="auto" steps with
+    it before the estimate has its first sample, and the diagnostics read that step with it."""
+    return 0.0, math.inf
+
+
 def validate_bounds(bounds: object) -> None:
     if callable(bounds):
         return

@@ -32,7 +32,13 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import final_lr as final_lr_rule
 from . import state_formats as formats
-from .bounds import BoundsSpec, decoupled_decay_factor, step_coefficients_from, within_range
+from .bounds import (
+    BoundsSpec,
+    decoupled_decay_factor,
+    no_bounds,
+    step_coefficients_from,
+    within_range,
+)
 from .kernels.layout import dense_in_any_order, local_shards
 from .spec import StepSpec, StepTensors
 
@@ -152,11 +158,6 @@ def check_auto_final_lr(spec: StepSpec, params: list[Tensor]) -> None:
         )
 
 
-def _no_bounds(step):
-    # Before the first sample there is no final to bound by: the step is Adam's.
-    return 0.0, math.inf
-
-
 def estimating_step(
     tensors: StepTensors,
     spec: StepSpec,
@@ -172,7 +173,7 @@ def estimating_step(
     (``check_auto_final_lr``)."""
     estimate = record["estimate"]
     if estimate is None:
-        spec = spec._replace(final_lr=1.0, bounds=_no_bounds)
+        spec = spec._replace(final_lr=1.0, bounds=no_bounds)
     else:
         spec = spec._replace(final_lr=estimate)
     projection = torch.zeros(2, dtype=torch.float64, device=tensors.params[0].device)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, Optimizer, RMSprop
 
 from .. import state_formats as formats
-from ..bounds import step_coefficients
+from ..bounds import no_bounds, step_coefficients
 from ..final_lr import AUTO, final_lr_at
 from ..optim import AdaBound
 
@@ -110,7 +110,7 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     beta1, beta2 = group["betas"]
     step = _step(state)
     final_lr = final_lr_at(group, int(step))
-    bounds: Any = group["bounds"] if final_lr is not None else _no_bounds
+    bounds: Any = group["bounds"] if final_lr is not None else no_bounds
     c = step_coefficients(
         step,
         bounds=bounds,
@@ -130,11 +130,6 @@ def _dynabound_rate(group: Mapping[str, Any], state: Mapping[str, Any]) -> _Dyna
     absolute = _float(group["lr"]) * _float(c.scale)
     rate = raw.clamp(lower, upper).mul_(absolute)
     return _DynaboundRate(rate, raw, lower, upper, absolute, step)
-
-
-def _no_bounds(step: float) -> tuple[float, float]:
-    # final_lr="auto" before its first sample: the step was Adam's.
-    return 0.0, math.inf
 
 
 def _dynabound_moment(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
