@@ -8,7 +8,11 @@ path cannot pass. ``DYNABOUND_REQUIRE_KERNEL=0`` turns the requirement off, CI i
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +54,25 @@ def require_tested_triton():
         oldest = ".".join(map(str, compat.MIN_TRITON))
         pytest.skip(f"Triton {triton.__version__} is older than {oldest}: no fused CUDA kernel")
     return triton
+
+
+def run_on_each_isa(script: str) -> dict[str, dict]:
+    """Run ``script`` once per vector copy of the CPU kernel (``DYNABOUND_CPU_ISA`` generic,
+    avx2 and best, one thread each, this checkout's source first on the path) and return
+    the JSON object each run prints last, by copy."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    results = {}
+    for cap in ("generic", "avx2", "best"):
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+            DYNABOUND_CPU_ISA=cap,
+            OMP_NUM_THREADS="1",
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results[cap] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results

@@ -7,7 +7,6 @@ The Triton kernel runs through Triton's CPU interpreter in a subprocess, since
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_required import require_cpu_kernel, require_tested_triton
+from kernel_required import require_cpu_kernel, require_tested_triton, run_on_each_isa
 from option_sets import EVERY_OPTION, cases
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -655,21 +654,7 @@ _ISA_SCRIPT = textwrap.dedent(
 
 def test_every_vector_copy_of_the_loops_computes_the_same_bits():
     """The generic, AVX2 and AVX-512 copies (whichever this CPU runs) agree bit for bit."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    results = {}
-    for cap in ("generic", "avx2", "best"):
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-            DYNABOUND_CPU_ISA=cap,
-            OMP_NUM_THREADS="1",
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        results[cap] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_on_each_isa(_ISA_SCRIPT)
     assert results["generic"]["isa"] == "generic"
     assert results["avx2"]["isa"] in {"generic", "avx2"}
     assert len(results["generic"]["digests"]) == 3 * (3 * 2 * 4) + 2 * 4  # float64: no encoding

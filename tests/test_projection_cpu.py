@@ -9,17 +9,12 @@ step's tensors and description; a stand-in for ``optim.adabound_step`` runs the 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from kernel_required import require_cpu_kernel
+from kernel_required import require_cpu_kernel, run_on_each_isa
 from option_sets import cases
 
 from dynabound import AdaBound, functional, optim
@@ -279,21 +274,7 @@ _ISA_SCRIPT = textwrap.dedent(
 def test_every_vector_copy_of_the_loops_adds_the_same_sums():
     """The generic, AVX2 and AVX-512 copies (the hand-written 8-bit loop among them, where
     the CPU runs it) add the same float64 numbers in the same order."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    results = {}
-    for cap in ("generic", "avx2", "best"):
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-            DYNABOUND_CPU_ISA=cap,
-            OMP_NUM_THREADS="1",
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        results[cap] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_on_each_isa(_ISA_SCRIPT)
     assert results["generic"]["isa"] == "generic"
     assert len(results["generic"]["sums"]) == 2 * (3 * 3 + 1)
     for cap in ("avx2", "best"):
