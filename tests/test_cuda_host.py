@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from device_stubs import LaunchRecorder, TorchOps
 from kernel_required import require_tested_triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynabound import AdaBound
 from dynabound.kernels import dispatch, triton_common
@@ -31,32 +31,10 @@ if tk.triton is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches += 1
-
-        return launch
-
-
-class TorchOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != "profiler":  # step()'s profiler annotations
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
 def cuda_path(monkeypatch):
     """Route fused CPU steps through the CUDA path with recording kernels; fresh caches."""
-    recorders = Recorder(), Recorder()
+    recorders = LaunchRecorder(), LaunchRecorder()
     monkeypatch.setattr(tk, "_adabound_kernel", recorders[0])
     monkeypatch.setattr(triton_common, "advance_steps", recorders[1])
     run_kernels = dispatch.run_kernels

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from device_stubs import LaunchRecorder
 from kernel_required import require_tested_triton
 from option_sets import EVERY_OPTION, cases
 
@@ -167,17 +168,6 @@ def test_on_a_gpu_the_estimate_matches_the_single_tensor_path_and_repeats(name):
 # --- the host side, in this process -------------------------------------------------------
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches += 1
-
-        return launch
-
-
 @pytest.fixture
 def cuda_path(monkeypatch):
     """CPU tensors through the CUDA kernels' host side, kernels replaced by recorders."""
@@ -186,7 +176,7 @@ def cuda_path(monkeypatch):
         pytest.skip("triton is not installed")
     from dynabound.kernels import triton_common, triton_encoded
 
-    recorders = [Recorder() for _ in range(3)]
+    recorders = [LaunchRecorder() for _ in range(3)]
     monkeypatch.setattr(tk, "_adabound_kernel", recorders[0])
     monkeypatch.setattr(triton_encoded, "_encoded_kernel", recorders[1])
     monkeypatch.setattr(triton_common, "advance_steps", recorders[2])
