@@ -63,9 +63,11 @@ for task in "$@"; do
         done
       done ;;
     ptb)
-      for v in $values; do
-        run "$out/ptb/final_lr=$v/seed-1" 2 ptb --optim adabound --final-lr "$v" --layers 1 \
-          --seed 1 --data-dir "$data/ptb"
+      for seed in 1 2; do
+        for v in $values; do
+          run "$out/ptb/final_lr=$v/seed-$seed" 2 ptb --optim adabound --final-lr "$v" --layers 1 \
+            --seed "$seed" --data-dir "$data/ptb"
+        done
       done ;;
     *) echo "unknown task $task (digits convex mnist ptb)" >&2; exit 2 ;;
   esac
