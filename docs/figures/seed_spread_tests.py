@@ -24,7 +24,8 @@ def main() -> None:
     finals = {row["optimizer"]: row["final"]["values"] for row in json.loads(SOURCE.read_text())}
     others = [name for name in finals if name not in BOUNDED]
     print(
-        "| bounded | other | std bounded | std other | variance ratio | F-test p | Brown-Forsythe p |"
+        "| bounded | other | std bounded | std other | variance ratio | F-test p "
+        "| Brown-Forsythe p |"
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     for a, b in product((n for n in BOUNDED if n in finals), others):
