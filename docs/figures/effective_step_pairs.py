@@ -18,29 +18,21 @@ from pathlib import Path
 
 from scipy import stats
 
+from dynabound.experiments.optimizers import effective_sgd_step
+
 SOURCE = Path(
     sys.argv[1]
     if len(sys.argv) > 1
     else Path(__file__).with_name("sensitivity-effective-step-runs.json")
 )
-NAMES = {"adabound": "AdaBound", "sgdm-damped": "SGDM (dampened)", "sgdm": "SGDM"}
-
-
-def effective_step(run: dict) -> float:
-    h = run["hparams"]
-    if run["optim"] == "adabound":
-        step = h["final_lr"]
-    elif run["optim"] == "sgdm-damped":
-        step = h["lr"]
-    else:
-        step = h["lr"] / (1 - h.get("momentum", 0.9))
-    return float(f"{step:.3g}")
 
 
 def main() -> None:
     finals: dict[tuple[str, float], dict[int, float]] = {}
     for run in json.loads(SOURCE.read_text()):
-        finals.setdefault((run["optim"], effective_step(run)), {})[run["seed"]] = run["final"]
+        step, _ = effective_sgd_step(run["optim"], run["hparams"])
+        step = float(f"{step:.3g}")  # lr/(1-momentum) is not exact in binary
+        finals.setdefault((run["optim"], step), {})[run["seed"]] = run["final"]
     steps = sorted({step for _, step in finals})
     print("| effective step | AdaBound − SGDM (dampened): per seed | mean | p | "
           "AdaBound − SGDM: per seed | mean | p |")  # fmt: skip

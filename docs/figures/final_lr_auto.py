@@ -19,6 +19,8 @@ import math
 import statistics
 from pathlib import Path
 
+from dynabound.experiments.rundir import load_run
+
 # The metric each task reports at its end, and whether lower is better.
 METRICS = {
     "digits": ("test_acc", False),
@@ -32,14 +34,6 @@ def _metric(task: str) -> tuple[str, bool]:
     return CONVEX if task.startswith("convex") else METRICS[task]
 
 
-def _last_record(run: Path) -> dict | None:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
-
-
 def collect(out: Path) -> dict[str, dict[str, list[dict]]]:
     """{task: {value: [{seed, metric, estimate, epoch}, ...]}} for finished epochs."""
     tasks: dict[str, dict[str, list[dict]]] = {}
@@ -47,8 +41,8 @@ def collect(out: Path) -> dict[str, dict[str, list[dict]]]:
         if not run.is_dir():
             continue
         task, value = run.parent.parent.name, run.parent.name.split("=", 1)[1]
-        record = _last_record(run)
-        config = json.loads((run / "config.json").read_text()) if record else None
+        config, records = load_run(run)
+        record = records[-1] if records else None
         if record is None or record["epoch"] < config["epochs"]:
             continue  # not finished
         key, _ = _metric(task)

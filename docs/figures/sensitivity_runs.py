@@ -14,17 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from dynabound.experiments.rundir import CONFIG, ENVIRONMENT, load_run, read_metrics
 
 
 def run_entry(root: Path, run: Path) -> dict | None:
     """The entry of one run directory, or None while it is unfinished."""
-    config = json.loads((run / "config.json").read_text())
-    epochs = [r for r in _records(run / "metrics.jsonl") if "epoch" in r]
+    config, records = load_run(run)
+    epochs = [r for r in records if "epoch" in r]
     if not epochs or epochs[-1]["epoch"] < config["epochs"]:
         return None
     test_acc = [r["test_acc"] for r in epochs]
@@ -38,7 +34,7 @@ def run_entry(root: Path, run: Path) -> dict | None:
         "train_loss": [r["train_loss"] for r in epochs],
         "final": test_acc[-1],
         "best": max(test_acc),
-        "environment": _records(run / "environment.jsonl"),
+        "environment": read_metrics(run / ENVIRONMENT),
     }
 
 
@@ -49,7 +45,7 @@ def main(argv: list[str]) -> None:
     entries = []
     for name in sorted(argv[1:]):
         run = Path(name).resolve()
-        if not (run / "config.json").is_file():
+        if not (run / CONFIG).is_file():
             continue  # a log file or claim beside the run directories
         entry = run_entry(root, run)
         if entry is None:
