@@ -5,24 +5,30 @@ on any machine with the launches stubbed, as in host_cost.py, or on a GPU.
     python benchmarks/estimating_step_cuda.py --device cuda  # -> results_estimating_step_cuda.json
 
 While a group estimates its final_lr, each step's kernels also write their per-program
-partial sums of the projection, torch sums them into the group's projection, and the host
-reads the two sums back to update the estimate. This script times ``optimizer.step()`` of
-the same parameters with a fixed final_lr and with ``final_lr="auto"`` (kept estimating for
-the whole run), interleaved, on dynabound's CUDA code path run on CPU tensors with the
-Triton kernels replaced by recorders (``host_cost.route_cpu_steps_through_cuda_path``), and
-counts what one step enqueues: kernel launches, and the torch ops it dispatches.
+partial sums of the projection and take the moving estimate as an argument; torch sums the
+partials into the step's readings (with its step counter), a non-blocking copy sends them
+to pinned host memory behind a CUDA event, and the next step waits for that event (long
+done, in training: a forward and backward pass ran in between) and updates the estimate.
+This script times ``optimizer.step()`` of the same parameters with a fixed final_lr and
+with ``final_lr="auto"`` (kept estimating for the whole run), interleaved, on dynabound's
+CUDA code path run on CPU tensors with the Triton kernels replaced by recorders
+(``host_cost.route_cpu_steps_through_cuda_path``), and counts what one step enqueues:
+kernel launches, and the torch ops it dispatches.
 
 The recorders write nothing, so the partial sums are filled before they are summed (a
 fill and one random element per step, counted in the time but not in the ops): the
-estimate then moves every step, as a real one does while it settles, and the step pays for
-the new hyperparameter table that a moved estimate needs. Stubbed, the fill and the sum of
-the partials run on the CPU, in proportion to the number of programs (one per 8192
-parameters, one per 256 with 8-bit state), where on a GPU they are one launch each: the
-stubbed times overstate the host's part. What it cannot show: the GPU time of the partial
-sums and the host's wait for the two sums (a device synchronisation, which an ordinary
-eager step does not have), which need a GPU: ``--device cuda`` times the real
-steps there (synchronised at the end of each sample of steps), on the ResNet-34 and
-GPT-2 124M shapes.
+estimate then moves every step, as a real one does while it settles. Stubbed, the
+readings take the GPU's way to the host (a copy into a buffer of their own) with a
+stand-in for the event, the step counters live on the CPU (read there, where a GPU copies
+them into the readings), and the fill and the sum of the partials run on the CPU, in
+proportion to the number of programs (one per 8192 parameters, one per 256 with 8-bit
+state), on freshly allocated host memory; on a GPU they are one launch each: the stubbed
+times overstate the host's part. What it cannot show: the GPU time of the summing kernel
+variant and of the small launches, which need a GPU: ``--device cuda`` times the real
+steps there, on the ResNet-34 and GPT-2 124M shapes. Back to back, with no forward and
+backward pass between them, each step there waits for the previous one's readings, so
+those figures are an upper bound; ``train_step.py --device cuda`` times the estimating
+step inside training iterations.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 
 import dynabound
-from dynabound import final_lr
+from dynabound import final_lr, functional
 from dynabound.kernels import triton_common
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,6 +52,22 @@ from host_cost import device_ops, route_cpu_steps_through_cuda_path, time_step  
 from step_time import gpt_shapes, resnet34_cifar_shapes, time_steps  # noqa: E402
 
 STATES = {"float32 state": {}, "8-bit state": {"state_dtype": "8bit"}}
+
+
+class StubCopied:
+    """Stands for the CUDA event after the readings' copy to the host (stubbed: the copy
+    has run when the step returns)."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def send_to_host_as_from_a_gpu(readings: torch.Tensor) -> tuple[torch.Tensor, StubCopied]:
+    """The stubbed steps' readings take the GPU's way to the host (a copy into a buffer of
+    their own, and an event) and are read at the next step, as on a GPU."""
+    host = torch.empty(readings.shape, dtype=readings.dtype)
+    host.copy_(readings, non_blocking=True)
+    return host, StubCopied()
 
 
 class KeepEstimating:
@@ -57,6 +79,7 @@ class KeepEstimating:
         final_lr.SETTLE_PATIENCE = 10**12
         self.filling = stubbed
         if stubbed:
+            functional._send_to_host = send_to_host_as_from_a_gpu
             add_to = triton_common.Partials.add_to
             keeper = self
 

@@ -13,6 +13,10 @@ torch's fused Adam in the same repeat; the optimizer step's own time and share o
 iteration, timed inside the same iterations (perf_counter on CPU, where ops are synchronous;
 CUDA events around the step on CUDA, which add no synchronization).
 
+"dynabound default, final_lr=auto estimating" is the default AdaBound with
+``final_lr="auto"``, kept estimating for the whole run: what an iteration costs while the
+estimate is made (each step also sums its projection and sends it to the host).
+
 Peers (never dependencies; measured only when importable): ``adabound`` (the authors'
 AdaBound 0.0.5), ``torch_optimizer.AdaBound``, ``pytorch_optimizer.AdaBound``.
 """
@@ -39,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dynabound  # noqa: E402
-from dynabound import kernels  # noqa: E402
+from dynabound import final_lr, kernels  # noqa: E402
 from dynabound.experiments.models import resnet34  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,6 +61,14 @@ def fused_sgd_supported(device: str) -> bool:
     return True
 
 
+def estimating_all_run(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdaBound(final_lr="auto") still estimating at the last timed iteration: an estimate
+    never settles (no patience) and its cap is past the run (gamma 1e-5: 100000 steps).
+    The bounds' width does not change the work of a step."""
+    final_lr.SETTLE_PATIENCE = 10**12
+    return dynabound.AdaBound(params, final_lr="auto", gamma=1e-5)
+
+
 def methods(device: str) -> dict[str, Factory]:
     out: dict[str, Factory] = {}
     if fused_sgd_supported(device):
@@ -69,6 +81,7 @@ def methods(device: str) -> dict[str, Factory]:
         )
     out["torch Adam fused"] = lambda p: torch.optim.Adam(p, fused=True)
     out["dynabound default"] = lambda p: dynabound.AdaBound(p)
+    out["dynabound default, final_lr=auto estimating"] = estimating_all_run
     if kernels.is_available(device):
         out["dynabound fused"] = lambda p: dynabound.AdaBound(p, fused=True)
     out["dynabound foreach"] = lambda p: dynabound.AdaBound(p, foreach=True)
@@ -189,6 +202,10 @@ def measure(args) -> dict:
             ratios[name].append(samples[name][-1][0] / adam)
         print(f"repeat {r + 1}/{args.repeat} done", flush=True)
 
+    for name, (_, opt, *_) in runs.items():
+        if name.endswith("estimating") and opt.param_groups[0]["final_lr"] != "auto":
+            raise RuntimeError(f"{name}: the estimate was fixed during the run")
+
     results = {}
     for name, pairs in samples.items():
         total = statistics.median(t for t, _ in pairs)
@@ -208,12 +225,12 @@ def measure(args) -> dict:
 
 def print_table(results: dict) -> None:
     print(
-        f"\n{'method':28s} {'ms/iter':>9s} {'vs fused Adam':>13s} {'step ms':>9s}"
+        f"\n{'method':44s} {'ms/iter':>9s} {'vs fused Adam':>13s} {'step ms':>9s}"
         f" {'step share':>10s}"
     )
     for name, r in results.items():
         print(
-            f"{name:28s} {r['ms_per_iteration']:9.1f} {r['ratio_to_torch_fused_adam']:12.3f}x"
+            f"{name:44s} {r['ms_per_iteration']:9.1f} {r['ratio_to_torch_fused_adam']:12.3f}x"
             f" {r['step_ms']:9.1f} {r['step_share']:9.1%}"
         )
 

@@ -183,6 +183,23 @@ def test_float_lr_is_carried_to_float64_precision():
         assert abs(high + low - lr) <= 2**-48 * abs(lr)
 
 
+def test_an_estimated_final_lr_is_carried_exactly():
+    """An estimating step takes final_lr as three float32 arguments (its value moves every
+    step): their float64 sum is the estimate itself, bit for bit."""
+    import random
+    import struct
+
+    rng = random.Random(0)
+    values = [1.0, 0.1, 1 / 3, 15.123456789, 1e-9, 3e8] + [
+        10 ** rng.uniform(-9, 9) for _ in range(10000)
+    ]
+    for value in values:
+        parts = triton_common.split_float_exactly(value)
+        assert all(struct.unpack("f", struct.pack("f", p))[0] == p for p in parts)
+        high, middle, low = parts
+        assert (high + middle) + low == value
+
+
 INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import itertools, torch

@@ -242,14 +242,19 @@ def test_default_path_gives_the_single_tensor_estimate():
     )
 
 
-@pytest.mark.parametrize("at", [1, 7, 101])
-def test_a_checkpoint_at_any_step_resumes_bit_for_bit(at):
-    """Saved (weights_only load) after ``at`` steps, mid-estimation or after fixing; the
-    resumed run takes the same steps as the uninterrupted one."""
+@pytest.mark.parametrize("later", [False, True], ids=["read-at-once", "read-later"])
+@pytest.mark.parametrize("at", [1, 7, 100, 101])
+def test_a_checkpoint_at_any_step_resumes_bit_for_bit(at, later, monkeypatch):
+    """Saved (weights_only load) after ``at`` steps, mid-estimation, at the step that fixes
+    the estimate or after; the resumed run takes the same steps as the uninterrupted one.
+    ``later``: the saved run left each sample for the next step, as on a GPU."""
     total = 104
     make = lambda ps: AdaBound(ps, lr=1e-2, final_lr="auto", gamma=0.02, foreach=False)  # noqa: E731
     whole_model, whole = _train(make, total)
+    assert whole.param_groups[0]["final_lr_auto"]["fixed_at"] == 100
 
+    if later:
+        _read_later(monkeypatch)
     model, opt = _train(make, at)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -324,12 +329,15 @@ def test_diagnostics_report_the_final_lr_in_use():
     assert summary["final_lr"] == history[1][2]
 
 
-def test_compiled_step_estimates_eagerly_without_recompiling():
+@pytest.mark.parametrize("later", [False, True], ids=["read-at-once", "read-later"])
+def test_compiled_step_estimates_eagerly_without_recompiling(later, monkeypatch):
     import torch._dynamo
 
     torch._dynamo.reset()
     make = lambda ps: AdaBound(ps, lr=1e-2, final_lr="auto", gamma=0.05, foreach=True)  # noqa: E731
     eager_model, eager = _train(make, 25)
+    if later:
+        _read_later(monkeypatch)
     model, x, y = _problem(0)
     opt = make(model.parameters())
     compiled = torch.compile(opt.step)
@@ -343,9 +351,84 @@ def test_compiled_step_estimates_eagerly_without_recompiling():
         torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx]).backward()
         compiled()
     assert counters["stats"]["unique_graphs"] <= 2
+    opt.update_final_lr_estimates()
     assert opt.param_groups[0]["final_lr_auto"] == eager.param_groups[0]["final_lr_auto"]
     for a, b in zip(eager_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# --- samples read at the next step, as on a GPU -----------------------------------------------
+
+
+def _read_later(monkeypatch):
+    """Every estimating step leaves its sample for the next step, as a step on a GPU does
+    (there its readings are still on their way to the host when the step returns)."""
+    from dynabound import optim
+
+    monkeypatch.setattr(optim, "_read_at_once", lambda sample: False)
+
+
+def _auto(gamma=0.05):
+    return lambda ps: AdaBound(ps, lr=1e-2, final_lr="auto", gamma=gamma, foreach=False)
+
+
+def test_samples_read_at_the_next_step_give_the_same_run(monkeypatch):
+    """Through the fixing of the estimate (the cap, step 100) and ordinary steps after it:
+    the same parameters and record, bit for bit."""
+    at_once_model, at_once = _train(_auto(), 110)
+    _read_later(monkeypatch)
+    model, later = _train(_auto(), 110)
+    for a, b in zip(at_once_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    group, want = later.param_groups[0], at_once.param_groups[0]
+    assert isinstance(group["final_lr"], float) and group["final_lr"] == want["final_lr"]
+    assert group["final_lr_auto"] == want["final_lr_auto"]
+
+
+def test_a_sample_waits_for_the_next_step_or_a_read(monkeypatch):
+    _, at_once = _train(_auto(), 5)
+    _read_later(monkeypatch)
+    _, opt = _train(_auto(), 5)
+    group = opt.param_groups[0]
+    record = group["final_lr_auto"]
+    assert record["steps"] == 4  # the fifth step's sample is still out
+    # What the last step used is known without it, to the diagnostics too.
+    assert final_lr_at(group, 5) == final_lr_at(at_once.param_groups[0], 5) is not None
+    assert bound_activity(opt).summary()["final_lr"] == final_lr_at(group, 5)
+    opt.update_final_lr_estimates()
+    assert record == at_once.param_groups[0]["final_lr_auto"]
+    opt.update_final_lr_estimates()  # nothing left to read
+    assert record["steps"] == 5
+
+
+def test_the_fixing_sample_sets_final_lr_when_read_unless_a_number_was_set(monkeypatch):
+    _, at_once = _train(_auto(), 100)
+    fixed_at = at_once.param_groups[0]["final_lr_auto"]["fixed_at"]
+    assert fixed_at == 100
+    _read_later(monkeypatch)
+    _, opt = _train(_auto(), fixed_at)
+    group = opt.param_groups[0]
+    assert group["final_lr"] == "auto"
+    opt.update_final_lr_estimates()
+    assert group["final_lr"] == at_once.param_groups[0]["final_lr"]
+
+    _, opt = _train(_auto(), fixed_at)
+    group = opt.param_groups[0]
+    group["final_lr"] = 0.2  # the user's number, while the fixing sample is out
+    opt.update_final_lr_estimates()
+    assert group["final_lr"] == 0.2
+    assert group["final_lr_auto"]["fixed_at"] == fixed_at
+
+
+def test_a_copy_or_pickle_carries_the_sample_still_out(monkeypatch):
+    import copy
+    import pickle
+
+    _read_later(monkeypatch)
+    _, opt = _train(_auto(), 6)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.param_groups[0]["final_lr_auto"]["steps"] == 6
+    assert opt.param_groups[0]["final_lr_auto"]["steps"] == 6
 
 
 def test_functional_form_keeps_the_record_with_the_caller():

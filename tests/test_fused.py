@@ -490,8 +490,9 @@ def test_triton_kernel_compiles_to_vectorised_ptx(projection):
         "base": "*fp32", "offsets": "*i64", "grad_offsets": "*i64", "numels": "*i64",
         "block_tensor": "*i32", "block_start": "*i64", "steps": "*fp32",
         "step_offsets": "*i64", "coef": "*fp64", "hyper": "*fp64", "lr_hi": "fp32",
-        "lr_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32", "grad_scale": "*fp32",
-        "n_tensors": "i32", "partials": "*fp64",
+        "lr_lo": "fp32", "final_hi": "fp32", "final_mid": "fp32", "final_lo": "fp32",
+        "lr_ptr": "*fp32", "found_inf": "*fp32", "grad_scale": "*fp32", "n_tensors": "i32",
+        "partials": "*fp64",
     }  # fmt: skip
     constants = dict(
         DTYPE=tl.float32, COMPUTE=tl.float32, IS_FP64=False, SCHEDULE=triton_common.REFERENCE,

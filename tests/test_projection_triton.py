@@ -125,6 +125,7 @@ def auto_history(options: dict, how: dict, device: str = "cpu", steps: int = 50)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+    opt.update_final_lr_estimates()  # on a GPU the last step's sample is still out
     return opt.param_groups[0]["final_lr_auto"]["history"]
 
 
@@ -163,6 +164,36 @@ def test_on_a_gpu_the_estimate_matches_the_single_tensor_path_and_repeats(name):
     assert_same_history(got, auto_history(options, dict(foreach=False), "cuda"), rtols, name)
     again = auto_history(options, dict(fused=True), "cuda")
     assert again == got  # fixed-order sums: the same bits run to run
+
+
+def test_on_a_gpu_an_estimating_step_does_not_wait_for_the_device(monkeypatch):
+    """Its sample travels to the host while the device works, and is read at the next
+    step: no step synchronizes (torch's sync debug mode raises on any implicit sync),
+    and reading each sample at once instead gives the same record, bit for bit."""
+    from dynabound import AdaBound, kernels, optim
+
+    if not kernels.is_available("cuda"):
+        pytest.skip(f"fused CUDA kernel unavailable: {kernels.unavailable_reason('cuda')}")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in [(256, 64), (64,)]]
+    opt = AdaBound(params, lr=1e-2, final_lr="auto", fused=True)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).cuda()
+    opt.step()  # the launch plan, and pinned memory from the caching allocator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    record = opt.param_groups[0]["final_lr_auto"]
+    assert record["steps"] == 20
+    opt.update_final_lr_estimates()
+    assert record["steps"] == 21
+
+    later = auto_history({}, dict(fused=True), "cuda")
+    monkeypatch.setattr(optim, "_read_at_once", lambda sample: True)
+    assert auto_history({}, dict(fused=True), "cuda") == later
 
 
 # --- the host side, in this process -------------------------------------------------------

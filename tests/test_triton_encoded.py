@@ -100,7 +100,8 @@ def test_kernel_compiles_for_sm90_with_ieee_float32_arithmetic(variant, projecti
         "s_base": "*fp32", "offsets": "*i64", "grad_offsets": "*i64", "numels": "*i64",
         "block_tensor": "*i32", "block_start": "*i64", "steps": "*fp32",
         "step_offsets": "*i64", "seeds": "*i64", "coef": "*fp64", "hyper": "*fp64",
-        "lr_hi": "fp32", "lr_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32",
+        "lr_hi": "fp32", "lr_lo": "fp32", "final_hi": "fp32", "final_mid": "fp32",
+        "final_lo": "fp32", "lr_ptr": "*fp32", "found_inf": "*fp32",
         "grad_scale": "*fp32", "n_tensors": "i32", "partials": "*fp64",
     }  # fmt: skip
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1}

@@ -42,7 +42,14 @@ from .bounds import (
 from .kernels.layout import dense_in_any_order, local_shards
 from .spec import StepSpec, StepTensors
 
-__all__ = ["adabound", "adabound_step", "estimating_step"]
+__all__ = [
+    "PendingSample",
+    "adabound",
+    "adabound_step",
+    "estimating_step",
+    "finish_estimating_step",
+    "start_estimating_step",
+]
 
 
 def adabound(
@@ -96,6 +103,9 @@ def adabound(
     (:mod:`dynabound.final_lr`): pass ``final_lr_estimation``, a record from
     :func:`dynabound.final_lr.new_estimation` that the caller keeps between steps (like the
     moments), and switch to the returned float once it is not None: the estimate, fixed.
+    On a GPU this waits for the step's two sums; :func:`start_estimating_step` and
+    :func:`finish_estimating_step` split the step from that read, as the optimizer classes
+    do, so the read can wait until the next step.
 
     The keywords but ``foreach``, ``fused`` and ``final_lr_estimation`` are the fields of a
     :class:`~dynabound.spec.StepSpec`; this builds one and calls :func:`adabound_step` (or
@@ -158,6 +168,100 @@ def check_auto_final_lr(spec: StepSpec, params: list[Tensor]) -> None:
         )
 
 
+class PendingSample(NamedTuple):
+    """One estimating step's projection, on its way to the host.
+
+    The step's device writes the two sums (and the step's number and lr where they live
+    on the device too) into ``readings`` by a copy that may still be running; ``copied`` is
+    the CUDA event recorded after it (None: the readings are on the host already).
+    :func:`finish_estimating_step` waits for it and turns the readings into a sample, so a
+    caller that holds the sample until the next step never stalls the device's queue."""
+
+    readings: Tensor  # float64 [sum of d*d, sum of d*g, step?, lr?], on the host
+    copied: Any  # torch.cuda.Event | None
+    step: float | None  # the step's number when the host knew it, else readings[2]
+    lr: float | None  # its lr when the host knew it, else the last reading
+    spec: StepSpec
+    dtype: torch.dtype  # the arithmetic dtype of the group's first parameter
+
+
+def _host_value(value: Any) -> float | None:
+    """``value`` as a float when reading it costs no device sync, else None."""
+    if isinstance(value, Tensor):
+        return float(value.item()) if value.device.type == "cpu" else None
+    return float(value)
+
+
+def start_estimating_step(
+    tensors: StepTensors,
+    spec: StepSpec,
+    record: dict,
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> PendingSample:
+    """One step of a group whose ``final_lr`` is being estimated: the step bounded by the
+    current estimate (``record``, :func:`dynabound.final_lr.new_estimation`), its
+    projection left on the way to the host. Give the result to
+    :func:`finish_estimating_step` before the group's next step. ``spec.final_lr`` is
+    ignored; the caller has refused what cannot be estimated (``check_auto_final_lr``)."""
+    estimate = record["estimate"]
+    if estimate is None:
+        spec = spec._replace(final_lr=1.0, bounds=no_bounds)
+    else:
+        spec = spec._replace(final_lr=estimate)
+    device = tensors.params[0].device
+    readings = torch.zeros(4, dtype=torch.float64, device=device)
+    adabound_step(tensors._replace(projection=readings[:2]), spec, foreach=foreach, fused=fused)
+    step, lr = tensors.state_steps[0], spec.lr
+    step_value, lr_value = _host_value(step), _host_value(lr)
+    # What only the device knows travels with the sums: reading it here would wait.
+    late = [
+        v
+        for v, known in ((step, step_value), (lr, lr_value))
+        if isinstance(v, Tensor) and known is None
+    ]
+    for slot, value in enumerate(late, start=2):
+        readings[slot].copy_(value.reshape(()))
+    dtype = _arithmetic_dtype(tensors.params[0].dtype)
+    host, copied = _send_to_host(readings)
+    return PendingSample(host, copied, step_value, lr_value, spec, dtype)
+
+
+def _send_to_host(readings: Tensor) -> tuple[Tensor, Any]:
+    """``readings`` on the host, and the CUDA event after which they are there (None: they
+    are there now). From a GPU they travel by a non-blocking copy into pinned memory, so
+    the step does not wait for its kernels."""
+    if readings.device.type == "cpu":
+        return readings, None
+    if readings.device.type != "cuda":  # no event to wait on: read now
+        return readings.cpu(), None
+    host = torch.empty(readings.shape, dtype=readings.dtype, pin_memory=True)
+    host.copy_(readings, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def finish_estimating_step(record: dict, pending: PendingSample) -> float | None:
+    """Add the sample of a step started by :func:`start_estimating_step` to ``record``
+    (waiting for its readings if they are still on the way). Returns the estimate once it
+    is fixed, else None."""
+    if pending.copied is not None:
+        pending.copied.synchronize()
+    squares, along, *late = pending.readings.tolist()
+    step = int(pending.step if pending.step is not None else late.pop(0))
+    lr = pending.lr if pending.lr is not None else late.pop(0)
+    spec = pending.spec
+    # The backends' Adam steps are per unit of lr * scale, scale after within_range.
+    scale = float(within_range(step_coefficients_from(step, spec), pending.dtype, lr).scale)
+    sample = spec.base_lr * scale * squares / along if along > 0 else math.nan
+    cap = final_lr_rule.estimation_cap(spec.gamma)
+    if final_lr_rule.record_sample(record, step, sample, spec.beta2, cap):
+        return record["estimate"]
+    return None
+
+
 def estimating_step(
     tensors: StepTensors,
     spec: StepSpec,
@@ -166,29 +270,11 @@ def estimating_step(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> float | None:
-    """One step of a group whose ``final_lr`` is being estimated: the step bounded by the
-    current estimate (``record``, :func:`dynabound.final_lr.new_estimation`), then its own
-    projection added to the estimate. Returns the estimate once it is fixed, else None.
-    ``spec.final_lr`` is ignored; the caller has refused what cannot be estimated
-    (``check_auto_final_lr``)."""
-    estimate = record["estimate"]
-    if estimate is None:
-        spec = spec._replace(final_lr=1.0, bounds=no_bounds)
-    else:
-        spec = spec._replace(final_lr=estimate)
-    projection = torch.zeros(2, dtype=torch.float64, device=tensors.params[0].device)
-    adabound_step(tensors._replace(projection=projection), spec, foreach=foreach, fused=fused)
-    step = int(tensors.state_steps[0].item())
-    lr = spec.lr.item() if isinstance(spec.lr, Tensor) else spec.lr
-    # The backends' Adam steps are per unit of lr * scale, scale after within_range.
-    dtype = _arithmetic_dtype(tensors.params[0].dtype)
-    scale = float(within_range(step_coefficients_from(step, spec), dtype, lr).scale)
-    squares, along = projection.tolist()
-    sample = spec.base_lr * scale * squares / along if along > 0 else math.nan
-    cap = final_lr_rule.estimation_cap(spec.gamma)
-    if final_lr_rule.record_sample(record, step, sample, spec.beta2, cap):
-        return record["estimate"]
-    return None
+    """:func:`start_estimating_step` and :func:`finish_estimating_step` at once: the step,
+    then its sample added to ``record`` (on a GPU, after waiting for the step). Returns
+    the estimate once it is fixed, else None."""
+    pending = start_estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
+    return finish_estimating_step(record, pending)
 
 
 def adabound_step(

@@ -32,7 +32,13 @@ from . import kernels, sharded_state
 from . import state_formats as formats
 from .bounds import BoundsSpec, validate_bounds
 from .final_lr import AUTO, new_estimation
-from .functional import adabound_step, check_auto_final_lr, estimating_step
+from .functional import (
+    PendingSample,
+    adabound_step,
+    check_auto_final_lr,
+    finish_estimating_step,
+    start_estimating_step,
+)
 from .kernels.layout import dense_in_any_order
 from .spec import StepSpec, StepTensors
 
@@ -171,7 +177,10 @@ class AdaBound(Optimizer):
             ``"auto"`` estimates it per param group from the Adam phase's own steps
             (:mod:`dynabound.final_lr`): the running estimate bounds the steps until it
             settles, then ``group["final_lr"]`` holds the fixed float and
-            ``group["final_lr_auto"]`` the record of how it was found.
+            ``group["final_lr_auto"]`` the record of how it was found. On a GPU a step
+            leaves its sample on the device until the next step (so it never waits for
+            the device): :meth:`update_final_lr_estimates` brings the records up to date
+            at once, and ``state_dict()`` calls it.
         gamma: convergence speed of the bounds (> 0).
         eps: term added to the denominator.
         weight_decay: L2 penalty added to the gradient (decoupled with
@@ -245,6 +254,8 @@ class AdaBound(Optimizer):
             capturable=capturable,
             differentiable=differentiable,
         )
+        # Estimating steps whose samples are still on the device: (group, record, sample).
+        self._pending_samples: list[tuple[dict, dict, PendingSample]] = []
         super().__init__(params, defaults)
         if fused:
             self._step_supports_amp_scaling = True
@@ -281,8 +292,37 @@ class AdaBound(Optimizer):
             raise
         self._note_estimation()
 
+    def update_final_lr_estimates(self) -> None:
+        """Add the samples of the last estimating steps that are still on the device to
+        their groups' ``final_lr`` estimates (waiting for those steps to finish), and put
+        an estimate that is now fixed in ``group["final_lr"]``.
+
+        A step on a GPU leaves its sample there until the next step, ``state_dict()`` or
+        this call, so it never waits for the device; on the CPU each step adds its own.
+        The estimates are the same either way: every step uses the estimate of all the
+        steps before it."""
+        pending, self._pending_samples = self._pending_samples, []
+        for group, record, sample in pending:
+            self._add_sample(group, record, sample)
+
+    @staticmethod
+    def _add_sample(group: dict[str, Any], record: dict, sample: PendingSample) -> None:
+        fixed = finish_estimating_step(record, sample)
+        # A group set to a number (or to "auto" again, a new record) since keeps it.
+        if fixed is not None and group["final_lr"] == AUTO and group["final_lr_auto"] is record:
+            group["final_lr"] = fixed
+
+    def state_dict(self) -> dict[str, Any]:
+        self.update_final_lr_estimates()
+        return super().state_dict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.update_final_lr_estimates()
+        return super().__getstate__()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._pending_samples = []
         self._register_state_dict_hook()
         self._note_estimation()
         for group in self.param_groups:
@@ -298,6 +338,7 @@ class AdaBound(Optimizer):
                     )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.update_final_lr_estimates()  # the groups it replaces are then complete
         _check_state_dict(state_dict, self.param_groups, type(self).__name__)
         state_dict = dict(state_dict)
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
@@ -448,8 +489,9 @@ class AdaBound(Optimizer):
                 loss = closure()
 
         # An estimating step reads its projection on the host and grows its record: it runs
-        # eagerly, between graphs, until every estimate is fixed. The flag is an attribute:
-        # dynamo would guard on every entry of a group it reads, the growing record too.
+        # eagerly, between graphs, until every estimate is fixed and its last sample read.
+        # The flag is an attribute: dynamo would guard on every entry of a group it reads,
+        # the growing record too.
         if torch.compiler.is_compiling() and self._estimating_final_lr:
             from ._compile_support import call_eagerly
 
@@ -460,6 +502,7 @@ class AdaBound(Optimizer):
 
     def _step_groups(self) -> None:
         """Step every param group (``step`` without its closure and hooks)."""
+        self.update_final_lr_estimates()
         for group_index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -495,15 +538,24 @@ class AdaBound(Optimizer):
                 record = group.get("final_lr_auto")
                 if record is None or record["fixed_at"] is not None:
                     record = group["final_lr_auto"] = new_estimation()  # set to "auto" again
-                fixed = estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
-                if fixed is not None:
-                    group["final_lr"] = fixed
+                sample = start_estimating_step(tensors, spec, record, foreach=foreach, fused=fused)
+                if _read_at_once(sample):
+                    self._add_sample(group, record, sample)
+                else:
+                    self._pending_samples.append((group, record, sample))
             else:
                 adabound_step(tensors, spec, foreach=foreach, fused=fused)
         self._note_estimation()
 
     def _note_estimation(self) -> None:
-        self._estimating_final_lr = any(g["final_lr"] == AUTO for g in self.param_groups)
+        self._estimating_final_lr = bool(self._pending_samples) or any(
+            g["final_lr"] == AUTO for g in self.param_groups
+        )
+
+
+def _read_at_once(sample: PendingSample) -> bool:
+    """Whether a step adds its sample itself: when the sample is on the host already."""
+    return sample.copied is None
 
 
 # The StepSpec fields a param group holds under their own names: every keyword of the

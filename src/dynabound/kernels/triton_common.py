@@ -121,16 +121,18 @@ if triton is not None:
 
     @triton.jit
     def tensor_scalars(
-        t, step, n, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors,
-        COMPUTE: tl.constexpr, SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr,
-        UNSCALED_DECAY: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-        PROJECTION: tl.constexpr,
+        t, step, n, coef, hyper, lr_hi, lr_lo, final_hi, final_mid, final_lo, lr_ptr,
+        found_inf, grad_scale, n_tensors, COMPUTE: tl.constexpr, SCHEDULE: tl.constexpr,
+        LR_TENSOR: tl.constexpr, UNSCALED_DECAY: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+        HAS_GRAD_SCALE: tl.constexpr, PROJECTION: tl.constexpr,
     ):  # fmt: skip
         """Tensor ``t``'s element count (0 when ``found_inf`` is set), the gradient scale, the
         scalars of its update in COMPUTE, as ``decayed``, ``moments`` and ``bounded_step``
         take them, and with PROJECTION the unit of its projection terms
         (``projection_unit``). ``step`` is this step's number in float64; a table
-        (SCHEDULE 2) needs none."""
+        (SCHEDULE 2) needs none. With PROJECTION (a step of final_lr="auto", whose final_lr
+        moves every step) final_lr is ``(final_hi + final_mid) + final_lo``, exactly
+        (``split_float_exactly``), not the table's."""
         beta1 = tl.load(hyper + _H_BETA1)
         beta2 = tl.load(hyper + _H_BETA2)
         weight_decay = tl.load(hyper + _H_WD)
@@ -147,8 +149,13 @@ if triton is not None:
             upper = tl.load(coef + 2 * n_tensors + t).to(tl.float64)
             step_scale = tl.load(coef + 3 * n_tensors + t).to(tl.float64)
         else:
+            if PROJECTION:
+                final_lr = tl.cast(final_hi, tl.float64) + tl.cast(final_mid, tl.float64)
+                final_lr = final_lr + tl.cast(final_lo, tl.float64)
+            else:
+                final_lr = tl.load(hyper + _H_FINAL_LR)
             numerator, lower, upper, step_scale = scalars_at_step(
-                step, beta1, beta2, tl.load(hyper + _H_FINAL_LR), tl.load(hyper + _H_BASE_LR),
+                step, beta1, beta2, final_lr, tl.load(hyper + _H_BASE_LR),
                 tl.load(hyper + _H_GAMMA), SCHEDULE,
             )  # fmt: skip
         # Bounds capped at the arithmetic type's range (dynabound.bounds.within_range).
@@ -413,8 +420,14 @@ def raise_for_gradients(params: list[Tensor], grads: list[Tensor]) -> None:
             )
 
 
-def hyper_table_for(spec: StepSpec, compute: torch.dtype, device: torch.device) -> Tensor:
-    """The step's :data:`HYPER` table on ``device``, cached by its values."""
+def hyper_table_for(
+    spec: StepSpec, compute: torch.dtype, device: torch.device, *, final_lr_argument: bool
+) -> Tensor:
+    """The step's :data:`HYPER` table on ``device``, cached by its values. With
+    ``final_lr_argument`` the kernel takes final_lr as an argument (a step that estimates
+    it, where it moves every step): the table holds 0 in its place, and stays cached."""
+    if final_lr_argument:
+        spec = spec._replace(final_lr=0.0)
     lo, hi = spec.box if spec.box is not None else (0.0, 0.0)
     row = (
         *(float(getattr(spec, name)) for name in _TABLED_FLOATS),
@@ -442,6 +455,17 @@ def split_float(value: float) -> tuple[float, float]:
     return high, _float32(value - high)
 
 
+def split_float_exactly(value: float) -> tuple[float, float, float]:
+    """Three float32 values whose float64 sum, ``(hi + mid) + lo``, is ``value`` exactly
+    (for ``value`` in float32's normal range over 2**48). Each remainder is exact
+    (Sterbenz), ``mid`` takes 24 of the at most 30 bits ``hi`` leaves, ``lo`` the rest;
+    ``hi + mid`` spans at most 50 bits, so it is exact in float64 too."""
+    high = _float32(value)
+    rest = value - high
+    middle = _float32(rest)
+    return high, middle, _float32(rest - middle)
+
+
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
@@ -452,17 +476,22 @@ class StepInputs(NamedTuple):
     lr_tensor: Tensor | None  # None: lr is the float lr_hi + lr_lo
     lr_hi: float
     lr_lo: float
+    final_parts: tuple[float, float, float]  # final_lr as an argument (estimating steps)
 
     def kernel_args(self, placeholder: Tensor) -> tuple:
-        """The update kernels' lr_hi, lr_lo, lr_ptr, found_inf and grad_scale arguments;
-        ``placeholder`` stands for an absent tensor, which the kernel then never reads."""
+        """The update kernels' lr_hi, lr_lo, final_hi, final_mid, final_lo, lr_ptr,
+        found_inf and grad_scale arguments; ``placeholder`` stands for an absent tensor,
+        which the kernel then never reads."""
         tensors = (self.lr_tensor, self.found_inf, self.grad_scale)
-        return self.lr_hi, self.lr_lo, *(t if t is not None else placeholder for t in tensors)
+        floats = (self.lr_hi, self.lr_lo, *self.final_parts)
+        return *floats, *(t if t is not None else placeholder for t in tensors)
 
 
-def step_inputs(device: torch.device, spec: StepSpec) -> StepInputs:
+def step_inputs(device: torch.device, spec: StepSpec, *, final_lr_argument: bool) -> StepInputs:
     """The GradScaler tensors on ``device``, and lr as the kernel reads it: a device tensor
-    (read in the kernel), or a float sent as two float32 halves (hi, lo)."""
+    (read in the kernel), or a float sent as two float32 halves (hi, lo). With
+    ``final_lr_argument``, final_lr is sent as three float32 parts that sum to it exactly
+    (the table path reads it exactly; a step must not depend on which path it took)."""
     grad_scale, found_inf, lr = spec.grad_scale, spec.found_inf, spec.lr
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, non_blocking=True)
@@ -477,7 +506,8 @@ def step_inputs(device: torch.device, spec: StepSpec) -> StepInputs:
         else:
             lr = lr.item()  # a CPU tensor: no device sync
     lr_hi, lr_lo = split_float(float(lr)) if lr_tensor is None else (0.0, 0.0)
-    return StepInputs(grad_scale, found_inf, lr_tensor, lr_hi, lr_lo)
+    final_parts = split_float_exactly(float(spec.final_lr)) if final_lr_argument else (0.0,) * 3
+    return StepInputs(grad_scale, found_inf, lr_tensor, lr_hi, lr_lo, final_parts)
 
 
 def schedule_of(bounds) -> int:

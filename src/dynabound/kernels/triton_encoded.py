@@ -287,8 +287,8 @@ if triton is not None:
     @triton.jit
     def _encoded_kernel(
         p_base, m_base, v_base, s_base, offsets, grad_offsets, numels, block_tensor,
-        block_start, steps, step_offsets, seeds, coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
-        grad_scale, n_tensors, partials,
+        block_start, steps, step_offsets, seeds, coef, hyper, lr_hi, lr_lo, final_hi, final_mid,
+        final_lo, lr_ptr, found_inf, grad_scale, n_tensors, partials,
         DTYPE: tl.constexpr, FORMAT: tl.constexpr, SCHEDULE: tl.constexpr,
         LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
         UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, EPS_USED: tl.constexpr,
@@ -307,9 +307,9 @@ if triton is not None:
             # The counter before the separate advance launch: this step is one more.
             step = counter + 1
         n, scale, scalars, unit = tensor_scalars(
-            t, step.to(tl.float64), tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr,
-            found_inf, grad_scale, n_tensors, tl.float32, SCHEDULE, LR_TENSOR, UNSCALED_DECAY,
-            HAS_FOUND_INF, HAS_GRAD_SCALE, PROJECTION,
+            t, step.to(tl.float64), tl.load(numels + t), coef, hyper, lr_hi, lr_lo, final_hi,
+            final_mid, final_lo, lr_ptr, found_inf, grad_scale, n_tensors, tl.float32, SCHEDULE,
+            LR_TENSOR, UNSCALED_DECAY, HAS_FOUND_INF, HAS_GRAD_SCALE, PROJECTION,
         )  # fmt: skip
         seed = tl.load(seeds + t).to(tl.uint32)
         key_state = 0
@@ -551,7 +551,8 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     else:
         state_format = FORMAT_PARAM
     device = params[0].device
-    inputs = step_inputs(device, spec)
+    estimating = tensors.projection is not None
+    inputs = step_inputs(device, spec, final_lr_argument=estimating)
     if rounding_seeds is None:
         tensors = tensors._replace(rounding_seeds=list(range(len(params))))
 
@@ -574,7 +575,7 @@ def encoded_step(tensors: StepTensors, spec: StepSpec) -> None:
     for i, (plan, grad_table, group) in enumerate(launches):
         g_params, _, g_avgs, g_avg_sqs, _, g_steps = group[:6]
         real = as_real(g_params[0]).dtype
-        hyper_table = hyper_table_for(spec, torch.float32, device)
+        hyper_table = hyper_table_for(spec, torch.float32, device, final_lr_argument=estimating)
         coef = coefficient_table(g_steps, spec, torch.float32) if schedule == TABLE else None
         if plan.n_blocks == 0:
             continue

@@ -131,13 +131,13 @@ if triton is not None:
     @triton.jit
     def _adabound_kernel(
         base, offsets, grad_offsets, numels, block_tensor, block_start, steps, step_offsets,
-        coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf, grad_scale, n_tensors, partials,
-        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, IS_FP64: tl.constexpr,
-        SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr, AMSBOUND: tl.constexpr,
-        WEIGHT_DECAY: tl.constexpr, UNSCALED_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
-        EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-        HAS_GRAD_SCALE: tl.constexpr, PROJECTION: tl.constexpr, VEC: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        coef, hyper, lr_hi, lr_lo, final_hi, final_mid, final_lo, lr_ptr, found_inf,
+        grad_scale, n_tensors, partials, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+        IS_FP64: tl.constexpr, SCHEDULE: tl.constexpr, LR_TENSOR: tl.constexpr,
+        AMSBOUND: tl.constexpr, WEIGHT_DECAY: tl.constexpr, UNSCALED_DECAY: tl.constexpr,
+        MAXIMIZE: tl.constexpr, EPS_USED: tl.constexpr, HAS_BOX: tl.constexpr,
+        HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, PROJECTION: tl.constexpr,
+        VEC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         """One program: CHUNK elements of one tensor, in blocks of BLOCK. With PROJECTION
         it also writes its sums of the projection's terms to ``partials``
@@ -157,9 +157,9 @@ if triton is not None:
             # This step's counter before the separate advance launch: the update uses it + 1.
             step = tl.load(steps + tl.load(step_offsets + t)).to(tl.float64) + 1
         n, scale, scalars, unit = tensor_scalars(
-            t, step, tl.load(numels + t), coef, hyper, lr_hi, lr_lo, lr_ptr, found_inf,
-            grad_scale, n_tensors, COMPUTE, SCHEDULE, LR_TENSOR, UNSCALED_DECAY, HAS_FOUND_INF,
-            HAS_GRAD_SCALE, PROJECTION,
+            t, step, tl.load(numels + t), coef, hyper, lr_hi, lr_lo, final_hi, final_mid,
+            final_lo, lr_ptr, found_inf, grad_scale, n_tensors, COMPUTE, SCHEDULE, LR_TENSOR,
+            UNSCALED_DECAY, HAS_FOUND_INF, HAS_GRAD_SCALE, PROJECTION,
         )  # fmt: skip
         if PROJECTION:
             squares = tl.zeros([BLOCK], dtype=tl.float64)
@@ -275,7 +275,8 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
     if not tensors.params:
         return
     device = tensors.params[0].device
-    inputs = step_inputs(device, spec)
+    estimating = tensors.projection is not None
+    inputs = step_inputs(device, spec, final_lr_argument=estimating)
 
     # Validate everything before touching any state, so a refused step changes nothing.
     launches = []
@@ -312,7 +313,7 @@ def float_step(tensors: StepTensors, spec: StepSpec) -> None:
             steps[0],
             plan.step_offsets,
             coef,
-            hyper_table_for(spec, compute, device),
+            hyper_table_for(spec, compute, device, final_lr_argument=estimating),
             *inputs.kernel_args(steps[0]),
             len(steps),
             partials.of(i) if partials is not None else steps[0],
