@@ -239,7 +239,7 @@ def _send_to_host(readings: Tensor) -> tuple[Tensor, Any]:
     host = torch.empty(readings.shape, dtype=readings.dtype, pin_memory=True)
     host.copy_(readings, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(readings.device))  # where the copy was queued
     return host, copied
 
 

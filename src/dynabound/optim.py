@@ -301,6 +301,8 @@ class AdaBound(Optimizer):
         this call, so it never waits for the device; on the CPU each step adds its own.
         The estimates are the same either way: every step uses the estimate of all the
         steps before it."""
+        if not self._pending_samples:
+            return
         pending, self._pending_samples = self._pending_samples, []
         for group, record, sample in pending:
             self._add_sample(group, record, sample)
@@ -309,7 +311,7 @@ class AdaBound(Optimizer):
     def _add_sample(group: dict[str, Any], record: dict, sample: PendingSample) -> None:
         fixed = finish_estimating_step(record, sample)
         # A group set to a number (or to "auto" again, a new record) since keeps it.
-        if fixed is not None and group["final_lr"] == AUTO and group["final_lr_auto"] is record:
+        if fixed is not None and group["final_lr"] == AUTO and group.get("final_lr_auto") is record:
             group["final_lr"] = fixed
 
     def state_dict(self) -> dict[str, Any]:
