@@ -103,7 +103,8 @@ def test_grad_scaler_unscaled_gradients_and_skipped_steps():
 
 def test_estimated_final_lr_matches_the_single_tensor_path():
     """AdaBound(final_lr="auto", fused=True) against foreach=False over 50 steps: the same
-    samples and estimates, to float rounding."""
+    samples and estimates, to float rounding; reading each sample at the next step, as on
+    a GPU, gives the same bits."""
     assert_ok(run_script("auto"), "auto")
 
 
@@ -455,6 +456,8 @@ def case_scaler():
 
 
 def case_auto():
+    from dynabound import optim
+
     run_kernels = dispatch.run_kernels
     dispatch.run_kernels = lambda device, *a: run_kernels("cuda", *a)
     for name, (options, rtols) in AUTO_OPTIONS.items():
@@ -463,6 +466,10 @@ def case_auto():
         want = auto_history(options, dict(foreach=False))
         dispatch.run_kernels = lambda device, *a: run_kernels("cuda", *a)
         assert_same_history(got, want, rtols, name)
+        # Each sample read at the next step, as on a GPU: the same bits.
+        read_at_once, optim._read_at_once = optim._read_at_once, lambda sample: False
+        assert auto_history(options, dict(fused=True)) == got, name
+        optim._read_at_once = read_at_once
 
 
 if __name__ == "__main__":
