@@ -1,11 +1,15 @@
 """Two gloo processes on this machine, and the small problem they train.
 
 ``spawn_two(fn, *args)`` starts two fresh interpreters (the ``spawn`` start method, as
-torchrun would give), joins them in a gloo process group over TCP on a free localhost port,
-runs ``fn(rank, *args)`` in each and raises if either fails or the pair outlives the timeout
-(``spawn(fn, *args, world_size=n)`` does the same for another number of processes).
-Workers write what is to be checked with ``torch.save``; the test process reads it and
-compares with a single-process run over the same global batches.
+torchrun would give), joins them in a gloo process group that meets through a file store in
+a fresh temporary directory, runs ``fn(rank, *args)`` in each and raises if either fails or
+the pair outlives the timeout (``spawn(fn, *args, world_size=n)`` does the same for another
+number of processes). Workers write what is to be checked with ``torch.save``; the test
+process reads it and compares with a single-process run over the same global batches.
+
+A file store rather than a TCP one: no rank hosts a server that the others still talk to
+while it exits, and no port can be taken by another test process in between. The harness's
+own multi-process tests (tests/experiments) keep torchrun's TCP rendezvous.
 
 The model is float64, so "equal to float rounding" can be checked tightly, and its layer
 widths are odd so that FSDP2 shards unevenly (the last bias has a single row: one rank holds
@@ -14,10 +18,15 @@ an empty shard).
 
 from __future__ import annotations
 
-import socket
+import faulthandler
+import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,31 +42,37 @@ IN_FEATURES = 6
 HYPER: dict[str, Any] = dict(lr=1e-2, final_lr=0.3, gamma=0.2, weight_decay=1e-3)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(
-    rank: int, fn: Callable[..., None], port: int, args: tuple, timeout_s: float, world_size: int
+    rank: int,
+    fn: Callable[..., None],
+    store_file: str,
+    args: tuple,
+    timeout_s: float,
+    world_size: int,
 ) -> None:
+    # A worker killed by a signal (an abort in C++) prints where each of its threads was.
+    faulthandler.enable(all_threads=True)
     # Two ranks share the test machine's cores; more threads each only oversubscribe.
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_file}",
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
     try:
         fn(rank, *args)
-        # Every rank reaches here before any tears down: rank 0 hosts the rendezvous store,
-        # and a rank still talking to it after it is gone can abort at exit.
+        # No rank tears down while another may still be in a collective with it.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Everything to be checked is on disk and the group is gone: leave without the
+    # interpreter's finalization, where C++ threads of the communication libraries may still
+    # release Python objects and abort the process after its work succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_two(fn: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> None:
@@ -69,36 +84,28 @@ def spawn(
     fn: Callable[..., None], *args: Any, world_size: int = WORLD_SIZE, timeout_s: float = 300.0
 ) -> None:
     """Run ``fn(rank, *args)`` on each rank of a fresh gloo group of ``world_size``."""
-    for attempt in range(3):
-        try:
-            _spawn_once(fn, args, timeout_s, world_size)
-            return
-        except mp.ProcessRaisedException as exc:
-            # Between free_port() and the bind, another test process (pytest-xdist runs
-            # several) may take the port: try a fresh one.
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
-
-
-def _spawn_once(fn: Callable[..., None], args: tuple, timeout_s: float, world_size: int) -> None:
-    context = mp.start_processes(
-        _entry,
-        args=(fn, free_port(), args, timeout_s / 2, world_size),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout_s
+    store_dir = tempfile.mkdtemp(prefix="dynabound-dist-")
     try:
-        # join raises ProcessRaisedException (with the worker's traceback) on a failure.
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"distributed workers still running after {timeout_s} s")
+        context = mp.start_processes(
+            _entry,
+            args=(fn, str(Path(store_dir) / "store"), args, timeout_s / 2, world_size),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            # join raises ProcessRaisedException (with the worker's traceback) on a failure.
+            while not context.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed workers still running after {timeout_s} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
     finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def make_model(seed: int = 0) -> nn.Sequential:
