@@ -87,7 +87,7 @@ def launch(*args: str, processes: int = 2) -> list[subprocess.Popen]:
     return procs
 
 
-def finish(procs: list[subprocess.Popen], code: int = 0, timeout: float = 120) -> list[str]:
+def finish(procs: list[subprocess.Popen], code: int = 0, timeout: float = 600) -> list[str]:
     """Wait for every process, check its exit code and return its output."""
     outputs = []
     for p in procs:

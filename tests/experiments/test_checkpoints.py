@@ -246,6 +246,11 @@ def test_save_schedule_by_time_and_by_steps():
     assert off.after_step(100, stop_requested=False) == (False, False)
 
 
+# How long a test waits for a child process to reach a point (a first epoch, a checkpoint
+# inside an epoch) or to exit: seconds on an idle machine, far longer on a loaded CI worker.
+# Only a hung or broken child reaches it.
+PATIENCE_S = 600
+
 PTB_ARGS = [
     "run",
     "ptb",
@@ -271,7 +276,7 @@ def _kill_inside_an_epoch(proc: subprocess.Popen, run_dir: Path, min_epoch: int)
     """Wait until the checkpoint is one saved inside epoch ``min_epoch`` or later, freeze the
     process (SIGSTOP, so that nothing is written between looking and killing), SIGKILL it
     and return that checkpoint."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + PATIENCE_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
         ckpt = _peek(run_dir)
@@ -314,12 +319,12 @@ def test_the_command_stopped_by_sigterm_says_where_and_resumes_bit_identically(p
     args = [*PTB_ARGS, "--batch-size", "4", "--data-dir", str(ptb_dir), "--checkpoint-every", "0"]
     cut = tmp_path / "cut"
     proc = command(*args, "--epochs", "1000", "--out", str(cut))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + PATIENCE_S
     while not read_metrics(cut / METRICS) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=PATIENCE_S)
     assert proc.returncode == 130, out
     ckpt = checkpoint(cut)
     assert f"interrupted: {cut / 'checkpoint.pt'} holds" in out and "--resume" in out
@@ -339,7 +344,7 @@ def test_two_processes_stopped_by_sigterm_agree_on_a_step_and_resume_bit_identic
     args += ["--threads", "1"]
     cut = tmp_path / "cut"
     procs = launch(*args, "--checkpoint-steps", "1", "--epochs", "1000", "--out", str(cut))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + PATIENCE_S
     while not read_metrics(cut / METRICS):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.01)
