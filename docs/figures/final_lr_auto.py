@@ -2,6 +2,11 @@
 from the run directories that final_lr_auto_runs.sh writes (OUT/<task>/final_lr=<v>/seed-<s>).
 
     python docs/figures/final_lr_auto.py OUT [--figure final-lr-auto.png] [--json runs.json]
+        [--grid-from final-lr-auto-runs.json]
+
+With --grid-from, a grid value that OUT does not hold is read from the per-run data that an
+earlier --json wrote (the grid takes days of CPU; the auto runs take hours), so new auto runs
+can be set against a published grid. Auto runs come from OUT only.
 
 Per task: each grid value's final test metric over its seeds (mean, sample standard
 deviation), the best and the median grid value, and the auto runs' estimates and final
@@ -56,6 +61,16 @@ def collect(out: Path) -> dict[str, dict[str, list[dict]]]:
             }
         )
     return tasks
+
+
+def add_grid(tasks: dict[str, dict[str, list[dict]]], earlier: dict) -> None:
+    """Fill in, from an earlier --json's "tasks", each grid value that `tasks` lacks."""
+    for task, by_value in earlier["tasks"].items():
+        if task not in tasks:
+            continue  # a task with no auto runs here has nothing to be set against
+        for value, rows in by_value.items():
+            if value != "auto":
+                tasks[task].setdefault(value, rows)
 
 
 def _summary(rows: list[dict]) -> tuple[float, float]:
@@ -210,8 +225,14 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the runs' directory (final_lr_auto_runs.sh OUT)")
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--grid-from", type=Path, default=None,
+        help="an earlier --json: its grid runs stand in for the grid values OUT lacks",
+    )  # fmt: skip
     ns = parser.parse_args()
     tasks = collect(ns.out)
+    if ns.grid_from:
+        add_grid(tasks, json.loads(ns.grid_from.read_text()))
     for task, by_value in tasks.items():
         _ROWS[task] = by_value.get("auto", [])
     results = analyse(tasks)

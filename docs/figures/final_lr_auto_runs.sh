@@ -5,13 +5,14 @@
 # resumed, so rerunning the script continues where it stopped.
 #
 #   bash docs/figures/final_lr_auto_runs.sh OUT TASK...   (TASK: digits convex mnist ptb)
+#   VALUES=auto bash docs/figures/final_lr_auto_runs.sh OUT TASK...   (a subset of the values)
 #
 # MNIST and PTB need the real files: DATA (default ../shared/data) holds mnist/ and ptb/.
 set -uo pipefail
 out="${1:?usage: final_lr_auto_runs.sh OUT TASK...}"
 shift
 data="${DATA:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}"
-values="auto 0.01 0.03 0.1 0.3 1 3 10"
+values="${VALUES:-auto 0.01 0.03 0.1 0.3 1 3 10}"
 
 finished() {  # a run directory whose metrics reach its last epoch
   python - "$1" "$2" <<'P'
