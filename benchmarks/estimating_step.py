@@ -3,6 +3,7 @@
     python benchmarks/estimating_step.py                 # CPU, 2 threads, 5.4M parameters
     python benchmarks/estimating_step.py --set resnet34  # CIFAR ResNet-34 shapes, 21.3M
     python benchmarks/estimating_step.py --device cuda
+    python benchmarks/estimating_step.py --path foreach  # the torch paths: foreach, single
 
 While a group estimates its ``final_lr``, each fused step also adds up the two projection
 sums (``StepTensors.projection``) during its pass over memory, and the host reads them and
@@ -15,6 +16,10 @@ ratios to the first. The target: at most 1.15 while estimating, 1.00 after.
 Every repeat builds the optimizers afresh, so the estimating one is still estimating
 (``gamma = 1e-2`` fixes an estimate after 100 steps; a sample takes at most 50), and the
 fixed one is first stepped until its estimate is fixed; the script checks both.
+
+``--path`` picks the code path: the fused kernel (the default path on CPU and CUDA), or
+torch's foreach or single-tensor ops (where the kernel cannot run), whose projection sums
+are two more reductions per tensor.
 
 ``--clock cpu`` times the process's CPU time instead of wall time (CPU only): on a machine
 shared with other jobs, time spent descheduled then counts for no method.
@@ -50,6 +55,12 @@ SETS = {
 FORMATS = {"fp32 state": None, "bf16 state": torch.bfloat16, "8-bit state": "8bit"}
 GAMMA = 1e-2
 MODES = ("ordinary", "estimating", "after")
+# The constructor options that select each code path.
+PATHS = {
+    "fused": {"fused": True},
+    "foreach": {"fused": False, "foreach": True},
+    "single": {"fused": False, "foreach": False},
+}
 
 
 def make_params(shapes, device: str) -> list[torch.nn.Parameter]:
@@ -62,10 +73,10 @@ def make_params(shapes, device: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def build(mode: str, state_dtype, params) -> dynabound.AdaBound:
+def build(mode: str, state_dtype, params, path: str) -> dynabound.AdaBound:
     final_lr = 0.1 if mode == "ordinary" else "auto"
     opt = dynabound.AdaBound(
-        params, fused=True, final_lr=final_lr, gamma=GAMMA, state_dtype=state_dtype
+        params, final_lr=final_lr, gamma=GAMMA, state_dtype=state_dtype, **PATHS[path]
     )
     if mode == "after":
         while opt.param_groups[0]["final_lr"] == "auto":
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), metavar="FORMAT"
     )
+    parser.add_argument("--path", default="fused", choices=list(PATHS))
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     params = make_params(SETS[args.set](), args.device)
     n = sum(p.numel() for p in params)
     methods: dict[str, Callable[[], dynabound.AdaBound]] = {
-        f"{name}, {mode}": (lambda mode=mode, sd=sd: build(mode, sd, params))
+        f"{name}, {mode}": (lambda mode=mode, sd=sd: build(mode, sd, params, args.path))
         for name, sd in FORMATS.items()
         if name in args.formats
         for mode in MODES
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     print(
         f"{args.set}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, "
-        f"{args.threads} threads, {args.clock} time"
+        f"{args.threads} threads, {args.path} path, {args.clock} time"
     )
     print(f"{'method':28s} {'ms/step':>8s} {'vs ordinary':>11s}")
     for name, times in samples.items():
@@ -146,13 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["estimating_step.py", *(argv or sys.argv[1:])]),
         "machine": machine(args.device, args.threads),
         "set": args.set,
+        "path": args.path,
         "clock": args.clock,
         "tensors": len(params),
         "parameters": n,
         "repeat": args.repeat,
         "methods": results,
     }
-    out = args.out or Path(__file__).with_name(f"results_estimating_step_{args.device}.json")
+    suffix = args.device if args.path == "fused" else f"{args.device}_{args.path}"
+    out = args.out or Path(__file__).with_name(f"results_estimating_step_{suffix}.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 

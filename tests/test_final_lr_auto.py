@@ -49,9 +49,10 @@ def _numpy_sums(p, g, m, v, vmax, t, *, beta1, beta2, eps, wd, amsbound, maximiz
 @pytest.mark.parametrize("foreach", [False, True])
 def test_projection_sums_follow_the_formulas(amsbound, maximize, foreach):
     gen = torch.Generator().manual_seed(3)
-    shapes = [(7, 5), (33,), ()]
+    shapes = [(7, 5), (33,), (), (3, 41)]  # the last one's gradient: a transposed view
     params = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes[:-1]]
+    grads.append(torch.randn(shapes[-1][::-1], generator=gen).t())
     ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
     vs = [torch.rand(s, generator=gen) * 0.01 for s in shapes]
     vmaxs = [v * torch.rand(s, generator=gen) * 2 for v, s in zip(vs, shapes, strict=True)]

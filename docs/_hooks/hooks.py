@@ -92,5 +92,8 @@ def on_files(files, config):
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = MARKER.sub(lambda m: GENERATORS[m["what"]](), markdown)
-    # docs/*.md link the benchmarks page as a file of the repository, outside docs/.
-    return markdown.replace("](../benchmarks/", "](benchmarks/")
+    # The pages link the benchmarks as files of the repository, outside docs/; on the site
+    # they sit at its root.
+    depth = page.file.src_uri.count("/")
+    in_repository, on_site = "../" * (depth + 1), "../" * depth
+    return markdown.replace(f"]({in_repository}benchmarks/", f"]({on_site}benchmarks/")
