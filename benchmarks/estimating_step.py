@@ -19,7 +19,8 @@ fixed one is first stepped until its estimate is fixed; the script checks both.
 
 ``--path`` picks the code path: the fused kernel (the default path on CPU and CUDA), or
 torch's foreach or single-tensor ops (where the kernel cannot run), whose projection sums
-are two more reductions per tensor.
+are separate ops: the step as a tensor, float64 copies of it and of the gradient, two dot
+products per tensor.
 
 ``--clock cpu`` times the process's CPU time instead of wall time (CPU only): on a machine
 shared with other jobs, time spent descheduled then counts for no method.
