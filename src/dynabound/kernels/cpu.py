@@ -38,8 +38,8 @@ medians of 7 interleaved repeats; benchmarks/README.md has the full tables):
   sums (:class:`~dynabound.spec.StepTensors`). Separate instances of every loop add them
   during the same pass, per work unit; the units' sums are added in unit order, so the
   result is the same for any thread count, and ordinary steps run the loops they ran
-  before. An estimating step costs 1.0x-1.1x an ordinary one with AVX-512; without it the
-  float32 loops' estimating variant takes about 5x (not yet fixed), the encoded ones 1.1x
+  before. An estimating step costs 1.0x-1.1x an ordinary one with AVX-512; with AVX2 only,
+  1.0x-1.2x, and up to 1.3x with bfloat16 state, where the arithmetic bounds the step
   (``python benchmarks/estimating_step.py``, benchmarks/README.md).
 
 Nothing is built at import. If the compiler or ninja is missing, :func:`is_available`

@@ -104,7 +104,6 @@ struct Scalars {
   T beta1, one_minus_beta1, beta2, one_minus_beta2;
   T eps, weight_decay, decay, sign, grad_scale, box_lo, box_hi;
   T numerator, lower, upper, rate_scale;
-  bool coupled = false;  // L2 decay on, for loops that take the mode at run time (kEitherDecay)
 };
 
 // How weight decay enters the update: not at all, as an L2 term of the gradient, as a
@@ -126,11 +125,13 @@ struct ProjectionTerms {
 // vector copies of a loop and its scalar form add the same numbers in the same order (the
 // compiler reassociates nothing), and total() adds the lanes in order.
 //
-// The lanes are float64. The float loops, bound by memory traffic, add each element's
-// float64 products (of float32 values: exact) at no measurable cost. The encoded loops are
-// bound by arithmetic, which the float64 products and sums of every element would lengthen
-// by a fifth or more: they sum each 256-element block's products in float32 lanes first, 16
-// terms per lane (add_block), which keeps the totals within about 1e-7 of the exact ones.
+// The lanes are float64, but no loop adds each element's float64 products to them: the
+// conversions and float64 arithmetic of every element would lengthen a step by a fifth or
+// more where the arithmetic bounds it (one thread, AVX2, the encoded loops), and with 16
+// float64 lanes in the loop GCC vectorised the float32 loops for AVX2 not at all (an
+// estimating step 5x an ordinary one). Every loop sums the products of a block of its
+// elements (256 floats) in lanes of its arithmetic type first, 16 terms per lane, and adds
+// those to the float64 lanes: the totals stay within about 1e-7 of the exact ones.
 template <int kLanes>
 struct LaneSums {
   alignas(64) double squares[kLanes];
@@ -139,11 +140,14 @@ struct LaneSums {
   DB_INLINE void clear() {
     for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = 0.0;
   }
+  // A block's per-lane partial sums, each added to its float64 lane.
   template <typename T>
-  DB_INLINE void add(int64_t lane, T step, T grad) {
-    const double d = static_cast<double>(step);
-    squares[lane] += d * d;
-    along[lane] += d * static_cast<double>(grad);
+  DB_INLINE void add_lanes(const T* __restrict block_squares, const T* __restrict block_along) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      squares[l] += static_cast<double>(block_squares[l]);
+      along[l] += static_cast<double>(block_along[l]);
+    }
   }
   // The terms of a block's elements [0, n), its lanes restarting every kLanes elements,
   // summed per lane in float32 and then added to the float64 lanes. `omp simd` makes the
@@ -165,11 +169,7 @@ struct LaneSums {
       block_squares[l] += step[j + l] * step[j + l];
       block_along[l] += step[j + l] * grad[j + l];
     }
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      squares[l] += static_cast<double>(block_squares[l]);
-      along[l] += static_cast<double>(block_along[l]);
-    }
+    add_lanes(block_squares, block_along);
   }
   DB_INLINE void total(double* out) const {
     double a = 0.0, b = 0.0;
@@ -186,6 +186,22 @@ struct LaneSums {
 // takes at a time.
 template <typename S>
 using UnitSums = LaneSums<int(64 / sizeof(S))>;
+
+// The float loops' partial sums of a block of kBlockLines cache lines, per lane in the
+// arithmetic type (float32, or float64 for float64 parameters), kBlockLines terms per lane.
+// A lane is one element of a cache line, so float32 parameters have 256-element blocks.
+constexpr int64_t kBlockLines = 16;
+template <typename S>
+struct LineBlock {
+  using T = typename Io<S>::Math;
+  static constexpr int kLanes = int(64 / sizeof(S));
+  alignas(64) T squares[kLanes];
+  alignas(64) T along[kLanes];
+
+  DB_INLINE void clear() {
+    for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = T(0);
+  }
+};
 
 // The update of one element in the arithmetic type T, from the loaded values to the ones
 // to store: returns the new parameter, and leaves the new moments in m, v and (AMSBound)
@@ -239,13 +255,16 @@ DB_INLINE T update_value(T grad, T param, T& m, T& v, T& vmax, const Scalars<T>&
 }
 
 // Moments stored in the parameter's dtype: n elements, each loaded, updated and stored.
-// PROJ: element i's projection terms go to lane i of sums (n is at most a cache line).
+// PROJ: element i's projection terms go to lane i of block (n is at most a cache line).
 template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
 DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m, S* __restrict v,
                                S* __restrict vmax, int64_t n,
                                const Scalars<typename Io<S>::Math>& k,
-                               UnitSums<S>* __restrict sums) {
+                               LineBlock<S>* __restrict block) {
   using T = typename Io<S>::Math;
+  // A flag read per element would keep GCC from vectorising these loops: the mode is
+  // a template argument, and the run-time flag passed below is unused.
+  static_assert(WD != kEitherDecay, "the float loops take the weight decay mode at compile time");
   for (int64_t i = 0; i < n; ++i) {
     T grad = Io<S>::load(g[i]);
     if (UNSCALE) {
@@ -258,9 +277,11 @@ DB_INLINE void update_elements(S* __restrict p, S* __restrict g, S* __restrict m
     if constexpr (AMS) running = Io<S>::load(vmax[i]);
     ProjectionTerms<T> terms;
     const T param = update_value<T, WD, AMS, false>(grad, Io<S>::load(p[i]), avg, avg_sq,
-                                                    running, k, k.coupled,
-                                                    PROJ ? &terms : nullptr);
-    if constexpr (PROJ) sums->add(i, terms.step, terms.grad);
+                                                    running, k, false, PROJ ? &terms : nullptr);
+    if constexpr (PROJ) {
+      block->squares[i] += terms.step * terms.step;
+      block->along[i] += terms.step * terms.grad;
+    }
     if constexpr (AMS) vmax[i] = Io<S>::store(running);
     p[i] = Io<S>::store(param);
     m[i] = Io<S>::store(avg);
@@ -280,8 +301,12 @@ DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S*
                            UnitSums<S>* sums) {
   constexpr int64_t line = 64 / sizeof(S);
   constexpr int64_t ahead = kPrefetchLines * line;
-  UnitSums<S> local;  // in registers while the loop runs (see LaneSums::add_stretch)
-  if constexpr (PROJ) local = *sums;
+  UnitSums<S> local;  // in registers while the loop runs
+  LineBlock<S> block;
+  if constexpr (PROJ) {
+    local = *sums;
+    block.clear();
+  }
   int64_t i = 0;
   for (; i + line <= n; i += line) {
 #if defined(__GNUC__)
@@ -292,11 +317,20 @@ DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S*
     if (AMS) __builtin_prefetch(vmax + i + ahead, 1);
 #endif
     update_elements<S, WD, AMS, UNSCALE, PROJ>(p + i, g + i, m + i, v + i,
-                                               AMS ? vmax + i : vmax, line, k, &local);
+                                               AMS ? vmax + i : vmax, line, k, &block);
+    if constexpr (PROJ) {
+      if ((i / line) % kBlockLines == kBlockLines - 1) {
+        local.add_lanes(block.squares, block.along);
+        block.clear();
+      }
+    }
   }
   update_elements<S, WD, AMS, UNSCALE, PROJ>(p + i, g + i, m + i, v + i, AMS ? vmax + i : vmax,
-                                             n - i, k, &local);
-  if constexpr (PROJ) *sums = local;
+                                             n - i, k, &block);
+  if constexpr (PROJ) {
+    local.add_lanes(block.squares, block.along);
+    *sums = local;
+  }
 }
 
 template <typename S, int WD, bool AMS, bool UNSCALE, bool PROJ>
@@ -359,11 +393,10 @@ UpdateFn<S> pick_isa(int isa) {
 }
 
 // The loops that accumulate the projection sums are separate instances (PROJ), so an
-// ordinary step runs exactly the loops it ran without them. They take the weight decay
-// mode at run time (kEitherDecay, the same bits): a third of the instances to compile.
+// ordinary step runs exactly the loops it ran without them, one per weight decay mode.
 template <typename S, int WD, bool AMS, bool UNSCALE>
 UpdateFn<S> pick_projection(bool project, int isa) {
-  return project ? pick_isa<S, kEitherDecay, AMS, UNSCALE, true>(isa)
+  return project ? pick_isa<S, WD, AMS, UNSCALE, true>(isa)
                  : pick_isa<S, WD, AMS, UNSCALE, false>(isa);
 }
 
@@ -465,11 +498,7 @@ int run(int64_t n_tensors, void* const* ptrs, const int64_t* numels, const doubl
     default: return 2;
   }
 
-  Scalars<T> base = shared_scalars<T>(hyper);
-  if (project) {  // kEitherDecay: the L2 term by a flag, the decay factor always
-    base.coupled = weight_decay_mode == kCoupled;
-    if (weight_decay_mode != kDecoupled) base.decay = T(1);
-  }
+  const Scalars<T> base = shared_scalars<T>(hyper);
 
   // Work unit w covers elements [w*chunk, (w+1)*chunk) of all tensors laid end to end, so
   // many small tensors share a unit and the units have equal cost.
