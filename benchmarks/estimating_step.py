@@ -11,7 +11,8 @@ updates the estimate. Once the estimate is fixed the step is an ordinary one. Fo
 state format this times, interleaved over repeats (medians; see step_time.py), the fused
 step with a numeric ``final_lr`` (ordinary), with ``final_lr="auto"`` while it estimates,
 and with ``final_lr="auto"`` after the estimate was fixed, and gives the last two as
-ratios to the first. The target: at most 1.15 while estimating, 1.00 after.
+ratios to the first: of the medians, and the median of each repeat's ratio (paired). The
+target: at most 1.15 while estimating, 1.00 after.
 
 Every repeat builds the optimizers afresh, so the estimating one is still estimating
 (``gamma = 1e-2`` fixes an estimate after 100 steps; a sample takes at most 50), and the
@@ -144,17 +145,22 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.set}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {args.device}, "
         f"{args.threads} threads, {args.path} path, {args.clock} time"
     )
-    print(f"{'method':28s} {'ms/step':>8s} {'vs ordinary':>11s}")
+    print(f"{'method':28s} {'ms/step':>8s} {'vs ordinary':>11s} {'paired':>8s}")
     for name, times in samples.items():
-        ordinary = statistics.median(samples[name.rsplit(", ", 1)[0] + ", ordinary"])
+        ordinary_samples = samples[name.rsplit(", ", 1)[0] + ", ordinary"]
+        ordinary = statistics.median(ordinary_samples)
         t = statistics.median(times)
+        # Each repeat's ratio to the ordinary step of the same repeat, timed moments apart:
+        # less moved by a shared machine's slow drifts than the ratio of the medians.
+        paired = statistics.median(x / o for x, o in zip(times, ordinary_samples, strict=True))
         results[name] = {
             "ms_per_step": t * 1e3,
             "ratio_to_ordinary": t / ordinary,
+            "paired_ratio": paired,
             "steps_per_sample": steps[name],
             "samples_ms": [x * 1e3 for x in times],
         }
-        print(f"{name:28s} {t * 1e3:8.2f} {t / ordinary:10.3f}x")
+        print(f"{name:28s} {t * 1e3:8.2f} {t / ordinary:10.3f}x {paired:7.3f}x")
     report = {
         "command": " ".join(["estimating_step.py", *(argv or sys.argv[1:])]),
         "machine": machine(args.device, args.threads),
