@@ -125,28 +125,30 @@ struct ProjectionTerms {
 // vector copies of a loop and its scalar form add the same numbers in the same order (the
 // compiler reassociates nothing), and total() adds the lanes in order.
 //
-// The lanes are float64, but no loop adds each element's float64 products to them: the
+// A unit's lanes are float64 (A), but no loop adds each element's float64 products: the
 // conversions and float64 arithmetic of every element would lengthen a step by a fifth or
 // more where the arithmetic bounds it (one thread, AVX2, the encoded loops), and with 16
 // float64 lanes in the loop GCC vectorised the float32 loops for AVX2 not at all (an
 // estimating step 5x an ordinary one). Every loop sums the products of a block of its
 // elements (256 floats) in lanes of its arithmetic type first, 16 terms per lane, and adds
 // those to the float64 lanes: the totals stay within about 1e-7 of the exact ones.
-template <int kLanes>
+// A block's partial sums are LaneSums of the loop's arithmetic type, added to a unit's by
+// add_lanes.
+template <int kLanes, typename A = double>
 struct LaneSums {
-  alignas(64) double squares[kLanes];
-  alignas(64) double along[kLanes];
+  alignas(64) A squares[kLanes];
+  alignas(64) A along[kLanes];
 
   DB_INLINE void clear() {
-    for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = 0.0;
+    for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = A(0);
   }
-  // A block's per-lane partial sums, each added to its float64 lane.
+  // A block's per-lane partial sums, each added to its lane.
   template <typename T>
-  DB_INLINE void add_lanes(const T* __restrict block_squares, const T* __restrict block_along) {
+  DB_INLINE void add_lanes(const LaneSums<kLanes, T>& block) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
-      squares[l] += static_cast<double>(block_squares[l]);
-      along[l] += static_cast<double>(block_along[l]);
+      squares[l] += static_cast<A>(block.squares[l]);
+      along[l] += static_cast<A>(block.along[l]);
     }
   }
   // The terms of a block's elements [0, n), its lanes restarting every kLanes elements,
@@ -155,21 +157,21 @@ struct LaneSums {
   // statements into vectors piecemeal, through scalar loads and shuffles.
   DB_INLINE void add_block(const float* __restrict step, const float* __restrict grad,
                            int32_t n) {
-    alignas(64) float block_squares[kLanes], block_along[kLanes];
-    for (int l = 0; l < kLanes; ++l) block_squares[l] = block_along[l] = 0.0f;
+    LaneSums<kLanes, float> block;
+    block.clear();
     int32_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
-        block_squares[l] += step[j + l] * step[j + l];
-        block_along[l] += step[j + l] * grad[j + l];
+        block.squares[l] += step[j + l] * step[j + l];
+        block.along[l] += step[j + l] * grad[j + l];
       }
     }
     for (int l = 0; j + l < n; ++l) {
-      block_squares[l] += step[j + l] * step[j + l];
-      block_along[l] += step[j + l] * grad[j + l];
+      block.squares[l] += step[j + l] * step[j + l];
+      block.along[l] += step[j + l] * grad[j + l];
     }
-    add_lanes(block_squares, block_along);
+    add_lanes(block);
   }
   DB_INLINE void total(double* out) const {
     double a = 0.0, b = 0.0;
@@ -192,16 +194,7 @@ using UnitSums = LaneSums<int(64 / sizeof(S))>;
 // A lane is one element of a cache line, so float32 parameters have 256-element blocks.
 constexpr int64_t kBlockLines = 16;
 template <typename S>
-struct LineBlock {
-  using T = typename Io<S>::Math;
-  static constexpr int kLanes = int(64 / sizeof(S));
-  alignas(64) T squares[kLanes];
-  alignas(64) T along[kLanes];
-
-  DB_INLINE void clear() {
-    for (int l = 0; l < kLanes; ++l) squares[l] = along[l] = T(0);
-  }
-};
+using LineBlock = LaneSums<int(64 / sizeof(S)), typename Io<S>::Math>;
 
 // The update of one element in the arithmetic type T, from the loaded values to the ones
 // to store: returns the new parameter, and leaves the new moments in m, v and (AMSBound)
@@ -320,7 +313,7 @@ DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S*
                                                AMS ? vmax + i : vmax, line, k, &block);
     if constexpr (PROJ) {
       if ((i / line) % kBlockLines == kBlockLines - 1) {
-        local.add_lanes(block.squares, block.along);
+        local.add_lanes(block);
         block.clear();
       }
     }
@@ -328,7 +321,7 @@ DB_INLINE void update_body(S* __restrict p, S* __restrict g, S* __restrict m, S*
   update_elements<S, WD, AMS, UNSCALE, PROJ>(p + i, g + i, m + i, v + i, AMS ? vmax + i : vmax,
                                              n - i, k, &block);
   if constexpr (PROJ) {
-    local.add_lanes(block.squares, block.along);
+    local.add_lanes(block);
     *sums = local;
   }
 }
